@@ -1,0 +1,152 @@
+"""Command line: `python -m MSDSegmentLib segment ...` and `python -m MSDSegmentLib tasks` (also `msdsegment`)."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from .errors import MSDSegmentError
+from .imageio import LABEL_SUFFIXES, label_suffix
+
+PROG = "msdsegment"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description="Segment organs and tumours with MSDSegment's models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("segment", help="segment one case (--output) or several (--output-dir)")
+    run.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="NIfTI, NRRD, MHA or DICOM folder; prostate: one 4-D file or T2 then ADC")
+    run.add_argument("--task", required=True, help="liver, spleen, pancreas or prostate")
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="label map for one case (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha)")
+    target.add_argument("--output-dir", help="folder for several cases: <input name>.nii.gz each")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--tta", action="store_true", help="test-time mirroring over the model's symmetric axes")
+    run.add_argument("--no-largest", action="store_true", help="keep every component, not only the largest")
+    run.add_argument("--models-dir", help="folder of model cards and weights (default: the bundled models)")
+    run.add_argument("--quiet", action="store_true", help="print errors only")
+    run.add_argument("--progress-lines", action="store_true",
+                     help="print 'PROGRESS <fraction> <stage>' lines on stdout (for the Slicer module)")
+    tasks = commands.add_parser("tasks", help="list the bundled models and their validation figures")
+    tasks.add_argument("--models-dir")
+    return parser
+
+
+def output_stem(path):
+    suffix = label_suffix(path)
+    return path[: -len(suffix)]
+
+
+def case_name(path):
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def write_json_atomically(data, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(suffix=".json", prefix=".msdsegment-", dir=folder)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2)
+    os.replace(temporary, path)
+
+
+class Reporter:
+    """Terminal progress bar, machine-readable progress lines, or silence."""
+
+    def __init__(self, quiet, lines):
+        self.lines = lines
+        self.bar = None
+        if not quiet and not lines and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=100, unit="%", leave=False, bar_format="{desc:<32}{bar}| {n:.0f}%")
+
+    def __call__(self, fraction, stage):
+        if self.lines:
+            print(f"PROGRESS {fraction:.3f} {stage}", flush=True)
+        if self.bar is not None:
+            self.bar.set_description_str(stage)
+            self.bar.update(fraction * 100 - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def segment_case(inputs, output, args, say):
+    from .engine import segment
+    from .imageio import read_channels, write_labels
+
+    label_suffix(output)  # refuse an unsupported output format before any work
+    started = time.perf_counter()
+    channels = read_channels(inputs)
+    read_seconds = time.perf_counter() - started
+    reporter = Reporter(args.quiet, args.progress_lines)
+    try:
+        result = segment(channels, args.task, device=args.device, tta=args.tta, keep_largest=not args.no_largest,
+                         progress=reporter, models_dir=args.models_dir)
+    finally:
+        reporter.close()
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    started = time.perf_counter()
+    write_labels(output, result.labels, result.card)
+    timings = {"read": read_seconds, **result.timings, "write": time.perf_counter() - started}
+    summary = {
+        "task": args.task, "inputs": [os.path.abspath(p) for p in inputs], "output": os.path.abspath(output),
+        "model": {"card": os.path.basename(result.card.path), "weights": [s.weights for s in result.card.stages],
+                  "sha256": [s.sha256 for s in result.card.stages]},
+        "device": result.device,
+        "volumes_ml": {result.card.label(v).name: round(ml, 3) for v, ml in result.volumes_ml.items()},
+        "label_values": {result.card.label(v).name: v for v in result.volumes_ml},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "warnings": result.warnings,
+    }
+    write_json_atomically(summary, output_stem(output) + ".json")
+    say(f"{output}: " + ", ".join(f"{n} {ml:.1f} mL" for n, ml in summary["volumes_ml"].items())
+        + f" ({sum(timings.values()):.1f} s on {result.device})")
+
+
+def list_tasks(models_dir):
+    from .modelcard import MODELS_DIR, catalogue, missing_weights
+
+    cards = catalogue(models_dir or MODELS_DIR)
+    if not cards:
+        print(f"No models in {models_dir or MODELS_DIR}")
+    for task, card in cards.items():
+        missing = " [weights missing]" if missing_weights(card) else ""
+        print(f"{task:<9} {card.summary()}{missing}")
+        untrained = [label.name for label in card.labels if not label.trained]
+        if untrained:
+            print(f"{'':<9} not trained yet: {', '.join(untrained)}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tasks":
+            list_tasks(args.models_dir)
+            return 0
+        say = (lambda text: None) if args.quiet else print
+        if args.output:
+            segment_case(args.inputs, args.output, args, say)
+        else:
+            if not os.path.isdir(args.output_dir):
+                raise MSDSegmentError(f"Output folder does not exist: {args.output_dir}")
+            for path in args.inputs:
+                segment_case([path], os.path.join(args.output_dir, case_name(path) + ".nii.gz"), args, say)
+        return 0
+    except MSDSegmentError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 2

@@ -1,0 +1,189 @@
+"""The engine: input channels in, an integer label map on exactly the first channel's grid out."""
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import modelcard
+from .errors import Cancelled, MSDSegmentError
+from .imageio import looks_like_ct, validate_channels
+from .inference import predict_probabilities
+from .postprocess import bounding_box, postprocess
+from .preprocessing import from_array, normalise, resample, to_canonical
+
+CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image
+    card: modelcard.ModelCard
+    volumes_ml: dict
+    timings: dict = field(default_factory=dict)
+    device: str = "cpu"
+    warnings: list = field(default_factory=list)
+
+
+def pick_device(device):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MSDSegmentError("CUDA was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@functools.lru_cache(maxsize=4)
+def cached_network(weights_path, sha256, device, card_path):
+    """Networks are kept between calls (the Slicer module and batch runs segment many volumes)."""
+    card = modelcard.load_card(card_path)
+    stage = next(s for s in card.stages if s.weights_path == weights_path and s.sha256 == sha256)
+    return modelcard.load_stage_network(stage, device)
+
+
+def network_input(channels, stage):
+    """Channels resampled onto the canonical grid of the first, normalised, stacked (C, X, Y, Z)."""
+    reference_channel = channels[0]
+    arrays, reference = [], None
+    for channel in channels:
+        if channel is not reference_channel:
+            # Multi-channel MR: bring ADC onto the T2 grid in physical space first.
+            channel = resample(sitk.Cast(channel, sitk.sitkFloat32), reference_channel, sitk.sitkLinear, 0.0)
+        array, reference = to_canonical(channel, stage.spacing, stage.normalisation, reference)
+        arrays.append(normalise(array, stage.normalisation))
+    return np.stack(arrays), reference
+
+
+def task_probabilities(probabilities, stage, card):
+    """Network channels -> (background, task label 1, 2, ...): classes the task does not use are background."""
+    used = [stage.classes.index(label.source_class) for label in card.trained_labels]
+    unused = [index for index in range(len(stage.classes)) if index not in used]
+    return np.stack([probabilities[unused].sum(axis=0)] + [probabilities[index] for index in used])
+
+
+def foreground_box_on_input(probabilities, canonical, target):
+    """Index box of the input grid that can contain foreground (everything else is background)."""
+    foreground = probabilities.argmax(axis=0) > 0
+    box = bounding_box(foreground, margin=2)
+    if box is None:
+        return None
+    corners = []
+    for x in (box[0].start - 0.5, box[0].stop - 0.5):
+        for y in (box[1].start - 0.5, box[1].stop - 0.5):
+            for z in (box[2].start - 0.5, box[2].stop - 0.5):
+                point = canonical.TransformContinuousIndexToPhysicalPoint((x, y, z))
+                corners.append(target.TransformPhysicalPointToContinuousIndex(point))
+    corners = np.array(corners)
+    size = np.array(target.GetSize())
+    lower = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
+    upper = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+    if np.any(upper <= lower):
+        return None
+    return lower, upper
+
+
+def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None):
+    """Argmax of linearly resampled probabilities on the input grid, slab by slab (bounded memory)."""
+    out = np.zeros(target.GetSize(), np.uint8)
+    box = foreground_box_on_input(probabilities, canonical, target)
+    if box is None:
+        return out
+    lower, upper = box
+    images = [from_array(p.astype(np.float32), canonical) for p in probabilities]
+    slab_voxels = int(np.prod(upper[:2] - lower[:2]))
+    slab = max(1, CHUNK_BYTES // (4 * len(images) * slab_voxels))
+    values = np.asarray([0] + list(label_values), np.uint8)
+    for z in range(lower[2], upper[2], slab):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        top = min(z + slab, upper[2])
+        reference = sitk.Image([int(n) for n in (upper[0] - lower[0], upper[1] - lower[1], top - z)], sitk.sitkUInt8)
+        reference.SetSpacing(target.GetSpacing())
+        reference.SetDirection(target.GetDirection())
+        reference.SetOrigin(target.TransformIndexToPhysicalPoint([int(lower[0]), int(lower[1]), int(z)]))
+        # Outside the canonical grid the background probability is 1 and the others 0.
+        resampled = [sitk.GetArrayFromImage(resample(image, reference, sitk.sitkLinear, 1.0 if i == 0 else 0.0))
+                     for i, image in enumerate(images)]
+        winners = np.argmax(np.stack(resampled), axis=0).transpose(2, 1, 0)
+        out[lower[0]:upper[0], lower[1]:upper[1], z:top] = values[winners]
+    return out
+
+
+def run_network(stage, card, image, device, tta, report, cancel):
+    """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
+    mirror_axes = stage.mirror_axes if tta else []
+    network = cached_network(stage.weights_path, stage.sha256, device, card.path)
+    try:
+        return predict_probabilities(network, image, stage.patch_size, device, mirror_axes,
+                                     progress=lambda f: report(0.15 + 0.65 * f, "Running network"),
+                                     cancel=cancel), device
+    except Exception as error:
+        if device != "cuda" or "out of memory" not in str(error).lower():
+            raise
+        import torch
+        torch.cuda.empty_cache()
+        report(0.15, "GPU out of memory: running on the CPU instead")
+        network = cached_network(stage.weights_path, stage.sha256, "cpu", card.path)
+        return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes,
+                                     progress=lambda f: report(0.15 + 0.65 * f, "Running network (CPU)"),
+                                     cancel=cancel), "cpu"
+
+
+def segment(channels, task, *, device="auto", tta=False, keep_largest=True, progress=None, cancel=None,
+            models_dir=None):
+    """Segment `channels` (SimpleITK 3-D images; the first defines the output grid) with a task's model."""
+    timings, warnings = {}, []
+
+    def report(fraction, stage_text):
+        if progress is not None:
+            progress(float(fraction), stage_text)
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled()
+
+    started = time.perf_counter()
+    card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+    validate_channels(channels, card.channels)
+    if card.modality == "CT" and not looks_like_ct(channels[0]):
+        warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
+    stage = card.stages[0]
+    missing = modelcard.missing_weights(card)
+    if missing:
+        raise modelcard.ModelError(f"Model weights missing: {missing[0]}")
+    device = pick_device(device)
+    report(0.0, "Loading model")
+    cached_network(stage.weights_path, stage.sha256, device, card.path)
+    timings["load"] = time.perf_counter() - started
+
+    check_cancel()
+    report(0.05, "Preprocessing")
+    started = time.perf_counter()
+    image, canonical = network_input(channels, stage)
+    timings["preprocess"] = time.perf_counter() - started
+
+    check_cancel()
+    started = time.perf_counter()
+    probabilities, device = run_network(stage, card, image, device, tta, report, cancel)
+    timings["network"] = time.perf_counter() - started
+
+    report(0.8, "Resampling to the input grid")
+    started = time.perf_counter()
+    probabilities = task_probabilities(probabilities, stage, card)
+    target = channels[0]
+    label_array = labels_on_input_grid(probabilities, canonical, target,
+                                       [label.value for label in card.trained_labels], cancel)
+    report(0.9, "Post-processing")
+    voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
+    postprocess(label_array, card, voxel_ml, keep_largest)
+    labels = from_array(label_array, target)
+    timings["postprocess"] = time.perf_counter() - started
+
+    counts = np.bincount(label_array.ravel(), minlength=256)
+    volumes = {label.value: float(counts[label.value] * voxel_ml) for label in card.trained_labels}
+    report(1.0, "Done")
+    return SegmentationResult(labels, card, volumes, timings, device, warnings)

@@ -1,0 +1,182 @@
+"""Reading inputs (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps atomically."""
+
+import os
+import re
+import tempfile
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+BYTES_PER_INPUT_VOXEL = 16  # float32 copy, the label map, and slack for resampling chunks
+
+
+def available_memory():
+    """Bytes of memory the system says are available (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _dicom_files(folder):
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(folder)
+    if not series:
+        raise InputError(f"No DICOM series found in folder {folder}")
+    # Several series in one folder: take the one with the most slices (the main volume).
+    files = max((reader.GetGDCMSeriesFileNames(folder, uid) for uid in series), key=len)
+    return list(files)
+
+
+def _reader(path):
+    if os.path.isdir(path):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(_dicom_files(path))
+        return reader
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    return reader
+
+
+def _check_fits_in_memory(path):
+    """Refuse, before loading pixels, a volume that cannot be processed in the memory available."""
+    if os.path.isdir(path):
+        return
+    info = sitk.ImageFileReader()
+    info.SetFileName(path)
+    info.ReadImageInformation()
+    voxels = int(np.prod(info.GetSize())) * info.GetNumberOfComponents()
+    available = available_memory()
+    if available is not None and voxels * BYTES_PER_INPUT_VOXEL > available:
+        needed = voxels * BYTES_PER_INPUT_VOXEL / 2**30
+        raise InputError(f"Volume too large for memory: {path} has {voxels:,} voxels "
+                         f"(needs about {needed:.1f} GiB, {available / 2**30:.1f} GiB available)")
+
+
+def itk_reason(error):
+    """ITK's multi-line exception text reduced to its message, on one line."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", text)
+    text = re.sub(r"^Exception thrown in SimpleITK \w+: \S+:\d+: ", "", text)
+    return text[:240]
+
+
+def read_image(path):
+    if not os.path.exists(path):
+        raise InputError(f"Input not found: {path}")
+    try:
+        _check_fits_in_memory(path)
+        return _reader(path).Execute()
+    except RuntimeError as error:
+        raise InputError(f"Cannot read image {path}: {itk_reason(error)}") from None
+
+
+def split_channels(image):
+    """A 3-D image, a vector image or a 4-D image whose last axis is the channel (MSD layout) -> 3-D channels."""
+    if image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1:
+        return [image]
+    if image.GetDimension() == 3:
+        return [sitk.VectorIndexSelectionCast(image, c) for c in range(image.GetNumberOfComponentsPerPixel())]
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        return [sitk.Extract(image, size[:3] + [0], [0, 0, 0, c]) for c in range(size[3])]
+    raise InputError(f"Expected a 3-D volume, got a {image.GetDimension()}-D image")
+
+
+def read_channels(paths):
+    """All channels of the given files, in order (one 4-D file, or one 3-D file per channel)."""
+    channels = []
+    for path in paths:
+        image = read_image(path)
+        if image.GetDimension() == 2:
+            raise InputError(f"Expected a 3-D volume, got a 2-D image: {path}")
+        channels.extend(split_channels(image))
+    return channels
+
+
+def validate_channels(channels, expected, source="input"):
+    """One-line errors for the inputs the engine cannot segment."""
+    if len(channels) != len(expected):
+        raise InputError(f"The model needs {len(expected)} channel(s) ({', '.join(expected)}); "
+                         f"{source} has {len(channels)}")
+    for name, channel in zip(expected, channels):
+        if channel.GetDimension() != 3:
+            raise InputError(f"Expected a 3-D volume for {name}, got a {channel.GetDimension()}-D image")
+        if min(channel.GetSize()) < 2:
+            raise InputError(f"Expected a 3-D volume for {name}, got a single slice (size {channel.GetSize()})")
+        values = sitk.GetArrayViewFromImage(channel)
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"The {name} volume contains NaN or infinite voxels")
+        if values.min() == values.max():
+            raise InputError(f"The {name} volume is constant (every voxel is {values.min()}): nothing to segment")
+
+
+def looks_like_ct(channel):
+    """CT in HU has air and fat below -50; MR intensities are non-negative."""
+    values = sitk.GetArrayViewFromImage(channel)
+    sample = values.ravel()[:: max(values.size // 200000, 1)]
+    return float(np.percentile(sample, 1)) < -50
+
+
+def label_suffix(path):
+    lower = path.lower()
+    for suffix in LABEL_SUFFIXES:
+        if lower.endswith(suffix):
+            return suffix
+    raise InputError(f"Unsupported output format: {path} (use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha)")
+
+
+def _segment_metadata(image, card):
+    """Slicer .seg.nrrd segment fields, so Slicer loads names, colours and terminology."""
+    present = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
+    for index, label in enumerate(card.trained_labels):
+        prefix = f"Segment{index}_"
+        image.SetMetaData(prefix + "ID", f"Segment_{label.value}")
+        image.SetMetaData(prefix + "Name", label.name)
+        image.SetMetaData(prefix + "Color", " ".join(f"{c:.4f}" for c in label.color_float))
+        image.SetMetaData(prefix + "LabelValue", str(label.value))
+        image.SetMetaData(prefix + "Layer", "0")
+        image.SetMetaData(prefix + "Tags", f"TerminologyEntry:{terminology_string(label.terminology)}|"
+                          + ("" if label.value in present else "Empty:true|"))
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+
+
+def terminology_string(terminology):
+    """Slicer's terminology entry string (context~category~type~modifier~region context~region~modifier)."""
+    def code(entry):
+        return "^".join(entry) if entry else "^^"
+
+    return "~".join([
+        "Segmentation category and type - 3D Slicer General Anatomy list",
+        code(terminology.get("category")), code(terminology.get("type")), code(terminology.get("modifier")),
+        "Anatomic codes - DICOM master list", code(terminology.get("region")),
+        code(terminology.get("region_modifier")),
+    ])
+
+
+def write_labels(path, image, card=None):
+    """Write a label map through a temporary file, so a failed write never leaves a partial file."""
+    suffix = label_suffix(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"Output folder does not exist: {folder}")
+    if suffix == ".seg.nrrd" and card is not None:
+        image = sitk.Image(image)
+        _segment_metadata(image, card)
+    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".msdsegment-", dir=folder)
+    os.close(handle)
+    try:
+        sitk.WriteImage(image, temporary, useCompression=True)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

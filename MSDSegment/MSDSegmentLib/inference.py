@@ -1,0 +1,57 @@
+"""Network inference on the canonical grid: MONAI's Gaussian-weighted sliding window, optional
+mirroring test-time augmentation, progress reports and cancellation between windows."""
+
+import itertools
+import math
+
+import numpy as np
+
+from .errors import Cancelled
+
+
+def window_count(shape, patch_size, overlap):
+    """Number of windows MONAI's sliding window visits (to report progress as a fraction)."""
+    count = 1
+    for size, patch in zip(shape, patch_size):
+        interval = max(int(patch * (1 - overlap)), 1)
+        count *= 1 if size <= patch else math.ceil((size - patch) / interval) + 1
+    return count
+
+
+def mirror_sets(mirror_axes):
+    """Every combination of flips over the axes the model was trained to be symmetric in."""
+    axes = list(mirror_axes)
+    return [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=(), overlap=0.5,
+                          progress=None, cancel=None, sw_batch_size=4):
+    """Softmax probabilities (classes, X, Y, Z) as float32 numpy for a (channels, X, Y, Z) array."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    flips = mirror_sets(mirror_axes)
+    total = window_count(image.shape[1:], patch_size, overlap) * len(flips)
+    done = [0]
+
+    def predictor(windows):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        logits = network(windows)
+        done[0] += windows.shape[0]
+        if progress is not None:
+            progress(min(done[0] / total, 1.0))
+        return logits
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    summed = None
+    with torch.inference_mode():
+        for flip in flips:
+            dims = [axis + 2 for axis in flip]
+            source = torch.flip(tensor, dims) if dims else tensor
+            logits = sliding_window_inference(source, list(patch_size), sw_batch_size, predictor,
+                                              overlap=overlap, mode="gaussian", padding_mode="replicate")
+            probabilities = torch.softmax(logits.float(), dim=1)
+            probabilities = torch.flip(probabilities, dims) if dims else probabilities
+            summed = probabilities if summed is None else summed + probabilities
+    return (summed[0] / len(flips)).cpu().numpy()

@@ -1,0 +1,146 @@
+"""Model cards: the JSON file beside each model's weights that says everything about the model.
+
+One card per task in `MSDSegment/Resources/Models/<task>.json`. A card lists the labels the task
+outputs (MSD values, names, colours, SNOMED-CT codes) and one or more network stages; each stage
+names its weights file, sha256, network config, spacing, patch size, normalisation and the classes
+its output channels mean. Several tasks may share one weights file (one abdominal network serves
+the liver, spleen and pancreas tasks) and each task picks the classes it needs by name.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import ModelError
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models")
+TASKS = ("liver", "spleen", "pancreas", "prostate")
+
+
+@dataclass
+class Label:
+    value: int
+    name: str
+    color: list
+    source_class: str
+    kind: str = "organ"            # "organ" or "tumour" (post-processing differs)
+    organ: str = ""                # for a tumour: the name of the organ label it must touch
+    terminology: dict = field(default_factory=dict)
+    trained: bool = True
+
+    @property
+    def color_float(self):
+        return [c / 255.0 for c in self.color]
+
+
+@dataclass
+class Stage:
+    weights: str                   # file name, relative to the card's folder
+    sha256: str
+    network: dict
+    spacing: list                  # mm, along the canonical (L, P, S) axes
+    patch_size: list
+    normalisation: dict
+    classes: list                  # name of each output channel, channel 0 = background
+    mirror_axes: list = field(default_factory=list)
+    folder: str = MODELS_DIR
+
+    @property
+    def weights_path(self):
+        return os.path.join(self.folder, self.weights)
+
+
+@dataclass
+class ModelCard:
+    task: str
+    title: str
+    description: str
+    modality: str                  # "CT" or "MR"
+    channels: list                 # input channel names, e.g. ["T2", "ADC"]
+    labels: list
+    stages: list
+    postprocessing: dict
+    training: dict
+    validation: dict
+    licence: str
+    path: str = ""
+
+    @property
+    def trained_labels(self):
+        return [label for label in self.labels if label.trained]
+
+    def label(self, value):
+        return next(label for label in self.labels if label.value == value)
+
+    def summary(self):
+        """One line for menus and `tasks`: title and the measured validation Dice."""
+        dice = self.validation.get("dice", {})
+        figures = ", ".join(f"{name} {value:.2f}" for name, value in dice.items()) or "not yet measured"
+        return f"{self.title} - validation Dice: {figures}"
+
+
+def load_card(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = json.load(stream)
+        labels = [Label(**label) for label in data.pop("labels")]
+        stages = [Stage(folder=folder, **stage) for stage in data.pop("stages")]
+        return ModelCard(labels=labels, stages=stages, path=os.path.abspath(path), **data)
+    except FileNotFoundError:
+        raise ModelError(f"Model card not found: {path}") from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelError(f"Model card {path} is invalid: {error}") from None
+
+
+def catalogue(models_dir=MODELS_DIR):
+    """All model cards in a folder, keyed by task id, in the catalogue's task order."""
+    cards = {}
+    if os.path.isdir(models_dir):
+        for name in sorted(os.listdir(models_dir)):
+            if name.endswith(".json"):
+                card = load_card(os.path.join(models_dir, name))
+                cards[card.task] = card
+    order = {task: index for index, task in enumerate(TASKS)}
+    return dict(sorted(cards.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def find_card(task, models_dir=MODELS_DIR):
+    cards = catalogue(models_dir)
+    if task not in cards:
+        known = ", ".join(cards) or "none"
+        raise ModelError(f"No model for task '{task}' in {models_dir} (available: {known}).")
+    return cards[task]
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def missing_weights(card):
+    """Weights files a card names that are not on disk."""
+    return [stage.weights_path for stage in card.stages if not os.path.isfile(stage.weights_path)]
+
+
+def load_stage_network(stage, device="cpu"):
+    """Check the weights' sha256, then load them (weights only) into a freshly built network."""
+    import torch
+    from .network import build_network
+
+    path = stage.weights_path
+    if not os.path.isfile(path):
+        raise ModelError(f"Model weights missing: {path}")
+    if sha256_of(path) != stage.sha256:
+        raise ModelError(f"Model weights corrupted (sha256 mismatch): {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file with the right hash that torch cannot read is still a bad model
+        raise ModelError(f"Cannot read model weights {path}: {error}") from None
+    network = build_network(stage.network)
+    network.load_state_dict({key: value.float() for key, value in state.items()})
+    return network.to(device).eval()

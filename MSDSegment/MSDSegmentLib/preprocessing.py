@@ -1,0 +1,102 @@
+"""Geometry and intensity preprocessing shared by the engine and `Training/`.
+
+Every image is resampled, in physical space, onto a *canonical grid*: axis-aligned with the
+patient's L, P, S axes (ITK's identity direction), at the model's spacing, covering the image's
+whole physical extent. The network therefore sees the same anatomy orientation whatever the
+file's axis order, flips or oblique direction cosines. Arrays are kept in ITK index order (x, y, z).
+"""
+
+import itertools
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def physical_bounds(image):
+    """Lower and upper physical corners (LPS, mm) of the region the image's voxels cover."""
+    size = image.GetSize()[:3]
+    corners = []
+    for corner in itertools.product(*[(-0.5, n - 0.5) for n in size]):
+        corners.append(image.TransformContinuousIndexToPhysicalPoint(corner))
+    corners = np.array(corners)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def canonical_reference(image, spacing):
+    """An empty axis-aligned image at `spacing` covering `image` (the grid the network sees)."""
+    lower, upper = physical_bounds(image)
+    spacing = np.asarray(spacing, dtype=float)
+    size = np.maximum(np.ceil((upper - lower) / spacing - 1e-6).astype(int), 1)
+    reference = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    reference.SetSpacing([float(s) for s in spacing])
+    reference.SetOrigin([float(o) for o in lower + spacing / 2])
+    reference.SetDirection(np.eye(3).ravel().tolist())
+    return reference
+
+
+def antialias(image, target_spacing):
+    """Gaussian smoothing before downsampling, so the result does not depend on the input's resolution.
+
+    Each image axis is smoothed for the target spacing along the physical axis it points to
+    (FWHM of the kernel = target spacing); axes not downsampled by more than 1.5x are left sharp.
+    """
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    source = np.array(image.GetSpacing())
+    target = direction.T @ np.asarray(target_spacing, dtype=float)
+    sigma = np.sqrt(np.maximum(target ** 2 - source ** 2, 0.0)) / 2.355
+    sigma = np.where(target > 1.5 * source, sigma, 0.0)
+    if not np.any(sigma > 0):
+        return image
+    return sitk.SmoothingRecursiveGaussian(image, sigma=[float(max(s, 1e-3)) for s in sigma])
+
+
+def resample(image, reference, interpolator=sitk.sitkLinear, default=0.0, output_type=None):
+    """Resample `image` onto `reference`'s grid through physical space."""
+    output_type = image.GetPixelID() if output_type is None else output_type
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default), output_type)
+
+
+def to_array(image):
+    """Voxel array in ITK index order (x, y, z)."""
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
+
+
+def from_array(array, reference):
+    """An image with `reference`'s geometry from an (x, y, z) array."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.CopyInformation(reference)
+    return image
+
+
+def background_value(normalisation):
+    """Intensity assumed outside the scanned field: air for CT, zero signal for MR."""
+    return normalisation["window"][0] if normalisation["type"] == "ct" else 0.0
+
+
+def to_canonical(image, spacing, normalisation, reference=None):
+    """Resample one channel onto the canonical grid; returns (float32 array, reference image)."""
+    reference = canonical_reference(image, spacing) if reference is None else reference
+    image = antialias(sitk.Cast(image, sitk.sitkFloat32), spacing)
+    resampled = resample(image, reference, sitk.sitkLinear, background_value(normalisation), sitk.sitkFloat32)
+    return to_array(resampled), reference
+
+
+def labels_to_canonical(label_image, reference):
+    return to_array(resample(label_image, reference, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+def normalise(array, normalisation):
+    """Intensity normalisation as stored in the plan.
+
+    ct: clip to the CT window the model was trained with (BTCV was already clipped to it), then
+        subtract the training foreground mean and divide by its standard deviation (nnU-Net).
+    zscore: per-volume, per-channel z-score over the voxels with signal (MR has arbitrary units).
+    """
+    array = array.astype(np.float32, copy=False)
+    if normalisation["type"] == "ct":
+        low, high = normalisation["window"]
+        return (np.clip(array, low, high) - normalisation["mean"]) / normalisation["std"]
+    if normalisation["type"] == "zscore":
+        signal = array[array > 0] if np.count_nonzero(array > 0) > 100 else array
+        return (array - signal.mean()) / max(float(signal.std()), 1e-6)
+    raise ValueError(f"unknown normalisation {normalisation['type']}")

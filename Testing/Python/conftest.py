@@ -1,0 +1,75 @@
+"""Shared pytest set-up: import paths and the location of the real data."""
+
+import os
+import sys
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+SHARED_DATA = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(REPOSITORY), "shared", "data"))
+BTCV = os.path.join(SHARED_DATA, "BTCV-Abdomen")
+PROSTATE = os.path.join(SHARED_DATA, "Task05_Prostate")
+
+
+def require(folder):
+    """Skip, saying why, where the real data set is not present."""
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        pytest.skip(f"real data not found at {folder} (set MSDSEGMENT_DATA to the folder holding it)")
+    return folder
+
+
+@pytest.fixture
+def btcv():
+    return require(BTCV)
+
+
+@pytest.fixture
+def prostate_data():
+    return require(PROSTATE)
+
+
+TINY_PLANS = {
+    "abdomen": {"modality": "CT", "channels": ["CT"], "classes": ["background", "spleen", "liver", "pancreas"],
+                "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "mirror_axes": [],
+                "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}},
+    "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
+                 "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
+                 "normalisation": {"type": "zscore"}},
+}
+
+
+def write_tiny_models(folder, seed=0):
+    """Model cards (written by Training's export code) with small random-weight networks.
+
+    For tests of structure (geometry, file formats, MRML nodes, errors): the networks are untrained.
+    """
+    import torch
+
+    from MSDSegmentLib.network import build_network, topology_for_patch
+    from Training.export import export_model
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    for name, plan in TINY_PLANS.items():
+        kernels, strides = topology_for_patch(plan["patch_size"], plan["spacing"], max_levels=3)
+        plan = dict(plan, network={"in_channels": len(plan["channels"]), "out_channels": len(plan["classes"]),
+                                   "kernel_sizes": kernels, "strides": strides, "filters": [4, 8, 16][:len(strides)]},
+                    dataset={"name": "synthetic", "label_mapping": {}, "excluded": []})
+        checkpoint = os.path.join(folder, f"{name}-checkpoint.pt")
+        torch.save(build_network(plan["network"]).state_dict(), checkpoint)
+        export_model(name, plan, {"training": [], "validation": []}, checkpoint, folder, {})
+        os.remove(checkpoint)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
+
+
+# A real MRML scene (slicer-core) for the Slicer module's logic tests.
+from slicer_fixture import new_slicer_scene, slicer_session  # noqa: E402,F401

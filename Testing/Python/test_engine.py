@@ -1,0 +1,156 @@
+"""The engine on real CT: geometry in world space, quality on held-back cases, progress, cancel, models."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from images import dice, flipped_copy, in_world, oblique_copy, permuted_copy, synthetic_ct, synthetic_mr
+from MSDSegmentLib import modelcard
+from MSDSegmentLib.engine import segment
+from MSDSegmentLib.errors import Cancelled, InputError, ModelError
+from MSDSegmentLib.imageio import read_channels, split_channels
+
+# Fold 0 of Training's fixed split (sorted ids, every 5th): never seen in training of the shipped model.
+VALIDATION_CASE = "btcv_00"
+BTCV_LABELS = {"spleen": 1, "liver": 6, "pancreas": 11}
+
+
+def bundled(task):
+    cards = modelcard.catalogue()
+    if task not in cards or modelcard.missing_weights(cards[task]):
+        pytest.skip(f"bundled model for '{task}' not found in {modelcard.MODELS_DIR}")
+    return cards[task]
+
+
+@pytest.fixture(scope="module")
+def btcv_case():
+    from conftest import BTCV, require
+    folder = require(BTCV)
+    image = read_channels([os.path.join(folder, "imagesTr", VALIDATION_CASE + ".nii.gz")])[0]
+    reference = sitk.ReadImage(os.path.join(folder, "labelsTr", VALIDATION_CASE + ".nii.gz"))
+    return image, sitk.GetArrayFromImage(reference).transpose(2, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def liver_on_original(btcv_case):
+    bundled("liver")
+    return segment([btcv_case[0]], "liver").labels
+
+
+def assert_same_grid(labels, image):
+    assert labels.GetSize() == image.GetSize()
+    np.testing.assert_allclose(labels.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(labels.GetDirection(), image.GetDirection(), atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["flip_x", "lps", "permuted"])
+def test_same_segmentation_in_world_space_whatever_the_axis_order(btcv_case, liver_on_original, variant):
+    image = btcv_case[0]
+    copies = {"flip_x": lambda: flipped_copy(image, 0),
+              "lps": lambda: flipped_copy(flipped_copy(image, 0), 1),
+              "permuted": lambda: permuted_copy(image, (2, 0, 1))}
+    copy = copies[variant]()
+    labels = segment([copy], "liver").labels
+    assert_same_grid(labels, copy)
+    original = sitk.GetArrayFromImage(liver_on_original).transpose(2, 1, 0)
+    assert original.sum() > 0, "the liver model found no liver at all"
+    world = in_world(labels, image)
+    assert np.mean(world != original) < 1e-3
+    assert dice(world == 1, original == 1) > 0.995
+
+
+def test_oblique_input_gives_the_same_organ_in_world_space(btcv_case, liver_on_original):
+    image = btcv_case[0]
+    oblique = oblique_copy(image)
+    labels = segment([oblique], "liver").labels
+    assert_same_grid(labels, oblique)
+    original = sitk.GetArrayFromImage(liver_on_original).transpose(2, 1, 0)
+    world = in_world(labels, image)
+    # Only the resampling of the oblique copy differs; the organ must agree closely.
+    assert dice(world == 1, original == 1) > 0.93
+
+
+@pytest.mark.parametrize("task", ["liver", "spleen", "pancreas"])
+def test_bundled_model_on_a_held_back_btcv_case(btcv_case, task):
+    card = bundled(task)
+    image, reference = btcv_case
+    result = segment([image], task)
+    labels = sitk.GetArrayFromImage(result.labels).transpose(2, 1, 0)
+    assert result.labels.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(labels)) <= {0} | {label.value for label in card.trained_labels}
+    score = dice(labels == 1, reference == BTCV_LABELS[task])
+    # Floor well below the card's figure: catches a broken pipeline, not a small regression.
+    floors = {"liver": 0.85, "spleen": 0.75, "pancreas": 0.2}
+    assert score > floors[task], f"{task} Dice {score:.3f}"
+    voxel_ml = np.prod(image.GetSpacing()) / 1000
+    assert result.volumes_ml[1] == pytest.approx((labels == 1).sum() * voxel_ml)
+
+
+def test_progress_reports_stages_and_ends_at_one(tiny_models_dir):
+    reports = []
+    segment([synthetic_ct()], "spleen", models_dir=tiny_models_dir, progress=lambda f, s: reports.append((f, s)))
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] >= 0
+    stages = {s for _, s in reports}
+    assert {"Preprocessing", "Running network", "Post-processing"} <= stages
+
+
+def test_cancel_stops_between_windows(tiny_models_dir):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        segment([synthetic_ct()], "spleen", models_dir=tiny_models_dir, cancel=cancel)
+
+
+def test_prostate_adc_on_another_grid_is_resampled_onto_t2(tiny_models_dir):
+    t2, adc = split_channels(synthetic_mr())
+    adc = sitk.Resample(adc, [24, 24, 10], sitk.Transform(), sitk.sitkLinear, (2.0, 3.0, 0.0), (3.0, 3.0, 3.6))
+    result = segment([t2, adc], "prostate", models_dir=tiny_models_dir, tta=True)
+    assert_same_grid(result.labels, t2)
+    assert result.warnings == []
+
+
+def test_ct_task_warns_about_mr_looking_input(tiny_models_dir):
+    t2 = split_channels(synthetic_mr())[0]
+    result = segment([t2], "spleen", models_dir=tiny_models_dir)
+    assert any("does not look like CT" in warning for warning in result.warnings)
+
+
+def test_wrong_channel_count_is_refused(tiny_models_dir):
+    with pytest.raises(InputError, match="needs 2 channel"):
+        segment([synthetic_ct()], "prostate", models_dir=tiny_models_dir)
+
+
+@pytest.fixture
+def models_copy(tiny_models_dir, tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, folder)
+    return str(folder)
+
+
+def test_tampered_weights_are_refused_naming_the_file(models_copy):
+    path = os.path.join(models_copy, "abdomen.pt")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ModelError, match=r"sha256 mismatch.*abdomen\.pt"):
+        segment([synthetic_ct()], "spleen", models_dir=models_copy)
+
+
+def test_missing_weights_are_named(models_copy):
+    os.remove(os.path.join(models_copy, "abdomen.pt"))
+    with pytest.raises(ModelError, match=r"missing.*abdomen\.pt"):
+        segment([synthetic_ct()], "liver", models_dir=models_copy)
+
+
+def test_unknown_task_lists_the_catalogue(tiny_models_dir):
+    with pytest.raises(ModelError, match="available: liver, spleen, pancreas, prostate"):
+        segment([synthetic_ct()], "kidney", models_dir=tiny_models_dir)

@@ -1,0 +1,74 @@
+"""Preprocessing cache: each case resampled to the plan's canonical grid, normalised, cropped to the
+body, stored as one compressed .npz so that training epochs never re-read NIfTI."""
+
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from MSDSegmentLib.preprocessing import (labels_to_canonical, normalise, resample, to_canonical)
+
+from .dataset import map_labels, split_channels
+
+LOCATIONS_PER_CLASS = 20000
+
+
+def preprocess_case(image_path, label_path, plan, mapping):
+    """(image float16 (C, X, Y, Z), label uint8 (X, Y, Z)) on the plan's canonical grid, body-cropped."""
+    channels = split_channels(sitk.ReadImage(image_path))
+    # Every channel is brought onto the first channel's grid in physical space (ADC onto T2).
+    channels = [channels[0]] + [resample(c, channels[0], sitk.sitkLinear, 0.0, sitk.sitkFloat32) for c in channels[1:]]
+    arrays, reference = [], None
+    for channel in channels:
+        array, reference = to_canonical(channel, plan["spacing"], plan["normalisation"], reference)
+        arrays.append(normalise(array, plan["normalisation"]))
+    image = np.stack(arrays)
+    label_image = sitk.ReadImage(label_path)
+    label_image.CopyInformation(channels[0]) if label_image.GetSize() == channels[0].GetSize() else None
+    label = map_labels(labels_to_canonical(label_image, reference), mapping)
+    box = body_box(image[0])
+    return image[(slice(None),) + box].astype(np.float16), label[box]
+
+
+def body_box(normalised_channel, margin=2):
+    """Bounding box of voxels above the background level (air / no signal), with a margin."""
+    body = normalised_channel > normalised_channel.min() + 1e-3
+    if not body.any():
+        return tuple(slice(0, n) for n in normalised_channel.shape)
+    coords = np.argwhere(body)
+    lower = np.maximum(coords.min(axis=0) - margin, 0)
+    upper = np.minimum(coords.max(axis=0) + margin + 1, normalised_channel.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
+
+
+def foreground_locations(label, classes, rng):
+    """Up to LOCATIONS_PER_CLASS voxel coordinates per foreground class, for oversampling."""
+    locations = {}
+    for index in range(1, classes):
+        coords = np.argwhere(label == index)
+        if len(coords) > LOCATIONS_PER_CLASS:
+            coords = coords[rng.choice(len(coords), LOCATIONS_PER_CLASS, replace=False)]
+        locations[index] = coords.astype(np.int16)
+    return locations
+
+
+def build_cache(cases, plan, mapping, folder, log=print):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for case in cases:
+        path = os.path.join(folder, case["id"] + ".npz")
+        if os.path.exists(path):
+            continue
+        image, label = preprocess_case(case["image"], case["label"], plan, mapping)
+        locations = foreground_locations(label, len(plan["classes"]), rng)
+        temporary = path + ".tmp.npz"
+        np.savez_compressed(temporary, image=image, label=label,
+                            **{f"locations_{k}": v for k, v in locations.items()})
+        os.replace(temporary, path)
+        log(f"cached {case['id']}: {image.shape[1:]}")
+
+
+def load_case(folder, case_id, classes):
+    with np.load(os.path.join(folder, case_id + ".npz")) as data:
+        return {"id": case_id, "image": data["image"].astype(np.float32), "label": data["label"],
+                "locations": {k: data[f"locations_{k}"] for k in range(1, classes) if f"locations_{k}" in data}}

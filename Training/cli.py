@@ -1,0 +1,82 @@
+"""python -m Training {train, evaluate, export} — see Training/README.md."""
+
+import argparse
+import os
+import sys
+
+from MSDSegmentLib.errors import MSDSegmentError
+
+from .models import MODELS, LabelMappingError
+
+
+def add_common(parser):
+    parser.add_argument("--model", required=True, choices=sorted(MODELS),
+                        help="which network to train (abdomen serves the liver, spleen and pancreas tasks)")
+    parser.add_argument("--data", help="MSD-layout dataset folder (default: the model's default data)")
+    parser.add_argument("--fold", type=int, default=0, help="validation fold of the fixed 5-fold split")
+    parser.add_argument("--out", default="runs", help="folder for plans, caches and runs")
+    parser.add_argument("--label-map", help="dataset value:class pairs, e.g. 1:1,6:2,11:3 (default: by label name)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m Training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="plan, cache and train (resumable)")
+    add_common(train)
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--val-every", type=int, default=250)
+    train.add_argument("--time-limit", type=float, default=0, help="minutes; stop cleanly (resumable) after that")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--init-from", help="start from exported weights (.pt), e.g. on a new machine")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                       help="patch size in voxels instead of the model's (a new plan records it)")
+    train.add_argument("--filters", type=int, nargs="+", metavar="N",
+                       help="feature maps per network level instead of the model's, e.g. 4 8 16 (their count "
+                            "caps the depth; a new plan records them)")
+    train.add_argument("--quiet", action="store_true")
+
+    evaluate = commands.add_parser("evaluate", help="Dice, HD95 and volume error of a task's shipped model")
+    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--data", required=True, help="MSD-layout folder with labels")
+    evaluate.add_argument("--cases", help="comma-separated case ids (default: all)")
+    evaluate.add_argument("--fold", type=int, help="evaluate only this fold's validation cases")
+    evaluate.add_argument("--label-map", help="dataset value:task label pairs (default: by label name)")
+    evaluate.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+    evaluate.add_argument("--csv", help="write the per-case table here")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
+                                                 "(other tasks kept), for export --metrics")
+
+    export = commands.add_parser("export", help="write weights and model cards into the extension")
+    add_common(export)
+    export.add_argument("--checkpoint", help="weights to export (default: the run's best_model.pt)")
+    export.add_argument("--models-dir", help="destination (default: MSDSegment/Resources/Models)")
+    export.add_argument("--metrics", help="JSON of measured validation metrics to put in the cards")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .pipeline import run_training
+            run_training(args)
+        elif args.command == "evaluate":
+            from .evaluate import run_evaluation
+            run_evaluation(args)
+        elif args.command == "export":
+            from .export import run_export
+            run_export(args)
+    except (MSDSegmentError, LabelMappingError) as error:
+        print(f"python -m Training {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What each trainable model is: its classes, where they come from in a dataset, and which tasks it serves.
+
+Classes are matched by name against a dataset's `dataset.json` labels, so the same model trains on
+the MSD's own tasks and on BTCV (spleen = 1, liver = 6, pancreas = 11) without code changes.
+"""
+
+MODELS = {
+    "abdomen": {
+        "description": "Spleen, liver and pancreas in contrast-enhanced abdominal CT.",
+        "modality": "CT",
+        "channels": ["CT"],
+        "classes": ["background", "spleen", "liver", "pancreas"],
+        # class -> dataset label names (case-insensitive) it is read from. The tumour entries name the
+        # MSD Task03/Task07 tumour labels ("cancer") for the tasks' tumour labels: evaluation reads them
+        # (into the organ while the model has no tumour class), training only reads the model's classes.
+        "sources": {"spleen": ["spleen"], "liver": ["liver"], "pancreas": ["pancreas"],
+                    "liver tumour": ["liver tumour", "liver tumor", "cancer", "tumour", "tumor"],
+                    "pancreatic tumour": ["pancreatic tumour", "pancreas tumour", "pancreatic tumor", "cancer",
+                                          "tumour", "tumor"]},
+        "mirror_axes": [],           # no flips: left-right and cranio-caudal anatomy are not symmetric
+        "spacing_rule": "coarse",
+        "patch_size": [64, 64, 64],
+        "filters": [8, 16, 32, 64, 128],
+        "default_data": "../shared/data/BTCV-Abdomen",
+        "exclude": [],
+    },
+    "prostate": {
+        "description": "Prostate peripheral and transition zones in T2-weighted + ADC MR.",
+        "modality": "MR",
+        "channels": ["T2", "ADC"],
+        "classes": ["background", "PZ", "TZ"],
+        "sources": {"PZ": ["pz", "peripheral zone"], "TZ": ["tz", "transition zone"]},
+        "mirror_axes": [0],          # the gland is left-right symmetric
+        "spacing_rule": "median",
+        "patch_size": [128, 128, 16],
+        "filters": [8, 16, 32, 64, 128],
+        "default_data": "../shared/data/Task05_Prostate",
+        # Upstream labelling quirk: the whole gland is labelled PZ and there is no TZ.
+        "exclude": ["prostate_18"],
+    },
+}
+
+
+class LabelMappingError(ValueError):
+    """A dataset's labels cannot be matched to a model's classes (or a --label-map is malformed)."""
+
+
+def find_label(aliases, dataset_labels):
+    """The dataset label value whose name (case-insensitive) is the first alias found, or None."""
+    names = {str(name).lower(): int(value) for value, name in dataset_labels.items()}
+    return next((names[alias.lower()] for alias in aliases if alias.lower() in names), None)
+
+
+def label_mapping(model, dataset_labels, overrides=None, targets=None, optional=()):
+    """Dataset label value -> target, matched by name through the model's `sources` (or given as overrides).
+
+    targets: {class name: target value}; by default every foreground class of the model -> its index
+    (what training needs). Evaluation asks for a task's classes -> the task's label values instead.
+    optional: class names the dataset may lack; any other missing class is an error.
+    Dataset labels not matched are background.
+    """
+    if overrides:
+        return dict(overrides)
+    if targets is None:
+        targets = {name: index for index, name in enumerate(model["classes"][1:], start=1)}
+    mapping = {}
+    for class_name, target in targets.items():
+        aliases = model["sources"].get(class_name, [class_name])
+        value = find_label(aliases, dataset_labels)
+        if value is not None:
+            mapping.setdefault(value, target)
+        elif class_name not in optional:
+            raise LabelMappingError(f"dataset has no label for class '{class_name}' (looked for {aliases} among "
+                                    f"{sorted(dataset_labels.values())}); give --label-map")
+    return mapping
+
+
+def parse_label_map(text):
+    """'1:1,6:2,11:3' -> {1: 1, 6: 2, 11: 3} (dataset value : model class)."""
+    if not text:
+        return None
+    try:
+        return {int(src): int(dst) for src, dst in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        raise LabelMappingError(f"--label-map must be value:class pairs such as 1:1,6:2, got '{text}'") from None

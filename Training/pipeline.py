@@ -1,0 +1,72 @@
+"""Plan -> cache -> train, each step reused when already done."""
+
+import os
+
+from MSDSegmentLib.errors import MSDSegmentError
+
+from .cache import build_cache
+from .dataset import fold_split, read_dataset
+from .models import MODELS, label_mapping, parse_label_map
+from .plan import fingerprint, load_json, make_plan, save_json
+from .train import train
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dataset_folder(args, model):
+    return os.path.abspath(args.data or os.path.join(REPOSITORY, model["default_data"]))
+
+
+def model_config(args):
+    """The model's configuration with the patch size and filters given on the command line, if any."""
+    model = dict(MODELS[args.model])
+    if getattr(args, "patch_size", None):
+        model["patch_size"] = list(args.patch_size)
+    if getattr(args, "filters", None):
+        model["filters"] = list(args.filters)
+    return model
+
+
+def check_plan_matches(plan, args, plan_path):
+    """An existing plan wins (a resumed run needs no options repeated); options that contradict it are refused."""
+    filters = plan["network"]["filters"]
+    if (getattr(args, "patch_size", None) and list(args.patch_size) != plan["patch_size"]) or \
+            (getattr(args, "filters", None) and list(args.filters)[:len(filters)] != filters):
+        raise MSDSegmentError(f"{plan_path} was made with patch {plan['patch_size']} and filters {filters}: "
+                              "use another --out (or delete that plan and its cache) to plan with other ones")
+
+
+def prepare(args, log=print):
+    """Plan and cache for a model and dataset; returns (plan, cache folder, case ids)."""
+    model = model_config(args)
+    data = dataset_folder(args, model)
+    meta, cases = read_dataset(data)
+    cases = [case for case in cases if case["id"] not in model["exclude"]]
+    mapping = label_mapping(model, meta["labels"], parse_label_map(args.label_map))
+    base = os.path.join(args.out, args.model)
+    os.makedirs(base, exist_ok=True)
+    plan_path = os.path.join(base, "plan.json")
+    if os.path.exists(plan_path):
+        plan = load_json(plan_path)
+        check_plan_matches(plan, args, plan_path)
+    else:
+        log(f"fingerprinting {len(cases)} cases of {data}")
+        plan = make_plan(args.model, model, fingerprint(cases))
+        plan["dataset"] = {"name": meta.get("name", os.path.basename(data)), "folder": data,
+                           "label_mapping": {str(k): v for k, v in mapping.items()},
+                           "excluded": model["exclude"]}
+        save_json(plan, plan_path)
+    log(f"plan: spacing {plan['spacing']} mm, patch {plan['patch_size']}, normalisation {plan['normalisation']}")
+    cache = os.path.join(base, "cache")
+    build_cache(cases, plan, mapping, cache, log)
+    return plan, cache, [case["id"] for case in cases]
+
+
+def run_training(args):
+    plan, cache, case_ids = prepare(args)
+    training_ids, validation_ids = fold_split(case_ids, args.fold)
+    run_dir = os.path.join(args.out, args.model, f"fold{args.fold}")
+    os.makedirs(run_dir, exist_ok=True)
+    save_json({"training": training_ids, "validation": validation_ids}, os.path.join(run_dir, "split.json"))
+    best = train(plan, cache, training_ids, validation_ids, run_dir, args)
+    print(f"best validation Dice {best['dice']} at step {best['step']}")

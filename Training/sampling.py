@@ -1,0 +1,115 @@
+"""Patch sampling with foreground oversampling, and augmentation; its whole random state can be saved
+and restored so that a resumed run draws exactly the batches an uninterrupted one would."""
+
+import numpy as np
+import torch
+from monai.data import set_track_meta
+from monai.transforms import (CenterSpatialCropd, Compose, Rand3DElasticd, RandAdjustContrastd, RandAffined,
+                              RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensityd,
+                              RandShiftIntensityd)
+
+set_track_meta(False)  # plain tensors: faster, and nothing downstream needs MONAI's metadata
+
+CONTEXT = 1.25  # crop this much more than the patch so rotations do not pull in padding
+
+
+def build_augmentation(patch_size, mirror_axes):
+    keys = ["image", "label"]
+    transforms = [
+        RandAffined(keys, prob=0.25, rotate_range=[0.26] * 3, scale_range=[0.15] * 3, spatial_size=patch_size,
+                    mode=["bilinear", "nearest"], padding_mode="border"),
+        Rand3DElasticd(keys, prob=0.1, sigma_range=(5, 7), magnitude_range=(10, 40), spatial_size=patch_size,
+                       mode=["bilinear", "nearest"], padding_mode="border"),
+        CenterSpatialCropd(keys, roi_size=patch_size),
+        RandGaussianNoised("image", prob=0.15, std=0.1),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+        RandAdjustContrastd("image", prob=0.15, gamma=(0.7, 1.5)),
+    ]
+    transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes]
+    return Compose(transforms)
+
+
+def random_states(transform):
+    """Every numpy RandomState an augmentation pipeline draws from, in a fixed order.
+
+    MONAI's dictionary transforms keep their own state and so do the array transforms inside them
+    (RandAffined -> RandAffine -> RandAffineGrid, RandGaussianNoised -> RandGaussianNoise, ...): all of
+    them must be saved for a resumed run to draw the same augmentations.
+    """
+    found, seen = [], set()
+
+    def visit(node):
+        if isinstance(node, Randomizable) and id(node) not in seen:
+            seen.add(id(node))
+            if id(node.R) not in seen:
+                seen.add(id(node.R))
+                found.append(node.R)
+        children = node.transforms if isinstance(node, Compose) else vars(node).values()
+        for child in children:
+            if isinstance(child, (Randomizable, Compose)):
+                visit(child)
+
+    visit(transform)
+    return found
+
+
+class PatchSampler:
+    def __init__(self, cases, patch_size, classes, mirror_axes, seed=0, foreground_fraction=0.5):
+        self.cases = cases
+        self.patch_size = list(patch_size)
+        self.classes = classes
+        self.foreground_fraction = foreground_fraction
+        self.rng = np.random.default_rng(seed)
+        self.augment = build_augmentation(self.patch_size, mirror_axes)
+        self.augment.set_random_state(seed=seed)
+
+    def _random_transforms(self):
+        return [t for t in self.augment.transforms if hasattr(t, "R")]
+
+    def state(self):
+        return {"rng": self.rng.bit_generator.state,
+                "random_states": [random.get_state() for random in random_states(self.augment)]}
+
+    def load_state(self, state):
+        self.rng.bit_generator.state = state["rng"]
+        if "random_states" in state:
+            for random, saved in zip(random_states(self.augment), state["random_states"]):
+                random.set_state(saved)
+        else:  # checkpoints written before nested states were saved: restore what they hold
+            for transform, saved in zip(self._random_transforms(), state["transforms"]):
+                transform.R.set_state(saved)
+
+    def _centre(self, case):
+        present = [k for k, coords in case["locations"].items() if len(coords)]
+        if present and self.rng.random() < self.foreground_fraction:
+            # Classes are drawn uniformly so a small organ (pancreas) is seen as often as a large one.
+            coords = case["locations"][present[self.rng.integers(len(present))]]
+            return coords[self.rng.integers(len(coords))].astype(int)
+        return np.array([self.rng.integers(n) for n in case["label"].shape])
+
+    def _crop(self, case, centre):
+        size = [int(round(p * CONTEXT)) for p in self.patch_size]
+        image, label = case["image"], case["label"]
+        out_image = np.empty((image.shape[0], *size), np.float32)
+        out_image[:] = image.reshape(image.shape[0], -1).min(axis=1)[:, None, None, None]
+        out_label = np.zeros(size, np.uint8)
+        source, target = [], []
+        for c, n, s in zip(centre, label.shape, size):
+            start = c - s // 2
+            lo, hi = max(start, 0), min(start + s, n)
+            source.append(slice(lo, hi))
+            target.append(slice(lo - start, hi - start))
+        out_image[(slice(None), *target)] = image[(slice(None), *source)]
+        out_label[tuple(target)] = label[tuple(source)]
+        return out_image, out_label[None]
+
+    def sample(self, batch_size):
+        images, labels = [], []
+        for _ in range(batch_size):
+            case = self.cases[self.rng.integers(len(self.cases))]
+            image, label = self._crop(case, self._centre(case))
+            item = self.augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
+            images.append(torch.as_tensor(item["image"]))
+            labels.append(torch.as_tensor(item["label"]).round().long())
+        return torch.stack(images), torch.stack(labels)

@@ -1,0 +1,60 @@
+"""The extension's tasks: MSD label values, names, colours and SNOMED-CT codes, and which trained model
+(and which of its classes) serves each. `export` writes these into the model cards; nothing else
+defines them."""
+
+ANATOMY = ["SCT", "123037004", "Anatomical Structure"]
+ALTERED = ["SCT", "49755003", "Morphologically Altered Structure"]
+NEOPLASM = ["SCT", "108369006", "Neoplasm"]
+LIVER = ["SCT", "10200004", "Liver"]
+PANCREAS = ["SCT", "15776009", "Pancreas"]
+
+
+def organ(value, name, color, code, source_class):
+    return {"value": value, "name": name, "color": color, "source_class": source_class, "kind": "organ",
+            "terminology": {"category": ANATOMY, "type": code}}
+
+
+def tumour(value, name, color, region, organ_name):
+    return {"value": value, "name": name, "color": color, "source_class": name.lower(), "kind": "tumour",
+            "organ": organ_name, "terminology": {"category": ALTERED, "type": NEOPLASM, "region": region}}
+
+
+# Colours follow Slicer's GenericAnatomyColors where it has the structure.
+TASKS = {
+    "liver": {
+        "title": "Liver and liver tumour (CT)",
+        "description": "Liver (1) and liver tumour (2) in contrast-enhanced abdominal CT, MSD Task03 labels.",
+        "model": "abdomen",
+        "labels": [organ(1, "Liver", [221, 130, 101], LIVER, "liver"),
+                   tumour(2, "Liver tumour", [144, 238, 144], LIVER, "Liver")],
+    },
+    "spleen": {
+        "title": "Spleen (CT)",
+        "description": "Spleen (1) in contrast-enhanced abdominal CT, MSD Task09 labels.",
+        "model": "abdomen",
+        "labels": [organ(1, "Spleen", [157, 108, 162], ["SCT", "78961009", "Spleen"], "spleen")],
+    },
+    "pancreas": {
+        "title": "Pancreas and pancreatic tumour (CT)",
+        "description": "Pancreas (1) and pancreatic tumour (2) in contrast-enhanced abdominal CT, MSD Task07 labels.",
+        "model": "abdomen",
+        "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas"),
+                   tumour(2, "Pancreatic tumour", [255, 90, 90], PANCREAS, "Pancreas")],
+    },
+    "prostate": {
+        "title": "Prostate zones (MR T2 + ADC)",
+        "description": "Prostate peripheral zone (1) and transition zone (2) in T2-weighted and ADC MR, MSD Task05 labels.",
+        "model": "prostate",
+        "labels": [organ(1, "Peripheral zone", [230, 158, 140], ["SCT", "279706003", "Peripheral zone of prostate"], "PZ"),
+                   organ(2, "Transition zone", [128, 174, 128], ["SCT", "399384005", "Transition zone of prostate"], "TZ")],
+    },
+}
+
+DATA_CREDITS = {
+    "BTCV-Abdomen": {"licence": "BTCV research use; cite Landman et al., MICCAI 2015 Multi-Atlas Labeling "
+                                "Beyond the Cranial Vault workshop and challenge",
+                     "source": "BTCV (Multi-Atlas Labeling Beyond the Cranial Vault, MICCAI 2015), 24 labelled CT"},
+    "PROSTATE": {"licence": "CC BY-SA 4.0 (Medical Segmentation Decathlon Task05, Radboud University Nijmegen "
+                            "Medical Centre)",
+                 "source": "Medical Segmentation Decathlon Task05_Prostate"},
+}

@@ -1,0 +1,212 @@
+"""The training loop: CPU, one CUDA GPU (mixed precision) or several GPUs through torchrun (DDP)."""
+
+import csv
+import os
+import time
+
+import numpy as np
+import torch
+from monai.losses import GeneralizedDiceLoss
+
+from MSDSegmentLib.inference import predict_probabilities
+from MSDSegmentLib.network import build_network
+
+from .cache import load_case
+from .sampling import PatchSampler
+
+
+class DiceCELoss(torch.nn.Module):
+    """Generalised Dice (Sudre et al. 2017) plus cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.dice = GeneralizedDiceLoss(to_onehot_y=True, softmax=True)
+        self.cross_entropy = torch.nn.CrossEntropyLoss()
+
+    def forward(self, logits, labels):
+        return self.dice(logits, labels) + self.cross_entropy(logits, labels[:, 0])
+
+
+def dice_per_class(prediction, reference, classes):
+    """Dice of each foreground class; NaN where the class is absent from both."""
+    scores = []
+    for index in range(1, classes):
+        p, r = prediction == index, reference == index
+        denominator = p.sum() + r.sum()
+        scores.append(float(2 * np.logical_and(p, r).sum() / denominator) if denominator else float("nan"))
+    return scores
+
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, want_cuda):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = want_cuda and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def learning_rate(base, step, total):
+    """Polynomial decay (nnU-Net's schedule), a function of the step so that it resumes exactly."""
+    return base * (1 - min(step, total - 1) / total) ** 0.9
+
+
+def checkpoint_state(step, network, optimizer, scaler, sampler, best, args):
+    return {"step": step, "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None, "sampler": sampler.state(),
+            "torch_rng": torch.get_rng_state(), "best": best, "args": vars(args)}
+
+
+def save_atomically(state, path):
+    temporary = path + ".tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def validate(network, cases, plan, device):
+    network.eval()
+    scores = []
+    for case in cases:
+        probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device)
+        scores.append(dice_per_class(probabilities.argmax(0), case["label"], len(plan["classes"])))
+    network.train()
+    return np.nanmean(np.array(scores), axis=0).tolist()
+
+
+def append_csv(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(run_dir, classes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_log, val_log = os.path.join(run_dir, "train_log.csv"), os.path.join(run_dir, "val_log.csv")
+    if not (os.path.exists(train_log) and os.path.exists(val_log)):
+        return
+    train = np.genfromtxt(train_log, delimiter=",", names=True)
+    val = np.atleast_1d(np.genfromtxt(val_log, delimiter=",", names=True))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(np.atleast_1d(train["step"]), np.atleast_1d(train["loss"]))
+    left.set(xlabel="step", ylabel="training loss (GDL + CE)", title="Loss")
+    for name in classes[1:]:
+        right.plot(val["step"], val[f"dice_{name}"], marker="o", label=name)
+    right.set(xlabel="step", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice (canonical grid)")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(run_dir, "curves.png"), dpi=90)
+    plt.close(figure)
+
+
+def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=print):
+    """Train until `args.steps` (or `args.time_limit` minutes), validating every `args.val_every` steps."""
+    dist = Distributed(want_cuda=args.device != "cpu")
+    torch.manual_seed(args.seed + dist.rank)
+    classes = len(plan["classes"])
+    train_cases = [load_case(cache_dir, case_id, classes) for case_id in training_ids]
+    val_cases = [load_case(cache_dir, case_id, classes) for case_id in validation_ids] if dist.main else []
+
+    network = build_network(plan["network"]).to(dist.device)
+    if args.init_from:
+        # A new machine without checkpoints starts from the last exported model.
+        state = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+        log(f"initialised from {args.init_from}")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda") if dist.device.type == "cuda" else None
+    sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank)
+    loss_function = DiceCELoss()
+    step, best = 0, {"score": -1.0, "step": 0, "dice": []}
+
+    last_path = os.path.join(run_dir, "last.ckpt")
+    if args.resume and os.path.exists(last_path):
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best = state["step"], state["best"]
+        log(f"resumed from step {step} (best mean Dice {best['score']:.3f} at step {best['step']})")
+
+    model = network
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(network, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+
+    started = time.time()
+    progress = None
+    if dist.main and not args.quiet:
+        from tqdm import tqdm
+        progress = tqdm(total=args.steps, initial=step, unit="step", mininterval=10)
+    model.train()
+    while step < args.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.lr, step, args.steps)
+        images, labels = sampler.sample(args.batch_size)
+        images, labels = images.to(dist.device), labels.to(dist.device)
+        with torch.autocast(dist.device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = loss_function(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            optimizer.step()
+        step += 1
+        if progress:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        out_of_time = args.time_limit and (time.time() - started) / 60 > args.time_limit
+        if dist.main and step % 10 == 0:
+            append_csv(os.path.join(run_dir, "train_log.csv"),
+                       {"step": step, "loss": float(loss.item()), "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": round(time.time() - started, 1)})
+        if dist.main and (step % args.val_every == 0 or step == args.steps or out_of_time):
+            dice = validate(network, val_cases, plan, dist.device)
+            score = float(np.mean(dice))
+            row = {"step": step, **{f"dice_{n}": d for n, d in zip(plan["classes"][1:], dice)}, "mean": score}
+            append_csv(os.path.join(run_dir, "val_log.csv"), row)
+            log(f"step {step}: validation Dice " + ", ".join(f"{n} {d:.3f}" for n, d in zip(plan["classes"][1:], dice)))
+            if score > best["score"]:
+                best = {"score": score, "step": step, "dice": dice}
+                save_atomically(network.state_dict(), os.path.join(run_dir, "best_model.pt"))
+            save_atomically(checkpoint_state(step, network, optimizer, scaler, sampler, best, args), last_path)
+            plot_curves(run_dir, plan["classes"])
+        dist.barrier()
+        if out_of_time:
+            log(f"time limit reached at step {step}; resume with --resume")
+            break
+    if progress:
+        progress.close()
+    dist.close()
+    return best
