@@ -1,0 +1,83 @@
+"""What the engine needs that Slicer may not have: PyTorch, the packages in Resources/requirements.txt,
+and a CUDA GPU. Everything here is found out without importing torch (that takes seconds and must not
+happen at Slicer's start-up)."""
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import shutil
+
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
+                            "requirements.txt")
+
+
+def is_installed(module_name):
+    return importlib.util.find_spec(module_name) is not None
+
+
+def requirement_lines(path=REQUIREMENTS):
+    with open(path, encoding="utf-8") as stream:
+        lines = [line.split("#", 1)[0].strip() for line in stream]
+    return [line for line in lines if line]
+
+
+def is_satisfied(requirement):
+    """Whether an installed distribution satisfies one requirement line (name and version specifier)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # no `packaging`: only check that the distribution is there
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        specifier = None
+    else:
+        parsed = Requirement(requirement)
+        name, specifier = parsed.name, parsed.specifier
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return specifier is None or specifier.contains(version, prereleases=True)
+
+
+def unmet_requirements(path=REQUIREMENTS):
+    """Requirement lines of the file that the installed packages do not satisfy."""
+    return [line for line in requirement_lines(path) if not is_satisfied(line)]
+
+
+def torch_cuda_build():
+    """CUDA version the installed torch was built for ('' for a CPU build, None if torch is absent).
+
+    Read from torch/version.py rather than by importing torch.
+    """
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError:
+        return ""
+    match = re.search(r"^cuda\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def nvidia_driver_present():
+    if platform.system() == "Darwin":
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def gpu_status():
+    """(available, reason): whether the GPU choice can work, and if not, why, in one line."""
+    if platform.system() == "Darwin":
+        return False, "CUDA GPUs are not supported on macOS"
+    if not nvidia_driver_present():
+        return False, "No NVIDIA GPU driver found on this computer"
+    cuda = torch_cuda_build()
+    if cuda is None:
+        return True, "PyTorch will be installed with CUDA support on first use"
+    if not cuda:
+        return False, "The installed PyTorch is a CPU-only build (reinstall it with CUDA from the PyTorch module)"
+    return True, f"NVIDIA GPU with PyTorch built for CUDA {cuda}"

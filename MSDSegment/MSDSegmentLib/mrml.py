@@ -1,0 +1,298 @@
+"""MRML side of MSDSegment: volume nodes in, a segmentation node out.
+
+The only module of MSDSegmentLib that imports slicer and vtk (everything else runs without Slicer).
+It works on any vtkMRMLScene, so it is tested with slicer-core outside the Slicer application.
+
+Geometry: a volume node stores voxels in (k, j, i) order and an IJK-to-RAS matrix; SimpleITK stores
+(x, y, z) = (i, j, k) with an LPS origin and direction. The conversion flips the first two rows of the
+matrix (RAS <-> LPS) and keeps the voxels as they are, so oblique and left-handed grids stay exact.
+The engine returns labels on exactly the first input's grid; they are imported onto that node's own
+IJK-to-RAS matrix, so the segmentation's voxels coincide with the input's.
+"""
+
+import logging
+import os
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from . import modelcard
+from .errors import InputError, MSDSegmentError
+from .imageio import read_image, terminology_string
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+BINARY_LABELMAP = "Binary labelmap"
+GEOMETRY_TOLERANCE_MM = 1e-3      # a result file must lie on its input's grid to this precision
+ADC_NAME_HINTS = ("adc", "apparent diffusion")
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and voxels
+
+
+def ijk_to_ras(volume_node):
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def vtk_matrix(array):
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row][column]))
+    return matrix
+
+
+def check_volume(volume_node, role="input"):
+    """One-line errors for nodes that are not a single-component 3-D scalar volume."""
+    if volume_node is None:
+        raise InputError(f"No {role} volume selected")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"The {role} '{volume_node.GetName()}' is a {volume_node.GetClassName()}, "
+                         "not a scalar volume")
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"The {role} volume '{volume_node.GetName()}' has no voxels")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"The {role} volume '{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                         "components per voxel; a scalar (grey-level) volume is needed")
+
+
+def channel_role(index):
+    return "input" if index == 0 else "second input"
+
+
+def volume_to_image(volume_node, role="input"):
+    """A SimpleITK copy of a volume node (its local frame: a parent transform is not applied)."""
+    check_volume(volume_node, role)
+    image_data = volume_node.GetImageData()
+    i, j, k = image_data.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(k, j, i)
+    image = sitk.GetImageFromArray(voxels.copy())
+    matrix = ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((LPS_FROM_RAS @ (matrix[:3, :3] / spacing)).ravel().tolist())
+    image.SetOrigin((LPS_FROM_RAS @ matrix[:3, 3]).tolist())
+    return image
+
+
+def image_ijk_to_ras(image):
+    """The IJK-to-RAS matrix of a SimpleITK image's grid."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_FROM_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = LPS_FROM_RAS @ np.array(image.GetOrigin())
+    return matrix
+
+
+def check_on_grid(image, volume_node):
+    """Refuse a label map that is not on the volume's voxel grid (a result for some other input)."""
+    dimensions = volume_node.GetImageData().GetDimensions()
+    if tuple(image.GetSize()) != tuple(dimensions):
+        raise InputError(f"The result has size {tuple(image.GetSize())} but '{volume_node.GetName()}' has "
+                         f"{tuple(dimensions)}: it does not belong to this volume")
+    corners = np.array([[0, 0, 0, 1], [dimensions[0] - 1, dimensions[1] - 1, dimensions[2] - 1, 1]]).T
+    shift = np.abs((image_ijk_to_ras(image) - ijk_to_ras(volume_node)) @ corners).max()
+    if shift > GEOMETRY_TOLERANCE_MM:
+        raise InputError(f"The result lies {shift:.3g} mm away from '{volume_node.GetName()}': "
+                         "it does not belong to this volume")
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation nodes
+
+
+def segmentation_name(input_node, task):
+    return f"{input_node.GetName()} {task} segmentation"
+
+
+def label_map_image(labels, volume_node):
+    """The label voxels as a vtkOrientedImageData on exactly the volume node's grid."""
+    voxels = sitk.GetArrayFromImage(labels).astype(np.uint8)  # (k, j, i), as vtkImageData stores them
+    image = slicer.vtkOrientedImageData()
+    i, j, k = labels.GetSize()
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(volume_node)))
+    return image
+
+
+def new_segment(label, image):
+    """A segment for one card label: name, colour, terminology, and its value in the shared label map."""
+    segment = slicer.vtkSegment()
+    segment.SetName(label.name)
+    segment.SetColor(*label.color_float)
+    if label.terminology:
+        segment.SetTerminology(terminology_string(label.terminology))
+    segment.AddRepresentation(BINARY_LABELMAP, image)  # every segment shares one layer
+    segment.SetLabelValue(int(label.value))
+    return segment
+
+
+def segment_id(label):
+    return f"Segment_{label.value}"  # as in the .seg.nrrd files the command line writes
+
+
+def fill_segmentation(segmentation_node, image, card):
+    segmentation = segmentation_node.GetSegmentation()
+    was_modifying = segmentation_node.StartModify()
+    try:
+        segmentation.RemoveAllSegments()
+        segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+        for label in card.trained_labels:
+            segmentation.AddSegment(new_segment(label, image), segment_id(label))
+    finally:
+        segmentation_node.EndModify(was_modifying)
+
+
+def place_beside(node, reference_node):
+    """Put `node` in the subject hierarchy folder (DICOM study) of `reference_node`."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    if hierarchy is None:
+        return
+    reference_item = hierarchy.GetItemByDataNode(reference_node)
+    parent = hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # outside the Slicer application nothing creates items for new nodes
+        hierarchy.CreateItem(parent, node)
+
+
+def import_labels(labels, input_node, card, output_node=None):
+    """Turn an engine label map (on the input's grid) into a segmentation node.
+
+    One segment per trained label of the card, named, coloured and coded from it. `output_node`, if
+    given, is emptied and refilled (same node ID); otherwise a node named after the input is created.
+    Nothing is added to the scene if the label map does not fit the input.
+    """
+    check_volume(input_node)
+    check_on_grid(labels, input_node)
+    unknown = sorted(set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+                     - {0} - {label.value for label in card.trained_labels})
+    if unknown:
+        raise InputError(f"The result holds label values {unknown} that the {card.task} model card does not define")
+    image = label_map_image(labels, input_node)
+    scene = input_node.GetScene()
+    created = output_node is None
+    if created:
+        output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentation_name(input_node, card.task))
+    try:
+        output_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+        fill_segmentation(output_node, image, card)
+        output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())  # same frame as the input
+        if output_node.GetDisplayNode() is None:
+            output_node.CreateDefaultDisplayNodes()
+        place_beside(output_node, input_node)
+    except Exception:
+        if created:
+            remove_node(output_node)
+        raise
+    return output_node
+
+
+def remove_node(node):
+    """Remove a node with its display nodes and subject hierarchy item (RemoveNode alone leaves them)."""
+    scene = node.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(node) if hierarchy else 0
+    if item:
+        hierarchy.RemoveItem(item, False, False)  # keep the data node for now, no children to remove
+    display_nodes = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    scene.RemoveNode(node)
+    for display_node in display_nodes:
+        if display_node is not None and display_node.GetScene() is scene:
+            scene.RemoveNode(display_node)
+
+
+def import_label_file(path, input_node, task, output_node=None, models_dir=None):
+    """Import a label map file written by the command line for `input_node` (the background-process path)."""
+    card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+    return import_labels(read_image(path), input_node, card, output_node)
+
+
+def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, keep_largest=True,
+            progress=None, cancel=None, models_dir=None):
+    """Segment volume node(s) in this process and return the segmentation node.
+
+    input_nodes: one node or a list (prostate: T2 then ADC). The scene is only touched once the engine
+    has finished, so an error or a cancel (errors.Cancelled) leaves it as it was.
+    """
+    from .engine import segment as run_engine  # torch is loaded only when a segmentation is asked for
+
+    nodes = list(input_nodes) if isinstance(input_nodes, (list, tuple)) else [input_nodes]
+    channels = [volume_to_image(node, channel_role(index)) for index, node in enumerate(nodes)]
+    result = run_engine(channels, task, device=device, tta=tta, keep_largest=keep_largest, progress=progress,
+                        cancel=cancel, models_dir=models_dir)
+    for warning in result.warnings:
+        logging.warning(warning)
+    return import_labels(result.labels, nodes[0], result.card, output_node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Background-process helpers and results
+
+
+def write_inputs(input_nodes, folder):
+    """Write the input volume(s) for the command line; returns the file paths, in channel order."""
+    paths = []
+    for index, node in enumerate(input_nodes):
+        image = volume_to_image(node, channel_role(index))
+        path = os.path.join(folder, f"input{index}.nrrd")
+        sitk.WriteImage(image, path, useCompression=False)
+        paths.append(path)
+    return paths
+
+
+def segment_volumes_ml(segmentation_node):
+    """(segment name, RGB colour 0-1, volume in mL) for every segment, in segment order."""
+    segmentation = segmentation_node.GetSegmentation()
+    rows = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id_ = segmentation.GetNthSegmentID(index)
+        mask = slicer.vtkOrientedImageData()
+        segmentation_node.GetBinaryLabelmapRepresentation(segment_id_, mask)
+        count = 0
+        scalars = mask.GetPointData().GetScalars()
+        if scalars is not None:
+            count = int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars)))
+        to_world = vtk.vtkMatrix4x4()
+        mask.GetImageToWorldMatrix(to_world)
+        voxel_mm3 = abs(np.linalg.det(np.array([[to_world.GetElement(r, c) for c in range(3)] for r in range(3)])))
+        segment = segmentation.GetNthSegment(index)
+        rows.append((segment.GetName(), tuple(segment.GetColor()), count * voxel_mm3 / 1000.0))
+    return rows
+
+
+def guess_adc_volume(scene, t2_node=None):
+    """The scalar volume whose name says ADC, preferring one in the same study as the T2 volume."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+    def study_of(node):
+        item = hierarchy.GetItemByDataNode(node) if hierarchy else 0
+        return hierarchy.GetItemParent(item) if item else None
+
+    candidates = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if node is t2_node or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        if any(hint in (node.GetName() or "").lower() for hint in ADC_NAME_HINTS):
+            candidates.append(node)
+    if t2_node is not None and candidates:
+        same_study = [node for node in candidates if study_of(node) == study_of(t2_node)]
+        candidates = same_study or candidates
+    return candidates[0] if candidates else None
+
+
+def describe_error(error):
+    """The one-line message shown to the user for an engine error or an unexpected one."""
+    if isinstance(error, MSDSegmentError):
+        return str(error)
+    return f"Unexpected error: {type(error).__name__}: {error}"

@@ -1,0 +1,321 @@
+"""The Slicer module's files that cannot run outside Slicer, checked statically: the Qt Designer panel
+against the widget code and the parameter node, the CMake lists against the files on disk, the
+Extensions Index entry against its schema, and the import rules (no torch at Slicer start-up)."""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPOSITORY
+from MSDSegmentLib import background, dependencies, selftests
+from MSDSegmentLib.cli import Reporter, build_parser
+from MSDSegmentLib.imageio import looks_like_ct, validate_channels
+
+MODULE = os.path.join(REPOSITORY, "MSDSegment")
+MODULE_SCRIPT = os.path.join(MODULE, "MSDSegment.py")
+UI_FILE = os.path.join(MODULE, "Resources", "UI", "MSDSegment.ui")
+
+# What the widget code relies on: widget name -> (class, node types of a node selector).
+EXPECTED_WIDGETS = {
+    "taskComboBox": ("QComboBox", None),
+    "taskDescriptionLabel": ("QLabel", None),
+    "inputVolumeSelector": ("qMRMLNodeComboBox", ["vtkMRMLScalarVolumeNode"]),
+    "adcVolumeLabel": ("QLabel", None),
+    "adcVolumeSelector": ("qMRMLNodeComboBox", ["vtkMRMLScalarVolumeNode"]),
+    "deviceComboBox": ("QComboBox", None),
+    "testTimeMirroringCheckBox": ("QCheckBox", None),
+    "keepLargestCheckBox": ("QCheckBox", None),
+    "outputSegmentationSelector": ("qMRMLNodeComboBox", ["vtkMRMLSegmentationNode"]),
+    "segmentButton": ("QPushButton", None),
+    "progressBar": ("QProgressBar", None),
+    "statusLabel": ("QLabel", None),
+    "volumesTable": ("QTableWidget", None),
+    "inputsCollapsibleButton": ("ctkCollapsibleButton", None),
+    "optionsCollapsibleButton": ("ctkCollapsibleButton", None),
+    "outputsCollapsibleButton": ("ctkCollapsibleButton", None),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The panel (.ui) and the widget code
+
+
+@pytest.fixture(scope="module")
+def ui():
+    return ElementTree.parse(UI_FILE).getroot()
+
+
+def widgets(ui):
+    return {widget.get("name"): widget for widget in ui.iter("widget")}
+
+
+def string_property(widget, name):
+    prop = widget.find(f"property[@name='{name}']")
+    return None if prop is None else prop.findtext("string")
+
+
+def node_types(widget):
+    prop = widget.find("property[@name='nodeTypes']")
+    return None if prop is None else [item.text for item in prop.iter("string")]
+
+
+def module_source():
+    with open(MODULE_SCRIPT, encoding="utf-8") as stream:
+        return stream.read()
+
+
+def parameter_fields():
+    """Field name -> annotation source of the parameterNodeWrapper class in MSDSegment.py."""
+    tree = ast.parse(module_source())
+    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "MSDSegmentParameterNode")
+    return {item.target.id: ast.unparse(item.annotation) for item in cls.body if isinstance(item, ast.AnnAssign)}
+
+
+def test_every_widget_the_code_uses_exists_with_its_class(ui):
+    found = widgets(ui)
+    used = set(re.findall(r"self\.ui\.(\w+)", module_source()))
+    assert used, "the widget code uses no self.ui names?"
+    assert used <= set(found), f"used in MSDSegment.py but not in the .ui: {sorted(used - set(found))}"
+    assert used <= set(EXPECTED_WIDGETS), f"update EXPECTED_WIDGETS for: {sorted(used - set(EXPECTED_WIDGETS))}"
+    for name, (class_name, types) in EXPECTED_WIDGETS.items():
+        assert found[name].get("class") == class_name, name
+        if types is not None:
+            assert node_types(found[name]) == types, name
+
+
+def test_node_selectors_exclude_label_maps_and_allow_creating_output(ui):
+    found = widgets(ui)
+    for name in ("inputVolumeSelector", "adcVolumeSelector"):
+        assert found[name].find("property[@name='showChildNodeTypes']").findtext("bool") == "false", name
+    output = found["outputSegmentationSelector"]
+    assert output.find("property[@name='noneEnabled']").findtext("bool") == "true"
+    assert string_property(output, "noneDisplay") == "Create new segmentation"
+
+
+def test_every_mrml_widget_gets_the_scene(ui):
+    root_name = ui.find("widget").get("name")
+    assert ui.find("widget").get("class") == "qMRMLWidget"
+    receivers = {connection.findtext("receiver") for connection in ui.iter("connection")
+                 if connection.findtext("sender") == root_name
+                 and connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and connection.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {name for name, widget in widgets(ui).items()
+                    if widget.get("class").startswith("qMRML") and name != root_name}
+    assert mrml_widgets and mrml_widgets == receivers
+
+
+def test_custom_widgets_are_declared(ui):
+    declared = {custom.findtext("class") for custom in ui.iter("customwidget")}
+    used = {widget.get("class") for widget in ui.iter("widget") if not widget.get("class").startswith("Q")}
+    assert used <= declared, sorted(used - declared)
+
+
+def test_every_parameter_is_bound_to_one_widget_of_the_right_kind(ui):
+    fields = parameter_fields()
+    bound = {}
+    for name, widget in widgets(ui).items():
+        parameter = string_property(widget, "SlicerParameterName")
+        if parameter is not None:
+            assert parameter not in bound, f"{parameter} bound twice"
+            bound[parameter] = widget
+    assert set(bound) == set(fields), f"fields {sorted(fields)} vs bound widgets {sorted(bound)}"
+    for parameter, annotation in fields.items():
+        widget = bound[parameter]
+        if annotation.startswith("vtkMRML"):
+            assert widget.get("class") == "qMRMLNodeComboBox" and node_types(widget) == [annotation], parameter
+        elif annotation == "bool":
+            assert widget.get("class") == "QCheckBox", parameter
+        else:  # a str with Choice, or an Enum: both need a plain combo box
+            assert widget.get("class") == "QComboBox", parameter
+
+
+def test_parameter_choices_are_the_catalogue_tasks():
+    assert "Choice(list(modelcard.TASKS))" in parameter_fields()["task"]
+
+
+def test_module_never_imports_torch_at_start_up():
+    """Slicer imports MSDSegment.py at start-up: nothing heavy may be imported at its top level."""
+    tree = ast.parse(module_source())
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add((node.module or "").split(".")[0])
+    assert not top_level & {"torch", "monai", "scipy", "skimage", "nibabel"}, top_level
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "from MSDSegmentLib import background, dependencies, modelcard, mrml, selftests\n"
+              "modelcard.catalogue()\n"
+              "heavy = sorted(m for m in ('torch', 'monai', 'scipy') if m in sys.modules)\n"
+              "assert not heavy, heavy\n") % MODULE
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_engine_package_imports_without_slicer():
+    """Everything in MSDSegmentLib but mrml.py works where slicer and vtk do not exist."""
+    names = sorted(name[:-3] for name in os.listdir(os.path.join(MODULE, "MSDSegmentLib"))
+                   if name.endswith(".py") and name not in ("mrml.py", "__main__.py"))
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "sys.modules['slicer'] = None; sys.modules['vtk'] = None; sys.modules['qt'] = None\n"
+              "import importlib\n"
+              "for name in %r: importlib.import_module('MSDSegmentLib.' + name)\n") % (MODULE, names)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Background process exchange and dependencies
+
+
+def test_segment_arguments_are_accepted_by_the_command_line():
+    arguments = background.segment_arguments("prostate", ["t2.nrrd", "adc.nrrd"], "out.nrrd", device="cpu",
+                                             tta=True, keep_largest=False, models_dir="/models")
+    assert arguments[:2] == ["-m", "MSDSegmentLib"]
+    parsed = build_parser().parse_args(arguments[2:])
+    assert (parsed.task, parsed.inputs, parsed.output, parsed.device) == ("prostate", ["t2.nrrd", "adc.nrrd"],
+                                                                         "out.nrrd", "cpu")
+    assert parsed.tta and parsed.no_largest and parsed.progress_lines and parsed.models_dir == "/models"
+    default = build_parser().parse_args(background.segment_arguments("liver", ["ct.nrrd"], "o.nrrd")[2:])
+    assert not default.tta and not default.no_largest
+
+
+def test_progress_lines_of_the_command_line_are_parsed(capsys):
+    reporter = Reporter(quiet=False, lines=True)
+    for fraction, stage in ((0.0, "Loading model"), (0.4271, "Running network"), (1.0, "Done")):
+        reporter(fraction, stage)
+    lines = capsys.readouterr().out.splitlines()
+    assert [background.parse_progress(line) for line in lines] == \
+        [(0.0, "Loading model"), (0.427, "Running network"), (1.0, "Done")]
+    assert background.parse_progress("liver: 1520 mL") is None
+    assert background.parse_progress("PROGRESS 1.7 over") == (1.0, "over")
+
+
+def test_error_message_is_the_last_error_line():
+    stderr = "msdsegment: warning: The input does not look like CT\nmsdsegment: error: Input not found: x.nrrd\n"
+    assert background.error_message(stderr, 2) == "Input not found: x.nrrd"
+    assert background.warnings_in(stderr) == ["The input does not look like CT"]
+    assert background.error_message("Traceback...\nMemoryError\n", 1) == "MemoryError"
+    assert "exit code -9" in background.error_message("", -9)
+
+
+def test_workspace_is_removed():
+    workspace = background.Workspace()
+    with open(workspace.output, "w") as stream:
+        stream.write("x")
+    workspace.remove()
+    assert not os.path.exists(workspace.folder)
+
+
+def test_requirements_are_checked_against_installed_versions(tmp_path):
+    import numpy
+
+    assert dependencies.requirement_lines() and all(" " not in line for line in dependencies.requirement_lines())
+    assert any(line.startswith("monai") for line in dependencies.requirement_lines())
+    path = tmp_path / "requirements.txt"
+    path.write_text(f"# comment\nnumpy=={numpy.__version__}\nnumpy==0.0.1\nno-such-package-msdsegment\n\n")
+    assert dependencies.unmet_requirements(str(path)) == ["numpy==0.0.1", "no-such-package-msdsegment"]
+
+
+def test_gpu_status_is_read_without_importing_torch():
+    import torch
+
+    build = dependencies.torch_cuda_build()
+    assert build == (torch.version.cuda or "")
+    available, reason = dependencies.gpu_status()
+    assert isinstance(available, bool) and reason and "\n" not in reason
+    if not torch.cuda.is_available():
+        assert not available or dependencies.nvidia_driver_present()
+
+
+def test_phantom_for_the_slicer_self_test_is_a_valid_ct(tmp_path):
+    image = sitk.ReadImage(selftests.write_phantom_ct(str(tmp_path / "phantom.nrrd")))
+    validate_channels([image], ["CT"])
+    assert looks_like_ct(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extension packaging
+
+
+def cmake_set(text, variable):
+    match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)\s*\n", text, re.DOTALL)
+    assert match, variable
+    return match.group(1)
+
+
+def cmake_items(text, variable):
+    items = cmake_set(text, variable).split()
+    return [item.replace("${MODULE_NAME}", "MSDSegment") for item in items]
+
+
+@pytest.fixture(scope="module")
+def module_cmake():
+    with open(os.path.join(MODULE, "CMakeLists.txt"), encoding="utf-8") as stream:
+        return re.sub(r"#[^\n]*", "", stream.read())
+
+
+def test_every_listed_module_file_exists_and_every_file_is_listed(module_cmake):
+    scripts = cmake_items(module_cmake, "MODULE_PYTHON_SCRIPTS")
+    resources = [item for item in cmake_items(module_cmake, "MODULE_PYTHON_RESOURCES") if not item.startswith("$")]
+    for item in scripts + resources:
+        assert os.path.isfile(os.path.join(MODULE, item)), f"listed but missing: {item}"
+    on_disk = {"MSDSegment.py"} | {f"MSDSegmentLib/{name}" for name in os.listdir(os.path.join(MODULE, "MSDSegmentLib"))
+                                   if name.endswith(".py")}
+    assert set(scripts) == on_disk
+    globbed = re.findall(r"Resources/Models/\*\.(\w+)", module_cmake)
+    for folder, _, names in os.walk(os.path.join(MODULE, "Resources")):
+        for name in names:
+            relative = os.path.relpath(os.path.join(folder, name), MODULE).replace(os.sep, "/")
+            if relative.startswith("Resources/Models/"):
+                assert name.rsplit(".", 1)[-1] in globbed, f"model file not shipped: {relative}"
+            else:
+                assert relative in resources, f"resource not listed: {relative}"
+    assert "WITH_GENERIC_TESTS" in module_cmake
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", module_cmake)
+
+
+def test_extension_metadata():
+    with open(os.path.join(REPOSITORY, "CMakeLists.txt"), encoding="utf-8") as stream:
+        text = re.sub(r"#[^\n]*", "", stream.read())
+    values = {name: cmake_set(text, f"EXTENSION_{name}").strip().strip('"') for name in
+              ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS")}
+    assert values["HOMEPAGE"] == "https://github.com/msdsegment/SlicerMSDSegment"
+    assert values["CATEGORY"] == "Segmentation" and values["DEPENDS"] == "PyTorch"
+    assert len(values["DESCRIPTION"]) > 80 and values["CONTRIBUTORS"]
+    raw = "https://raw.githubusercontent.com/msdsegment/SlicerMSDSegment/main/"
+    for url in [values["ICONURL"]] + values["SCREENSHOTURLS"].split():
+        assert url.startswith(raw) and os.path.isfile(os.path.join(REPOSITORY, url[len(raw):])), url
+    assert re.search(r"add_subdirectory\(\s*MSDSegment\s*\)", text)
+    assert "find_package(Slicer REQUIRED)" in text and "Slicer_EXTENSION_CPACK" in text
+
+
+def test_icon_is_a_128_pixel_png():
+    from PIL import Image
+
+    with Image.open(os.path.join(MODULE, "Resources", "Icons", "MSDSegment.png")) as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+SCHEMA_PROPERTIES = {  # slicer-extension-catalog-entry-schema-v1.0.1.json: property -> type
+    "$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+    "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
+}
+
+
+def test_extensions_index_entry_follows_the_schema():
+    with open(os.path.join(REPOSITORY, "MSDSegment.json"), encoding="utf-8") as stream:
+        entry = json.load(stream)
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json")
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= set(SCHEMA_PROPERTIES)
+    for key, value in entry.items():
+        assert isinstance(value, SCHEMA_PROPERTIES[key]), key
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
+    assert entry.get("tier", 5) in (1, 3, 5) and entry.get("scm_type", "git") in ("git", "local")
+    assert entry["scm_url"].removesuffix(".git").endswith("github.com/msdsegment/SlicerMSDSegment")
