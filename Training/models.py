@@ -40,6 +40,17 @@ MODELS = {
     },
 }
 
+# The abdominal model with tumour classes learnt from synthetic lesions (issue: BTCV has no tumour
+# labels). Each synthetic class names the organ its lesions are painted into and the lesion preset.
+MODELS["abdomen-tumours"] = dict(
+    MODELS["abdomen"],
+    description="Spleen, liver, pancreas and their tumours (learnt from synthetic lesions) in abdominal CT.",
+    classes=["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+    synthetic_lesions={"liver tumour": {"organ": "liver", "preset": "liver"},
+                       "pancreatic tumour": {"organ": "pancreas", "preset": "pancreas"}},
+    lesion_probability=0.5,
+)
+
 
 class LabelMappingError(ValueError):
     """A dataset's labels cannot be matched to a model's classes (or a --label-map is malformed)."""

@@ -42,7 +42,9 @@ def prepare(args, log=print):
     data = dataset_folder(args, model)
     meta, cases = read_dataset(data)
     cases = [case for case in cases if case["id"] not in model["exclude"]]
-    mapping = label_mapping(model, meta["labels"], parse_label_map(args.label_map))
+    # Classes painted in by lesion synthesis may be absent from the dataset (BTCV has no tumours).
+    mapping = label_mapping(model, meta["labels"], parse_label_map(args.label_map),
+                            optional=tuple(model.get("synthetic_lesions", {})))
     base = os.path.join(args.out, args.model)
     os.makedirs(base, exist_ok=True)
     plan_path = os.path.join(base, "plan.json")

@@ -25,7 +25,7 @@ def canonical_spacing(image):
 
 def case_fingerprint(image_path, label_path, rng):
     channels = split_channels(sitk.ReadImage(image_path))
-    label = sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(label_path))  # a copy: a view would outlive its image
     spacing = canonical_spacing(channels[0])
     extent = spacing * np.abs(np.array(channels[0].GetDirection()).reshape(3, 3)) @ np.array(channels[0].GetSize())
     intensities, low, high, at_low, at_high = [], [], [], [], []
@@ -55,7 +55,7 @@ def choose_spacing(prints, rule, patch_size):
         # median axial field of view; isotropic, rounded down to 0.5 mm.
         fov = np.median([np.mean(p["extent"][:2]) for p in prints.values()])
         edge = float(np.mean(patch_size[:2]))
-        return [max(np.floor(fov / (1.25 * edge) * 2) / 2, float(spacings.max(axis=0).min()))] * 3
+        return [float(max(np.floor(fov / (1.25 * edge) * 2) / 2, spacings.max(axis=0).min()))] * 3
     target = np.median(spacings, axis=0)
     worst = int(np.argmax(target))
     if target[worst] > 3 * np.min(target):
@@ -97,6 +97,8 @@ def make_plan(model_name, model, prints):
         "patch_size": model["patch_size"],
         "normalisation": choose_normalisation(prints, model["modality"]),
         "mirror_axes": model["mirror_axes"],
+        "synthetic_lesions": model.get("synthetic_lesions", {}),
+        "lesion_probability": model.get("lesion_probability", 0.0),
         "network": {
             "in_channels": len(model["channels"]),
             "out_channels": len(model["classes"]),

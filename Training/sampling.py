@@ -55,17 +55,20 @@ def random_states(transform):
 
 
 class PatchSampler:
-    def __init__(self, cases, patch_size, classes, mirror_axes, seed=0, foreground_fraction=0.5):
+    def __init__(self, cases, patch_size, classes, mirror_axes, seed=0, foreground_fraction=0.5, lesions=None):
         self.cases = cases
         self.patch_size = list(patch_size)
         self.classes = classes
         self.foreground_fraction = foreground_fraction
+        self.lesions = lesions  # optional Training.lesions.TrainingLesions, drawn from self.rng
         self.rng = np.random.default_rng(seed)
         self.augment = build_augmentation(self.patch_size, mirror_axes)
         self.augment.set_random_state(seed=seed)
 
-    def _random_transforms(self):
-        return [t for t in self.augment.transforms if hasattr(t, "R")]
+    def reseed(self, seed):
+        """A fresh stream (torchrun ranks other than 0 after a resume: only rank 0's state is saved)."""
+        self.rng = np.random.default_rng(seed)
+        self.augment.set_random_state(seed=seed)
 
     def state(self):
         return {"rng": self.rng.bit_generator.state,
@@ -73,12 +76,8 @@ class PatchSampler:
 
     def load_state(self, state):
         self.rng.bit_generator.state = state["rng"]
-        if "random_states" in state:
-            for random, saved in zip(random_states(self.augment), state["random_states"]):
-                random.set_state(saved)
-        else:  # checkpoints written before nested states were saved: restore what they hold
-            for transform, saved in zip(self._random_transforms(), state["transforms"]):
-                transform.R.set_state(saved)
+        for random, saved in zip(random_states(self.augment), state["random_states"]):
+            random.set_state(saved)
 
     def _centre(self, case):
         present = [k for k, coords in case["locations"].items() if len(coords)]
@@ -109,6 +108,8 @@ class PatchSampler:
         for _ in range(batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
             image, label = self._crop(case, self._centre(case))
+            if self.lesions:
+                self.lesions(image, label[0], self.rng)
             item = self.augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
             images.append(torch.as_tensor(item["image"]))
             labels.append(torch.as_tensor(item["label"]).round().long())

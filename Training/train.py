@@ -12,6 +12,7 @@ from MSDSegmentLib.inference import predict_probabilities
 from MSDSegmentLib.network import build_network
 
 from .cache import load_case
+from .lesions import TrainingLesions
 from .sampling import PatchSampler
 
 
@@ -58,6 +59,14 @@ class Distributed:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def any(self, flag):
+        """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
+        if self.world == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
 
     def close(self):
         if self.world > 1:
@@ -138,7 +147,8 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
         log(f"initialised from {args.init_from}")
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=3e-5)
     scaler = torch.amp.GradScaler("cuda") if dist.device.type == "cuda" else None
-    sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank)
+    sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank,
+                           lesions=TrainingLesions(plan))
     loss_function = DiceCELoss()
     step, best = 0, {"score": -1.0, "step": 0, "dice": []}
 
@@ -152,6 +162,8 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
         sampler.load_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]
+        if dist.rank > 0:
+            sampler.reseed(args.seed + 1000 * dist.rank + step)
         log(f"resumed from step {step} (best mean Dice {best['score']:.3f} at step {best['step']})")
 
     model = network
@@ -186,7 +198,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        out_of_time = args.time_limit and (time.time() - started) / 60 > args.time_limit
+        out_of_time = dist.any(bool(args.time_limit) and (time.time() - started) / 60 > args.time_limit)
         if dist.main and step % 10 == 0:
             append_csv(os.path.join(run_dir, "train_log.csv"),
                        {"step": step, "loss": float(loss.item()), "lr": optimizer.param_groups[0]["lr"],

@@ -1,0 +1,296 @@
+"""Synthetic lesions (Training/lesions.py): geometry, label and intensity invariants, determinism,
+the radius distribution, and a real BTCV liver."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+
+from Training.lesions import (LIVER, PANCREAS, analyse_organ, apply_to_labels, parenchyma_statistics,
+                              synthesise_lesions, synthesise_lesions_detailed)
+
+SPACING = (1.5, 1.5, 2.0)
+PARENCHYMA_HU, PARENCHYMA_STD = 120.0, 12.0
+
+
+def ellipsoid_organ(shape=(72, 64, 48), semi_axes_mm=(48.0, 42.0, 40.0), spacing=SPACING):
+    """A boolean ellipsoid centred in the volume."""
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    q = sum(((g - (n - 1) / 2) * s / a) ** 2 for g, n, s, a in zip(grid, shape, spacing, semi_axes_mm))
+    return q < 1
+
+
+def phantom(shape=(72, 64, 48), spacing=SPACING, seed=0, vessel=False):
+    """Soft-tissue background, an organ of noisy parenchyma and optionally a bright tube (a vessel) along z."""
+    rng = np.random.default_rng(seed)
+    organ = ellipsoid_organ(shape, spacing=spacing)
+    image = np.full(shape, 40.0, np.float32) + 8 * rng.standard_normal(shape).astype(np.float32)
+    image[organ] = PARENCHYMA_HU + PARENCHYMA_STD * rng.standard_normal(int(organ.sum()))
+    vessel_mask = np.zeros(shape, bool)
+    if vessel:
+        x, y, _ = np.ogrid[:shape[0], :shape[1], :shape[2]]
+        vessel_mask = (((x - shape[0] // 2) * spacing[0]) ** 2 + ((y - shape[1] // 2) * spacing[1]) ** 2 < 5.0 ** 2)
+        vessel_mask = vessel_mask & organ
+        image[vessel_mask] = 220.0
+    return image, organ, vessel_mask
+
+
+@pytest.fixture(scope="module")
+def liver_phantom():
+    return phantom()
+
+
+def test_lesions_stay_inside_the_organ(liver_phantom):
+    image, organ, _ = liver_phantom
+    for seed in range(8):
+        for config in (LIVER, PANCREAS):
+            _, mask = synthesise_lesions(image, organ, SPACING, np.random.default_rng(seed), config)
+            assert mask.dtype == bool and mask.shape == organ.shape
+            assert mask.any()
+            assert not np.any(mask & ~organ)
+
+
+def test_lesions_near_the_edge_of_a_small_organ_are_clipped_to_it():
+    # A 12 mm organ cannot hold a 20 mm lesion: whatever is drawn is clipped to the organ.
+    image, _, _ = phantom()
+    organ = ellipsoid_organ(semi_axes_mm=(12.0, 8.0, 8.0))
+    config = dataclasses.replace(LIVER, radius_mm=(20.0, 20.0))
+    for seed in range(4):
+        _, mask = synthesise_lesions(image, organ, SPACING, np.random.default_rng(seed), config)
+        assert mask.any() and not np.any(mask & ~organ)
+
+
+def test_image_changes_only_in_the_organ_near_the_lesions(liver_phantom):
+    image, organ, _ = liver_phantom
+    config = dataclasses.replace(LIVER, mass_effect_probability=0.5)
+    for seed in range(8):
+        new, mask, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), config)
+        assert new.shape == image.shape and new.dtype == image.dtype
+        changed = new != image
+        assert not np.any(changed & ~organ), "a voxel outside the organ changed"
+        # Every change lies within the reach of some lesion (its blurred edge, or its mass effect).
+        near = np.zeros(organ.shape, bool)
+        grid = np.ogrid[tuple(slice(0, n) for n in organ.shape)]
+        for lesion in lesions:
+            reach = lesion.semi_axes_mm.max() * max(config.mass_effect_reach, 1 + 3 * lesion.deformation) \
+                + 5 * lesion.softness_mm
+            near |= sum(((g - c) * s) ** 2 for g, c, s in zip(grid, lesion.centre, SPACING)) <= reach ** 2
+        assert not np.any(changed & ~near)
+        assert np.all(changed[mask]), "every lesion voxel is repainted"
+        low, high = LIVER.hu_window
+        assert new[changed].min() >= low and new[changed].max() <= high
+
+
+def test_apply_to_labels_marks_tumour_only_inside_the_organ():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:12, 2:12, 2:12] = 3      # the organ (e.g. pancreas in a multi-organ model)
+    label[14:18, 14:18, 14:18] = 1   # another organ, untouched
+    lesion = np.zeros(label.shape, bool)
+    lesion[4:8, 4:8, 4:8] = True
+    out = apply_to_labels(label, 3, 5, lesion)
+    assert out.dtype == label.dtype and label[5, 5, 5] == 3  # the input is not modified
+    assert np.all(out[lesion] == 5)
+    assert np.all(out[(label == 3) & ~lesion] == 3)
+    assert np.array_equal(out[label != 3], label[label != 3])
+    outside = lesion.copy()
+    outside[15, 15, 15] = True
+    with pytest.raises(ValueError, match="outside the organ"):
+        apply_to_labels(label, 3, 5, outside)
+    with pytest.raises(ValueError, match="shape"):
+        apply_to_labels(label, 3, 5, lesion[:-1])
+
+
+def test_labels_from_a_synthesis_follow_msd_convention(liver_phantom):
+    image, organ, _ = liver_phantom
+    _, mask = synthesise_lesions(image, organ, SPACING, np.random.default_rng(3), LIVER)
+    label = apply_to_labels(organ.astype(np.uint8), 1, 2, mask)
+    assert set(np.unique(label)) == {0, 1, 2}
+    assert np.array_equal(label == 2, mask)
+    assert np.array_equal(label == 1, organ & ~mask)
+    assert np.all(label[~organ] == 0)
+
+
+def test_same_seed_same_result_different_seed_different_result(liver_phantom):
+    image, organ, _ = liver_phantom
+    first = synthesise_lesions(image, organ, SPACING, np.random.default_rng(42), LIVER)
+    again = synthesise_lesions(image, organ, SPACING, np.random.default_rng(42), LIVER)
+    other = synthesise_lesions(image, organ, SPACING, np.random.default_rng(43), LIVER)
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_the_input_is_not_modified(liver_phantom):
+    image, organ, _ = liver_phantom
+    before = image.copy()
+    synthesise_lesions(image, organ, SPACING, np.random.default_rng(0), LIVER)
+    assert np.array_equal(image, before)
+
+
+def test_lesion_volumes_follow_the_log_uniform_radius_distribution():
+    # One unclipped lesion per draw in a big organ; the volume-equivalent radius of the labelled voxels must
+    # match the drawn radius, and over many draws be log-uniform on the configured range.
+    spacing = (1.5, 1.5, 1.5)
+    image, organ, _ = phantom(shape=(64, 64, 64), spacing=spacing)
+    organ = ellipsoid_organ((64, 64, 64), (46.0, 46.0, 46.0), spacing)
+    low, high = 4.0, 16.0
+    config = dataclasses.replace(LIVER, count_probabilities=(1.0,), radius_mm=(low, high),
+                                 mass_effect_probability=0.0, depth_fraction=1.4)
+    drawn, measured = [], []
+    for seed in range(100):
+        _, mask, lesions = synthesise_lesions_detailed(image, organ, spacing, np.random.default_rng(seed), config)
+        drawn.append(lesions[0].radius_mm)
+        measured.append((3 * mask.sum() * np.prod(spacing) / (4 * np.pi)) ** (1 / 3))
+    drawn, measured = np.array(drawn), np.array(measured)
+    ratio = measured / drawn
+    assert abs(np.median(ratio) - 1) < 0.05
+    assert np.all(np.abs(ratio - 1) < 0.2)
+    position = (np.log(measured) - np.log(low)) / (np.log(high) - np.log(low))
+    assert stats.kstest(position, "uniform").pvalue > 0.01
+    # ... and not, say, uniform in radius (which has a larger median): the test can tell them apart.
+    assert stats.kstest((measured - low) / (high - low), "uniform").pvalue < 0.01
+
+
+def test_hypo_attenuating_lesions_are_darker_than_the_parenchyma(liver_phantom):
+    image, organ, _ = liver_phantom
+    parenchyma = parenchyma_statistics(image, organ, LIVER)["mean"]
+    assert abs(parenchyma - PARENCHYMA_HU) < 2
+    hypo = dataclasses.replace(LIVER, mode_probabilities=(1.0, 0.0, 0.0), mass_effect_probability=0.0,
+                               rim_probability=0.0)
+    for seed in range(6):
+        new, mask = synthesise_lesions(image, organ, SPACING, np.random.default_rng(seed), hypo)
+        # Every lesion, not just their union: label the components and check each.
+        components, count = ndimage.label(mask)
+        for index in range(1, count + 1):
+            inside = components == index
+            if inside.sum() >= 20:
+                assert new[inside].mean() < parenchyma - 10
+
+
+def test_liver_default_is_mostly_hypo_attenuating(liver_phantom):
+    image, organ, _ = liver_phantom
+    modes = []
+    for seed in range(30):
+        _, _, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), LIVER)
+        modes += [lesion.mode for lesion in lesions]
+    assert modes.count("hypo") / len(modes) > 0.6
+    assert {"iso", "hyper"} & set(modes), "some iso- or hyper-attenuating lesions too"
+
+
+def test_multifocal_lesions_occur_and_are_apart(liver_phantom):
+    image, organ, _ = liver_phantom
+    counts = []
+    for seed in range(20):
+        _, _, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), LIVER)
+        counts.append(len(lesions))
+        for i, a in enumerate(lesions):
+            for b in lesions[i + 1:]:
+                if a.placement == b.placement == "preferred":
+                    distance = np.linalg.norm((np.array(a.centre) - np.array(b.centre)) * SPACING)
+                    assert distance >= a.radius_mm + b.radius_mm - 6.0  # centres on a 4 mm grid, jittered
+    assert 1 in counts and max(counts) >= 3
+
+
+def test_centres_avoid_vessels_and_the_organ_edge():
+    image, organ, vessel = phantom(vessel=True)
+    # A 5 mm bright tube runs along z through the organ's middle; a random organ voxel is within 15 mm of
+    # it about one time in six, so 20 draws that all keep clear of it are no accident.
+    config = dataclasses.replace(LIVER, radius_mm=(3.0, 6.0), vessel_margin_mm=20.0, edge_margin_mm=8.0,
+                                 count_probabilities=(1.0,))
+    analysis = analyse_organ(image, organ, SPACING, config)
+    depth = ndimage.distance_transform_edt(organ, sampling=SPACING)
+    clearance = ndimage.distance_transform_edt(~vessel, sampling=SPACING)
+    for seed in range(20):
+        _, _, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), config,
+                                                    analysis)
+        lesion = lesions[0]
+        assert lesion.placement == "preferred"
+        # Placement works on a ~4 mm grid: allow a coarse voxel of slack.
+        assert clearance[lesion.centre] >= 20.0 - 5.0
+        assert depth[lesion.centre] >= 8.0 - 5.0
+
+
+def test_a_kept_analysis_gives_the_same_result(liver_phantom):
+    image, organ, _ = liver_phantom
+    analysis = analyse_organ(image, organ, SPACING, LIVER)
+    direct = synthesise_lesions(image, organ, SPACING, np.random.default_rng(7), LIVER)
+    reused = synthesise_lesions(image, organ, SPACING, np.random.default_rng(7), LIVER, analysis=analysis)
+    assert np.array_equal(direct[0], reused[0]) and np.array_equal(direct[1], reused[1])
+    with pytest.raises(ValueError, match="analysis"):
+        synthesise_lesions(image, organ, SPACING, np.random.default_rng(7), PANCREAS, analysis=analysis)
+    with pytest.raises(ValueError, match="analysis"):
+        synthesise_lesions(image, organ, (1.0, 1.0, 1.0), np.random.default_rng(7), LIVER, analysis=analysis)
+
+
+def test_bad_inputs_are_refused_with_clear_errors(liver_phantom):
+    image, organ, _ = liver_phantom
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="empty"):
+        synthesise_lesions(image, np.zeros_like(organ), SPACING, rng)
+    with pytest.raises(ValueError, match="shape"):
+        synthesise_lesions(image, organ[:-1], SPACING, rng)
+    with pytest.raises(ValueError, match="3-D"):
+        synthesise_lesions(image[0], organ[0], SPACING, rng)
+    with pytest.raises(ValueError, match="spacing"):
+        synthesise_lesions(image, organ, (1.0, 0.0, 1.0), rng)
+
+
+def test_a_real_btcv_liver(btcv):
+    import SimpleITK as sitk
+
+    from MSDSegmentLib.preprocessing import labels_to_canonical, to_canonical
+    from Training.dataset import read_dataset
+    from Training.lesion_gallery import organ_label_value
+
+    meta, cases = read_dataset(btcv)
+    case = sorted(cases, key=lambda c: c["id"])[0]
+    spacing = [4.0, 4.0, 4.0]
+    image, reference = to_canonical(sitk.ReadImage(case["image"]), spacing, {"type": "ct", "window": [-125, 275]})
+    liver = labels_to_canonical(sitk.ReadImage(case["label"]), reference) == organ_label_value(meta, "liver")
+    hypo = dataclasses.replace(LIVER, mode_probabilities=(1.0, 0.0, 0.0), rim_probability=0.0)
+    parenchyma = parenchyma_statistics(image, liver, LIVER)["mean"]
+    for seed in range(3):
+        new, mask, lesions = synthesise_lesions_detailed(image, liver, spacing, np.random.default_rng(seed), hypo)
+        assert mask.any() and not np.any(mask & ~liver)
+        assert not np.any((new != image) & ~liver)
+        assert new[mask].mean() < parenchyma - 10
+        assert all(lesion.placement in ("preferred", "margins") for lesion in lesions)
+
+
+def test_gallery_writes_a_small_png(btcv, tmp_path):
+    from PIL import Image
+
+    from Training.lesion_gallery import main
+
+    out = str(tmp_path / "gallery.png")
+    main(["--data", btcv, "--organ", "pancreas", "--out", out, "--cases", "1", "--spacing", "4"])
+    assert os.path.getsize(out) < 300_000
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_training_crops_get_tumour_labels_inside_the_organ_reproducibly():
+    from Training.lesions import TrainingLesions
+    plan = {"classes": ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+            "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+            "spacing": [4.0, 4.0, 4.0], "lesion_probability": 1.0,
+            "synthetic_lesions": {"liver tumour": {"organ": "liver", "preset": "liver"},
+                                  "pancreatic tumour": {"organ": "pancreas", "preset": "pancreas"}}}
+    x, y, z = np.meshgrid(*[np.arange(48)] * 3, indexing="ij")
+    label = np.zeros((48, 48, 48), np.uint8)
+    label[((x - 24) / 18.0) ** 2 + ((y - 24) / 16.0) ** 2 + ((z - 24) / 14.0) ** 2 < 1] = 2   # a liver
+    image = np.random.default_rng(0).normal((100 - 90) / 60, 0.15, (1, 48, 48, 48)).astype(np.float32)
+    results = []
+    for _ in range(2):
+        crop, crop_label = image.copy(), label.copy()
+        TrainingLesions(plan)(crop, crop_label, np.random.default_rng(7))
+        results.append((crop, crop_label))
+    crop, crop_label = results[0]
+    assert np.array_equal(crop, results[1][0]) and np.array_equal(crop_label, results[1][1])
+    assert (crop_label == 3).any(), "no liver tumour painted with probability 1"
+    assert set(np.unique(crop_label)) <= {0, 2, 3}          # no pancreas here: no pancreatic tumour
+    assert np.array_equal(crop_label > 0, label > 0)         # tumours only replace organ voxels
+    assert np.array_equal(crop[0][label == 0], image[0][label == 0])
+    assert crop[0][crop_label == 3].mean() < crop[0][crop_label == 2].mean()   # hypo-attenuating by default

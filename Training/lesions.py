@@ -1,0 +1,519 @@
+"""Synthetic tumours inside healthy organs, drawn on the fly during training.
+
+BTCV has expert organ labels but no tumours. Following the idea of Hu et al., "Label-Free Liver Tumor
+Segmentation" (CVPR 2023), lesions are synthesised inside the healthy organ of each training sample so
+that the liver and pancreas models learn a tumour class (MSD convention: 1 organ, 2 tumour).
+
+Everything works on float HU arrays in ITK index order (x, y, z) with a known voxel spacing in mm; the
+caller converts a normalised training image to HU and back (CT normalisation is affine, see
+`MSDSegmentLib.preprocessing.normalise`). Only the passed `numpy.random.Generator` is used, so a seed
+gives one result. Method, parameters and limits: docs/lesions.md.
+
+Per lesion:
+  shape      an ellipsoid (volume-equivalent radius r drawn log-uniformly, random axis ratios and
+             orientation) warped by a smooth random displacement field;
+  placement  a centre inside the organ, at least a margin from its edge and away from large vessels
+             (voxels much brighter than the parenchyma), found on a coarse (~4 mm) grid of distance maps;
+  intensity  mostly hypo-attenuating relative to the parenchyma, sometimes iso or hyper; texture of
+             smoothed Gaussian noise scaled to the case's parenchyma statistics; optional enhancing rim;
+             blended with a sigmoid of the (approximate) signed distance to the lesion surface;
+  mass effect  sometimes, the surrounding parenchyma is pushed outwards (zero at the organ edge, so the
+             organ label stays valid).
+Each lesion is computed on a crop around it, never on the whole volume.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+SHAPE_GRID = 24        # smooth fields (deformation, distance, mass effect) are evaluated on <= 24 points an axis
+ALPHA_CUTOFF = 0.01    # blending weights below this are dropped, so the changed region stays compact
+WATER_HU = 0.0
+MODES = ("hypo", "iso", "hyper")
+
+
+@dataclass(frozen=True)
+class LesionConfig:
+    """How lesions are drawn. Ranges are (low, high) and drawn uniformly unless said otherwise."""
+
+    count_probabilities: tuple = (0.55, 0.2, 0.12, 0.08, 0.05)  # P(1 lesion), P(2), ... (multi-focal)
+    radius_mm: tuple = (3.0, 40.0)           # volume-equivalent radius, drawn log-uniformly
+    max_axis_ratio: float = 1.6              # longest / shortest semi-axis at most
+    deformation: tuple = (0.05, 0.25)        # RMS of the elastic displacement, as a fraction of the radius
+    mode_probabilities: tuple = (0.8, 0.1, 0.1)  # hypo-, iso-, hyper-attenuating
+    hypo_contrast_hu: tuple = (20.0, 80.0)   # lesion mean this far below the parenchyma
+    iso_contrast_hu: tuple = (8.0, 20.0)     # ... this far below or above (either sign): subtle, not invisible
+    hyper_contrast_hu: tuple = (20.0, 60.0)  # ... this far above the parenchyma
+    noise_std: tuple = (0.7, 1.0)            # fine grain (the scan's own noise grain), x parenchyma std
+    heterogeneity_std: tuple = (0.2, 0.8)    # coarse texture, x parenchyma std ...
+    heterogeneity_scale_mm: tuple = (2.0, 6.0)  # ... and its correlation length
+    rim_probability: float = 0.25
+    rim_contrast_hu: tuple = (15.0, 45.0)    # rim mean above the parenchyma (enhancing rim)
+    rim_width_mm: tuple = (2.0, 5.0)
+    edge_softness_mm: tuple = (0.5, 1.5)     # sigmoid scale of the boundary (at most radius / 3)
+    edge_margin_mm: float = 5.0              # lesion centres at least this deep inside the organ ...
+    depth_fraction: float = 0.5              # ... and at least this fraction of the radius deep
+    parenchyma_min_hu: float = 10.0          # darker organ voxels are fat or partial volume, not parenchyma
+    vessel_threshold_std: float = 2.5        # vessels: organ voxels above parenchyma mean + this many stds
+    vessel_margin_mm: float = 4.0            # lesion centres at least this far from vessels ...
+    vessel_clearance_fraction: float = 0.5   # ... and at least this fraction of the radius
+    mass_effect_probability: float = 0.3
+    mass_effect_strength: tuple = (0.05, 0.2)  # outward push at the lesion surface, fraction of the radius
+    mass_effect_reach: float = 2.5           # no displacement beyond this many radii from the centre
+    mass_effect_edge_mm: float = 6.0         # displacement ramps from zero at the organ edge over this depth
+    hu_window: tuple = (-125.0, 275.0)       # BTCV was clipped to this window; None keeps any value
+    placement_grid_mm: float = 4.0           # resolution of the placement distance maps
+
+
+# Liver: metastases and HCC from sub-centimetre to large masses; often several (metastases).
+LIVER = LesionConfig()
+# Pancreas: mostly a single hypo-attenuating adenocarcinoma (PV phase: 20-60 HU below the gland);
+# a few hyper-attenuating (neuroendocrine) lesions; a thin organ, so a small edge margin.
+PANCREAS = LesionConfig(
+    count_probabilities=(0.85, 0.15), radius_mm=(5.0, 30.0), mode_probabilities=(0.85, 0.1, 0.05),
+    hypo_contrast_hu=(20.0, 60.0), hyper_contrast_hu=(20.0, 50.0), rim_probability=0.1,
+    edge_margin_mm=2.0, depth_fraction=0.3, vessel_margin_mm=3.0, vessel_clearance_fraction=0.3)
+PRESETS = {"liver": LIVER, "pancreas": PANCREAS}
+
+
+@dataclass
+class Lesion:
+    """One drawn lesion (for inspection, galleries and tests)."""
+
+    centre: tuple                 # voxel index (x, y, z)
+    radius_mm: float              # volume-equivalent radius
+    semi_axes_mm: np.ndarray
+    rotation: np.ndarray          # columns: the semi-axis directions (in x, y, z mm space)
+    mode: str                     # "hypo", "iso" or "hyper"
+    contrast_hu: float            # lesion mean minus parenchyma mean (before the water floor)
+    deformation: float
+    softness_mm: float
+    noise: float                  # fine-grain std, x parenchyma std
+    heterogeneity: float          # coarse texture std, x parenchyma std
+    heterogeneity_scale_mm: float
+    rim: tuple = None             # (rim mean relative to parenchyma, width mm) or None
+    mass_effect: float = 0.0      # outward push at the surface, fraction of the radius (0: none)
+    placement: str = "preferred"  # which placement rule the centre satisfied (see _PLACEMENT_RULES)
+    voxels: int = 0               # voxels labelled (after clipping to the organ)
+
+
+def synthesise_lesions(image_hu, organ_mask, spacing_mm, rng, config=LIVER, analysis=None):
+    """(new image in HU, boolean lesion mask) with 1 or more lesions inside `organ_mask`.
+
+    image_hu: float array (x, y, z) in HU; organ_mask: boolean array of the same shape; spacing_mm: the
+    voxel spacing along x, y, z; rng: numpy.random.Generator (the only source of randomness);
+    analysis: optional, `analyse_organ(image_hu, organ_mask, spacing_mm, config)` kept from an earlier call
+    on the same image and mask (it depends on nothing else), to skip most of the fixed cost.
+    The lesion mask lies inside the organ mask; voxels outside the organ are never changed.
+    """
+    image, mask, _ = synthesise_lesions_detailed(image_hu, organ_mask, spacing_mm, rng, config, analysis)
+    return image, mask
+
+
+def synthesise_lesions_detailed(image_hu, organ_mask, spacing_mm, rng, config=LIVER, analysis=None):
+    """As `synthesise_lesions`, plus the list of `Lesion`s drawn (centres in the image's voxel indices)."""
+    image_hu, organ, spacing = _check_inputs(image_hu, organ_mask, spacing_mm)
+    if analysis is None:
+        analysis = analyse_organ(image_hu, organ, spacing, config)
+    elif analysis.shape != organ.shape or not np.allclose(analysis.spacing, spacing) or analysis.config != config:
+        raise ValueError("the organ analysis was made for another image grid or configuration")
+    out = image_hu.astype(image_hu.dtype if np.issubdtype(image_hu.dtype, np.floating) else np.float32, copy=True)
+    lesion_mask = np.zeros(organ.shape, bool)
+    # Nothing outside the organ changes, so all the work is done on views of its bounding box.
+    box, statistics, grid = analysis.box, analysis.statistics, analysis.grid
+    image_box, organ_box, mask_box = out[box], organ[box], lesion_mask[box]
+    lesions = _draw_lesions(grid, spacing, rng, config)
+    # Mass effect first (it moves the surroundings), then every lesion is painted at its own place.
+    for lesion in lesions:
+        if lesion.mass_effect > 0:
+            _apply_mass_effect(image_box, organ_box, grid, lesion, spacing, config)
+    for lesion in lesions:
+        _paint_lesion(image_box, mask_box, organ_box, lesion, statistics, spacing, rng, config)
+        lesion.centre = tuple(int(c + part.start) for c, part in zip(lesion.centre, box))
+    return out, lesion_mask, lesions
+
+
+@dataclass
+class OrganAnalysis:
+    """What lesion placement needs from one image and organ mask: reusable across draws."""
+
+    shape: tuple
+    spacing: np.ndarray
+    config: LesionConfig
+    box: tuple            # the organ's bounding box
+    statistics: dict      # see parenchyma_statistics
+    grid: object          # _PlacementGrid over the box
+
+
+def analyse_organ(image_hu, organ_mask, spacing_mm, config=LIVER):
+    """Parenchyma statistics and placement maps of an organ (the fixed cost of `synthesise_lesions`)."""
+    image_hu, organ, spacing = _check_inputs(image_hu, organ_mask, spacing_mm)
+    box = _bounding_box(organ)
+    statistics = parenchyma_statistics(image_hu[box], organ[box], config)
+    grid = _PlacementGrid(image_hu[box], organ[box], spacing, statistics, config)
+    return OrganAnalysis(organ.shape, spacing, config, box, statistics, grid)
+
+
+def _bounding_box(mask):
+    across_z = mask.any(axis=2)
+    present = [np.flatnonzero(across_z.any(axis=1)), np.flatnonzero(across_z.any(axis=0)),
+               np.flatnonzero(mask.any(axis=(0, 1)))]
+    return tuple(slice(int(p[0]), int(p[-1]) + 1) for p in present)
+
+
+def apply_to_labels(label, organ_class, tumour_class, lesion_mask):
+    """A copy of `label` with `tumour_class` where the lesion mask is; the rest of the organ keeps
+    `organ_class` and every other voxel is untouched. The lesion must lie inside the organ."""
+    lesion_mask = np.asarray(lesion_mask, bool)
+    if lesion_mask.shape != label.shape:
+        raise ValueError(f"lesion mask shape {lesion_mask.shape} differs from the label's {label.shape}")
+    organ = label == organ_class
+    if np.any(lesion_mask & ~organ):
+        raise ValueError(f"lesion mask reaches outside the organ (class {organ_class})")
+    out = label.copy()
+    out[lesion_mask] = tumour_class
+    return out
+
+
+def parenchyma_statistics(image_hu, organ, config=LIVER):
+    """Parenchyma mean and std (HU), vessel threshold and noise grain, from the organ's voxels.
+
+    The organ mask holds vessels (bright), fat (a fatty pancreas) and partial-volume edges (dark): voxels
+    below `parenchyma_min_hu` are left out, then the median and interquartile range give the parenchyma
+    without outliers; mean and std are taken over the voxels within 2.5 robust stds of the median.
+    The grain is the Gaussian sigma (voxels, per axis) whose filtered white noise has the parenchyma's
+    neighbour correlation rho: rho = exp(-1 / (4 sigma^2)).
+    """
+    # A deterministic, regular subsample of at most ~1 million voxels of the box is plenty.
+    stride = max(1, int(np.ceil((organ.size / 1e6) ** (1 / 3))))
+    sample = (slice(None, None, stride),) * 3
+    values = image_hu[sample][organ[sample]].astype(np.float64)
+    if values.size < 10:
+        values = image_hu[organ].astype(np.float64)
+    tissue = values[values >= config.parenchyma_min_hu]
+    values = tissue if tissue.size >= 0.1 * values.size else values
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    robust_std = max((q3 - q1) / 1.349, 1.0)
+    core = values[np.abs(values - median) <= 2.5 * robust_std]
+    mean, std = float(core.mean()), max(float(core.std()), 1.0)
+    grain = [_grain_sigma(image_hu, organ, axis, median, 2.5 * robust_std, std) for axis in range(3)]
+    return {"mean": mean, "std": std, "vessel_threshold": mean + config.vessel_threshold_std * std,
+            "grain_sigma": grain}
+
+
+def _grain_sigma(image_hu, organ, axis, median, tolerance, std):
+    # Neighbour pairs along `axis`, on every third line across it (enough, and 9x cheaper).
+    sample = tuple(slice(None) if a == axis else slice(None, None, 3) for a in range(3))
+    image, organ = np.moveaxis(image_hu[sample], axis, 0), np.moveaxis(organ[sample], axis, 0)
+    inside = organ & (np.abs(image - median) <= tolerance)
+    both = inside[1:] & inside[:-1]
+    if np.count_nonzero(both) < 100:
+        return 0.6
+    differences = (image[1:] - image[:-1])[both].astype(np.float64)
+    rho = np.clip(1 - differences.var() / (2 * std ** 2), 0.05, 0.9)
+    return float(np.clip(np.sqrt(-1 / (4 * np.log(rho))), 0.3, 2.0))
+
+
+def _check_inputs(image_hu, organ_mask, spacing_mm):
+    image_hu = np.asarray(image_hu)
+    organ = np.asarray(organ_mask, bool)
+    spacing = np.asarray(spacing_mm, float)
+    if image_hu.ndim != 3:
+        raise ValueError(f"image must be 3-D (x, y, z), got shape {image_hu.shape}")
+    if organ.shape != image_hu.shape:
+        raise ValueError(f"organ mask shape {organ.shape} differs from the image's {image_hu.shape}")
+    if spacing.shape != (3,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be 3 positive values in mm, got {spacing_mm}")
+    if not organ.any():
+        raise ValueError("organ mask is empty: no place for a lesion")
+    return image_hu, organ, spacing
+
+
+class _PlacementGrid:
+    """Organ depth and vessel clearance (mm) on a coarse grid over the organ's bounding box."""
+
+    def __init__(self, image_hu, organ, spacing, statistics, config):
+        step = np.maximum(1, np.round(config.placement_grid_mm / spacing)).astype(int)
+        self.step = np.minimum(step, organ.shape)
+        self.coarse_spacing = self.step * spacing
+        self.shape = np.array(organ.shape)
+        organ_fraction = _block_mean(organ, self.step)
+        brightness = _block_mean(image_hu, self.step)
+        self.organ = organ_fraction >= 0.5
+        if not self.organ.any():  # an organ thinner than a coarse voxel
+            self.organ = organ_fraction > 0
+        # Large vessels: coarse voxels (block means, so noise does not count) far brighter than parenchyma.
+        vessels = self.organ & (brightness > statistics["vessel_threshold"])
+        padded = np.pad(self.organ, 1)
+        self.depth = ndimage.distance_transform_edt(padded, sampling=self.coarse_spacing)[1:-1, 1:-1, 1:-1]
+        if vessels.any():
+            self.clearance = ndimage.distance_transform_edt(~vessels, sampling=self.coarse_spacing)
+        else:
+            self.clearance = np.full(self.organ.shape, np.inf)
+        self.candidates = np.argwhere(self.organ)
+        self.candidate_depth = self.depth[self.organ]
+        self.candidate_clearance = self.clearance[self.organ]
+        self.candidate_mm = (self.candidates * self.step + (self.step - 1) / 2.0) * spacing
+
+    def to_fine(self, coarse_index, rng):
+        """A voxel index inside the coarse voxel (jittered, so lesions are not aligned to the grid)."""
+        return np.minimum(coarse_index * self.step + rng.integers(0, self.step), self.shape - 1)
+
+    def depth_at(self, fine_points):
+        """Organ depth (mm) interpolated at fine voxel indices (N, 3)."""
+        coarse = (fine_points - (self.step - 1) / 2.0) / self.step
+        return ndimage.map_coordinates(self.depth, coarse.T, order=1, mode="nearest")
+
+
+def _block_mean(array, step):
+    """Mean over blocks of `step` voxels; a last, partial block counts its missing voxels as zero.
+    (A sum of strided views: one pass over the data, no copy of it.)"""
+    total = np.zeros([-(-n // s) for n, s in zip(array.shape, step)], np.float32)
+    for offset in itertools.product(*(range(s) for s in step)):
+        part = array[tuple(slice(o, None, s) for o, s in zip(offset, step))]
+        total[:part.shape[0], :part.shape[1], :part.shape[2]] += part
+    return total / np.prod(step)
+
+
+# Placement rules, from preferred to last resort: (depth ≥, clearance ≥, keep lesions apart)
+_PLACEMENT_RULES = ("preferred", "margins", "edge margin", "anywhere")
+
+
+def _thresholds(rule, radius, config):
+    if rule == "preferred":
+        return (max(config.edge_margin_mm, config.depth_fraction * radius),
+                max(config.vessel_margin_mm, config.vessel_clearance_fraction * radius), True)
+    if rule == "margins":
+        return config.edge_margin_mm, config.vessel_margin_mm, True
+    if rule == "edge margin":
+        return config.edge_margin_mm, 0.0, False
+    return 0.0, 0.0, False
+
+
+def _choose_centre(grid, radius, placed, rng, config):
+    """A coarse candidate for a lesion of `radius` mm, relaxing the rules until one exists."""
+    for rule in _PLACEMENT_RULES:
+        min_depth, min_clearance, apart = _thresholds(rule, radius, config)
+        eligible = (grid.candidate_depth >= min_depth) & (grid.candidate_clearance >= min_clearance)
+        if apart:
+            for centre_mm, other_radius in placed:
+                distance = np.linalg.norm(grid.candidate_mm - centre_mm, axis=1)
+                eligible &= distance >= radius + other_radius
+        indices = np.flatnonzero(eligible)
+        if indices.size:
+            return grid.candidates[indices[rng.integers(indices.size)]], rule
+    raise AssertionError("the last placement rule accepts every organ voxel")
+
+
+def _random_rotation(rng):
+    """A uniformly random rotation (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _draw_lesions(grid, spacing, rng, config):
+    probabilities = np.asarray(config.count_probabilities, float)
+    count = 1 + int(rng.choice(len(probabilities), p=probabilities / probabilities.sum()))
+    lesions, placed = [], []
+    for _ in range(count):
+        radius = float(np.exp(rng.uniform(*np.log(config.radius_mm))))
+        # Axis ratios: log-uniform within the allowed ratio, then scaled so the volume is that of the sphere.
+        half_log = np.log(config.max_axis_ratio) / 2
+        ratios = np.exp(rng.uniform(-half_log, half_log, 3))
+        semi_axes = radius * ratios / np.prod(ratios) ** (1 / 3)
+        rotation = _random_rotation(rng)
+        coarse, rule = _choose_centre(grid, radius, placed, rng, config)
+        centre = grid.to_fine(coarse, rng)
+        placed.append((centre * spacing, radius))
+        modes = np.asarray(config.mode_probabilities, float)
+        mode = MODES[int(rng.choice(3, p=modes / modes.sum()))]
+        sign = {"hypo": -1.0, "iso": rng.choice([-1.0, 1.0]), "hyper": 1.0}[mode]
+        contrast = sign * rng.uniform(*getattr(config, f"{mode}_contrast_hu"))
+        rim = None
+        if rng.random() < config.rim_probability:
+            rim = (float(rng.uniform(*config.rim_contrast_hu)), float(rng.uniform(*config.rim_width_mm)))
+        mass_effect = 0.0
+        if rng.random() < config.mass_effect_probability:
+            mass_effect = float(rng.uniform(*config.mass_effect_strength))
+        lesions.append(Lesion(
+            centre=tuple(int(c) for c in centre), radius_mm=radius, semi_axes_mm=semi_axes, rotation=rotation,
+            mode=mode, contrast_hu=float(contrast), deformation=float(rng.uniform(*config.deformation)),
+            softness_mm=float(min(rng.uniform(*config.edge_softness_mm), radius / 3)),
+            noise=float(rng.uniform(*config.noise_std)), heterogeneity=float(rng.uniform(*config.heterogeneity_std)),
+            heterogeneity_scale_mm=float(rng.uniform(*config.heterogeneity_scale_mm)), rim=rim, mass_effect=mass_effect,
+            placement=rule))
+    return lesions
+
+
+def _box(centre, half_extent_mm, spacing, shape):
+    half = np.ceil(half_extent_mm / spacing).astype(int)
+    lower = np.maximum(np.asarray(centre) - half, 0)
+    upper = np.minimum(np.asarray(centre) + half + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
+
+
+def _coarse_points(box, centre, spacing):
+    """Positions (mm, relative to the centre) of at most SHAPE_GRID evenly spread points an axis over `box`,
+    as three broadcastable axes, plus the grid's shape."""
+    axes = []
+    for axis, (part, c, s) in enumerate(zip(box, centre, spacing)):
+        count = min(part.stop - part.start, SHAPE_GRID)
+        values = (np.linspace(part.start, part.stop - 1, count) - c) * s
+        shape = [1, 1, 1]
+        shape[axis] = count
+        axes.append(values.reshape(shape))
+    return axes, tuple(a.size for a in axes)
+
+
+def _upsample(field, shape):
+    """Separable linear interpolation of a smooth field from evenly spread points (first and last on the
+    box's first and last voxels) to every voxel of `shape`."""
+    for axis, size in enumerate(shape):
+        count = field.shape[axis]
+        if count == size:
+            continue
+        position = np.linspace(0, count - 1, size, dtype=np.float32)
+        below = np.minimum(position.astype(int), max(count - 2, 0))
+        above = np.minimum(below + 1, count - 1)
+        weight = (position - below).reshape([size if a == axis else 1 for a in range(3)])
+        low = np.take(field, below, axis)
+        field = low + (np.take(field, above, axis) - low) * weight
+    return field
+
+
+def _smooth_noise(rng, shape, sigma_points):
+    """Unit-std smooth random field: Gaussian-filtered white noise (sigma in grid points, per axis)."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_points, mode="reflect")
+    return (field - field.mean()) / max(float(field.std()), 1e-6)
+
+
+def _point_spacing(box, grid_shape, spacing):
+    """mm between neighbouring points of `_coarse_points` along each axis."""
+    extent = np.array([part.stop - part.start - 1 for part in box], float) * spacing
+    return np.where(np.array(grid_shape) > 1, extent / np.maximum(np.array(grid_shape) - 1, 1), spacing)
+
+
+def _ellipsoid_radius(points, lesion):
+    """q(x): 1 on the ellipsoid surface, < 1 inside (points in mm relative to the centre, last axis xyz)."""
+    local = points @ lesion.rotation
+    return np.sqrt(np.sum((local / lesion.semi_axes_mm) ** 2, axis=-1))
+
+
+def _signed_distance(lesion, box, spacing, rng):
+    """Approximate signed distance (mm, negative inside) to the deformed lesion surface, over `box`."""
+    axes, grid_shape = _coarse_points(box, lesion.centre, spacing)
+    points = np.stack(np.broadcast_arrays(*axes), axis=-1)
+    # Elastic deformation: the ellipsoid is evaluated at displaced positions (a smooth random field).
+    # Correlation length of half the radius: a few lobulations per lesion.
+    sigma = 0.5 * lesion.radius_mm / _point_spacing(box, grid_shape, spacing)
+    displacement = np.stack([_smooth_noise(rng, grid_shape, sigma) for _ in range(3)], axis=-1)
+    points = points + displacement * lesion.deformation * lesion.radius_mm
+    # (q - 1) * radius is the exact distance for a sphere and close to it for mild ellipsoids.
+    distance = (_ellipsoid_radius(points, lesion) - 1.0) * lesion.radius_mm
+    return _upsample(distance.astype(np.float32), tuple(s.stop - s.start for s in box))
+
+
+def _paint_lesion(out, lesion_mask, organ, lesion, statistics, spacing, rng, config):
+    reach = lesion.semi_axes_mm.max() * (1 + 3 * lesion.deformation) + 5 * lesion.softness_mm
+    box = _box(lesion.centre, reach, spacing, out.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    distance = _signed_distance(lesion, box, spacing, rng)
+    organ_box = organ[box]
+    alpha = expit(-distance / lesion.softness_mm).astype(np.float32)
+    alpha[alpha < ALPHA_CUTOFF] = 0.0
+    alpha *= organ_box
+    inside = (distance < 0) & organ_box
+    lesion.voxels = int(inside.sum())
+    lesion_mask[box] |= inside
+
+    # Texture: fine grain like the scan's noise plus coarse heterogeneity, scaled to the parenchyma's std.
+    fine = _smooth_noise(rng, shape, statistics["grain_sigma"])
+    coarse = _smooth_noise(rng, shape, lesion.heterogeneity_scale_mm / 2 / spacing)
+    parenchyma, std = statistics["mean"], statistics["std"]
+    mean = parenchyma + lesion.contrast_hu
+    if lesion.mode == "hypo":
+        mean = max(mean, min(WATER_HU, parenchyma))  # solid or cystic lesions are not darker than water
+    value = mean + std * (lesion.noise * fine + lesion.heterogeneity * coarse)
+    if lesion.rim is not None:
+        rim_contrast, width = lesion.rim
+        # A band just inside the blurred surface, so that it stays visible.
+        band = np.exp(-0.5 * ((distance + lesion.softness_mm + width / 2) / (width / 2)) ** 2)
+        value = value + band * (parenchyma + rim_contrast - mean)
+
+    region = alpha > 0
+    view = out[box]
+    blended = view[region] * (1 - alpha[region]) + value[region] * alpha[region]
+    if config.hu_window is not None:
+        blended = np.clip(blended, *config.hu_window)
+    view[region] = blended
+
+
+def _apply_mass_effect(out, organ, grid, lesion, spacing, config):
+    """Push the organ's tissue around the lesion outwards: out(x) = in(x - u(x)).
+
+    u = s (x - c) inside the lesion (uniform expansion) and s (x - c) / q^3 outside, i.e. a surface push
+    of s times the radius decaying as 1 / distance^2 (an expanding ball in an incompressible medium),
+    tapered to zero at `mass_effect_reach` radii and ramped from zero at the organ edge so that the organ
+    outline, hence its label, does not move.
+    """
+    reach = config.mass_effect_reach
+    box = _box(lesion.centre, lesion.semi_axes_mm.max() * reach, spacing, out.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    axes, grid_shape = _coarse_points(box, lesion.centre, spacing)
+    points = np.stack(np.broadcast_arrays(*axes), axis=-1)
+    q = np.maximum(_ellipsoid_radius(points, lesion), 1e-6)
+    decay = np.where(q <= 1, 1.0, q ** -3.0)
+    taper = np.clip(1 - ((q - 1) / (reach - 1)) ** 2, 0, 1) ** 2
+    taper[q <= 1] = 1.0
+    index_points = points / spacing + np.asarray(lesion.centre)
+    depth = grid.depth_at(index_points.reshape(-1, 3)).reshape(grid_shape)
+    edge = np.clip((depth - grid.coarse_spacing.max()) / config.mass_effect_edge_mm, 0, 1)
+    edge = edge * edge * (3 - 2 * edge)  # smoothstep
+    displacement = points * (lesion.mass_effect * decay * taper * edge)[..., None] / spacing  # in voxels
+    displacement = np.stack([_upsample(displacement[..., k].astype(np.float32), shape) for k in range(3)])
+    moved = organ[box] & (np.abs(displacement).max(axis=0) > 0.05)
+    if not moved.any():
+        return
+    source = out[box].copy()
+    index = np.nonzero(moved)
+    coordinates = np.stack([index[k] - displacement[k][index] for k in range(3)])
+    out[box][index] = ndimage.map_coordinates(source, coordinates, order=1, mode="nearest")
+
+
+class TrainingLesions:
+    """Paints synthetic tumours into training crops, for the plan's classes that the data lacks.
+
+    Works on the normalised crop (channels, X, Y, Z) and its label (X, Y, Z) in place; CT normalisation
+    is affine, so the crop is taken back to HU for synthesis and normalised again.
+    """
+
+    MIN_ORGAN_VOXELS = 50  # too little organ in the crop to hold a lesion
+
+    def __init__(self, plan):
+        classes = plan["classes"]
+        normalisation = plan["normalisation"]
+        self.mean, self.std = normalisation["mean"], normalisation["std"]
+        self.spacing = plan["spacing"]
+        self.probability = plan.get("lesion_probability", 0.0)
+        self.entries = [(classes.index(entry["organ"]), classes.index(tumour), PRESETS[entry["preset"]])
+                        for tumour, entry in plan.get("synthetic_lesions", {}).items()]
+
+    def __bool__(self):
+        return bool(self.entries) and self.probability > 0
+
+    def __call__(self, image, label, rng):
+        for organ_class, tumour_class, config in self.entries:
+            organ = label == organ_class
+            if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= self.probability:
+                continue
+            hu = image[0] * self.std + self.mean
+            painted, lesion = synthesise_lesions(hu, organ, self.spacing, rng, config)
+            changed = painted != hu  # write back only these: the HU round trip is not exact in float32
+            image[0][changed] = (painted[changed] - self.mean) / self.std
+            label[...] = apply_to_labels(label, organ_class, tumour_class, lesion)
