@@ -1,0 +1,289 @@
+"""`make bench`: end-to-end command-line time and peak memory per CT task on a realistic large CT.
+
+The input is a 512 x 512 x 200 CT at 0.8 x 0.8 x 2.5 mm built from a real CT (TotalSegmentator's
+abdomen-and-pelvis example_ct.nii.gz, downloaded once from PyPI, see scripts/example_data.py), so the
+network, resampling and post-processing see real anatomy and real organ sizes. Each task runs as its own
+`python -m MSDSegmentLib segment` process (so model loading is measured as users meet it), pinned to
+--cores CPU cores; wall time and peak RSS come from os.wait4 for that one process, the per-stage split
+from the summary JSON the command line writes. The table is printed and written to bench/latest.md.
+Not part of `make test`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(BENCH)
+sys.path.insert(0, os.path.join(REPOSITORY, "scripts"))
+
+import example_data  # noqa: E402
+from demo import engine_environment, missing_models  # noqa: E402
+from MSDSegmentLib import modelcard  # noqa: E402  (demo puts the engine on the path)
+
+GRID_SIZE = (512, 512, 200)
+GRID_SPACING = (0.8, 0.8, 2.5)
+CT_NOISE_HU = 12.0        # quantum noise of a 0.8 mm reconstruction, lost when upsampling a 3 mm CT
+AIR_HU = -1024
+STAGES = ("read", "load", "preprocess", "network", "postprocess", "write")
+TARGET_SECONDS = 30.0
+TARGET_GB = 3.0
+CT_TASKS = ("liver", "spleen", "pancreas")
+CACHE = os.path.join(REPOSITORY, ".cache", "bench")
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+def benchmark_grid(source, size=GRID_SIZE, spacing=GRID_SPACING):
+    """An empty image of the benchmark size and spacing, with the source's direction, centred on it."""
+    import SimpleITK as sitk
+
+    grid = sitk.Image([int(n) for n in size], sitk.sitkInt16)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetDirection(source.GetDirection())
+    centre = source.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in source.GetSize()])
+    direction = np.array(source.GetDirection()).reshape(3, 3)
+    half = direction @ ((np.array(size) - 1) / 2.0 * np.array(spacing))
+    grid.SetOrigin([float(c) for c in np.array(centre) - half])
+    return grid
+
+
+def slice_stretch(source, grid):
+    """Transform (grid point -> source point) that maps the grid's slice extent onto the source's.
+
+    In-plane the anatomy keeps its true size (the wider field of view holds air, as on a scanner); along
+    the slices it is stretched so that every one of the 200 slices holds anatomy (real organ shapes,
+    organs taller than usual: a conservative load for resampling and post-processing).
+    """
+    import SimpleITK as sitk
+
+    direction = np.array(source.GetDirection()).reshape(3, 3)
+    source_extent = source.GetSize()[2] * source.GetSpacing()[2]
+    grid_extent = grid.GetSize()[2] * grid.GetSpacing()[2]
+    scale = np.diag([1.0, 1.0, source_extent / grid_extent])
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix((direction @ scale @ direction.T).ravel().tolist())
+    transform.SetCenter(source.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in source.GetSize()]))
+    return transform
+
+
+def build_benchmark_ct(source_path, target_path, seed=0):
+    """Resample a real CT onto the benchmark grid, add CT noise, write it (int16 NIfTI, compressed)."""
+    import SimpleITK as sitk
+
+    source = sitk.ReadImage(source_path, sitk.sitkFloat32)
+    grid = benchmark_grid(source)
+    image = sitk.Resample(source, grid, slice_stretch(source, grid), sitk.sitkLinear, float(AIR_HU),
+                          sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array += np.random.default_rng(seed).standard_normal(array.shape, dtype=np.float32) * CT_NOISE_HU
+    noisy = sitk.GetImageFromArray(np.clip(np.rint(array), -1024, 3071).astype(np.int16))
+    noisy.CopyInformation(image)
+    os.makedirs(os.path.dirname(target_path), exist_ok=True)
+    temporary = target_path + ".part.nii.gz"
+    sitk.WriteImage(noisy, temporary, useCompression=True)
+    os.replace(temporary, target_path)
+    return target_path
+
+
+def benchmark_ct(say=print):
+    """The cached benchmark CT, built on first use."""
+    name = "ct_{}_{}mm.nii.gz".format("x".join(map(str, GRID_SIZE)), "x".join(map(str, GRID_SPACING)))
+    path = os.path.join(CACHE, name)
+    if not os.path.isfile(path):
+        source = example_data.example_file(example_data.ABDOMEN_PELVIS_CT, say=say)
+        say(f"Building the benchmark CT {path} from {example_data.ABDOMEN_PELVIS_CT}")
+        build_benchmark_ct(source, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def peak_rss_bytes(usage):
+    """ru_maxrss is in kilobytes on Linux and in bytes on macOS."""
+    return usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+
+
+def run_measured(command, log_path, env=None, cores=None):
+    """Run one process; returns (exit code, wall seconds, peak RSS bytes) of that process alone.
+
+    os.wait4 gives the rusage of this child (and the children it waited for), unlike
+    getrusage(RUSAGE_CHILDREN), which is the maximum over every child so far.
+    """
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        # No preexec_fn: it forces a plain fork, whose child counts the parent's pages in its peak RSS.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(process.pid, cores)  # before the child has started its worker threads
+        _pid, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, wall, peak_rss_bytes(usage)
+
+
+def pick_cores(count):
+    """The first `count` CPU cores this process may use (None where affinity is not supported)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return sorted(os.sched_getaffinity(0))[:count]
+
+
+def thread_environment(threads):
+    environment = engine_environment()
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environment[name] = str(threads)
+    return environment
+
+
+def measure_task(task, ct_path, work_dir, device, cores, models_dir=None):
+    """One fresh command-line process segmenting the benchmark CT; returns the row's figures."""
+    output = os.path.join(work_dir, f"{task}.nii.gz")
+    command = [sys.executable, "-m", "MSDSegmentLib", "segment", "--task", task, "--output", output,
+               "--device", device, "--quiet"]
+    if models_dir:
+        command += ["--models-dir", models_dir]
+    command.append(ct_path)
+    log = os.path.join(work_dir, f"{task}.log")
+    code, wall, rss = run_measured(command, log, thread_environment(len(cores) if cores else 2), cores)
+    if code != 0:
+        with open(log) as stream:
+            lines = stream.read().strip().splitlines() or [f"exit status {code}"]
+        raise RuntimeError(f"task {task} failed: {lines[-1]}")
+    with open(os.path.join(work_dir, f"{task}.json"), encoding="utf-8") as stream:
+        summary = json.load(stream)
+    return {"task": task, "wall_s": wall, "peak_rss_bytes": rss, "timings_s": summary["timings_s"],
+            "device": summary["device"], "volumes_ml": summary["volumes_ml"],
+            "weights": summary["model"]["weights"], "sha256": summary["model"]["sha256"]}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def within_targets(row, seconds=TARGET_SECONDS, gigabytes=TARGET_GB):
+    return row["wall_s"] <= seconds and row["peak_rss_bytes"] <= gigabytes * 1e9
+
+
+def markdown_table(rows):
+    """One line per task: stage seconds, the rest of the wall time (start-up), total, peak RSS, verdict."""
+    headers = ["Task", *STAGES, "start-up", "total s", "peak RSS GB", f"<= {TARGET_SECONDS:.0f} s, {TARGET_GB:.0f} GB"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for row in rows:
+        stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
+        startup = max(row["wall_s"] - sum(stages), 0.0)
+        cells = [row["task"], *(f"{s:.1f}" for s in stages), f"{startup:.1f}", f"{row['wall_s']:.1f}",
+                 f"{row['peak_rss_bytes'] / 1e9:.2f}", "yes" if within_targets(row) else "**no**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_ct(path, built):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    text = (f"a {' x '.join(map(str, reader.GetSize()))} CT at "
+            f"{' x '.join(f'{s:.2g}' for s in reader.GetSpacing())} mm ({os.path.basename(path)}")
+    if built:
+        text += ", real anatomy resampled from TotalSegmentator's example_ct.nii.gz, stretched along the slices"
+    return text + ")"
+
+
+def report(rows, ct_description, cores, device):
+    import torch
+
+    model = ", ".join(sorted({f"{w} (sha256 {s[:12]})" for row in rows for w, s in zip(row["weights"], row["sha256"])}))
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    lines = [
+        f"Benchmark ({datetime.date.today().isoformat()}): `msdsegment segment` end to end, one fresh process per task, "
+        f"on {ct_description}.",
+        f"Machine: {cpu_name()}, {len(cores) if cores else os.cpu_count()} CPU cores used, device {device}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}; load average at the end {load}. "
+        f"Model: {model}.",
+        "Stage columns are seconds from the command line's summary JSON; start-up is the rest of the wall time "
+        "(interpreter start and imports before the engine's clock). Peak RSS: os.wait4 of the process.",
+        "",
+        markdown_table(rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(CT_TASKS),
+                        help="CT tasks to measure (space- or comma-separated; default: liver spleen pancreas)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores the command line may use (default 2)")
+    parser.add_argument("--models-dir", help="model cards and weights (default: the bundled models)")
+    parser.add_argument("--ct", help="benchmark this CT instead of the built 512 x 512 x 200 one")
+    parser.add_argument("--out", default=os.path.join(BENCH, "latest.md"), help="markdown report to write")
+    args = parser.parse_args(argv)
+    args.tasks = [task for item in args.tasks for task in item.split(",") if task]
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    missing = missing_models(args.tasks, args.models_dir or modelcard.MODELS_DIR)
+    if missing:
+        print(f"bench: error: models missing in {args.models_dir or modelcard.MODELS_DIR}: {'; '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    try:
+        ct_path = args.ct or benchmark_ct()
+    except example_data.DataError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    cores = pick_cores(args.cores)
+    print(f"Benchmarking {', '.join(args.tasks)} on {os.path.basename(ct_path)}, {args.device}, "
+          f"cores {cores if cores else 'all'}")
+    work_dir = tempfile.mkdtemp(prefix="msdsegment-bench-")
+    rows = []
+    try:
+        for task in args.tasks:
+            rows.append(measure_task(task, ct_path, work_dir, args.device, cores, args.models_dir))
+            print(f"  {task}: {rows[-1]['wall_s']:.1f} s, {rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB")
+    except RuntimeError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    text = report(rows, describe_ct(ct_path, built=not args.ct), cores, args.device)
+    print()
+    print(text)
+    temporary = args.out + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.replace(temporary, args.out)
+    print(f"Wrote {args.out}")
+    missed = [row["task"] for row in rows if not within_targets(row)]
+    if missed:
+        print(f"Targets ({TARGET_SECONDS:.0f} s, {TARGET_GB:.0f} GB per task) missed by: {', '.join(missed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
