@@ -1,0 +1,448 @@
+"""Training: a tiny synthetic MSD-layout dataset trained for two steps on the CPU, exported, segmented by
+the extension's engine and evaluated (train -> export -> segment), plus unit tests of the loss, label
+mapping, plan, sampler and metrics."""
+
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPOSITORY
+from MSDSegmentLib import modelcard
+from MSDSegmentLib.engine import segment
+from MSDSegmentLib.imageio import read_channels
+from Training import cli
+from Training.cache import foreground_locations
+from Training.evaluate import label_metrics, reference_mapping, run_evaluation, select_cases
+from Training.models import MODELS, LabelMappingError, label_mapping, parse_label_map
+from Training.dataset import read_dataset
+from Training.plan import choose_ct_window, choose_spacing, fingerprint
+from Training.sampling import PatchSampler
+from Training.tasks import TASKS
+from Training.train import DiceCELoss
+
+# BTCV's label names (dataset.json), 13 organs of which the abdomen model reads three.
+BTCV_LABELS = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gallbladder",
+               "5": "esophagus", "6": "liver", "7": "stomach", "8": "aorta", "9": "inferior vena cava",
+               "10": "portal vein and splenic vein", "11": "pancreas", "12": "right adrenal gland",
+               "13": "left adrenal gland"}
+SYNTHETIC_LABELS = {"0": "background", "1": "spleen", "3": "left kidney", "6": "liver", "11": "pancreas"}
+TINY = ["--patch-size", "16", "16", "16", "--filters", "4", "8", "16"]
+
+
+# ------------------------------------------------------------------------------------ synthetic dataset
+
+def ellipsoid(shape, centre, radii):
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 < 1
+
+
+def synthetic_case(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 5.0)):
+    """A BTCV-like CT (HU clipped to [-125, 275], int16) with liver, spleen, pancreas and a kidney (x, y, z)."""
+    rng = np.random.default_rng(seed)
+    jitter = lambda: rng.integers(-2, 3, 3)  # noqa: E731
+    scale = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
+    image = np.full(shape, -1000.0)
+    image[ellipsoid(shape, (24, 24, 12), (21, 16, 100))] = 40.0           # body
+    image[ellipsoid(shape, (24, 36, 12), (3, 3, 100))] = 700.0            # spine (saturates at 275)
+    label = np.zeros(shape, np.uint8)
+    organs = [(6, (15, 22, 12), (8, 9, 7), 130.0), (1, (34, 24, 13), (4, 6, 4), 110.0),
+              (11, (25, 29, 11), (7, 3, 2), 90.0), (3, (34, 32, 9), (3, 3, 3), 160.0)]
+    for value, centre, radii, hu in organs:
+        mask = ellipsoid(shape, np.add(centre, jitter()), np.multiply(radii, scale()))
+        image[mask], label[mask] = hu, value
+    image = np.clip(image + rng.normal(0, 10, shape), -125, 275).round()
+    images = []
+    for array in (image.astype(np.int16), label):
+        item = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+        item.SetSpacing(spacing)
+        item.SetOrigin((0.0, 0.0, 0.0))
+        item.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))  # L, A, S like BTCV
+        images.append(item)
+    return images
+
+
+def write_dataset(folder, cases=5, labels=SYNTHETIC_LABELS):
+    for sub in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    training = []
+    for index in range(cases):
+        name = f"synth_{index:02d}.nii.gz"
+        image, label = synthetic_case(index)
+        sitk.WriteImage(image, os.path.join(folder, "imagesTr", name))
+        sitk.WriteImage(label, os.path.join(folder, "labelsTr", name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {"name": "SyntheticAbdomen", "modality": {"0": "CT"}, "labels": labels, "numTraining": cases,
+            "training": training, "test": []}
+    with open(os.path.join(folder, "dataset.json"), "w") as stream:
+        json.dump(meta, stream)
+    return folder
+
+
+def train(data, out, *extra):
+    argv = ["train", "--model", "abdomen", "--data", data, "--out", out, *TINY, "--batch-size", "2",
+            "--val-every", "1000", "--device", "cpu", "--quiet", *extra]
+    assert cli.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("SyntheticAbdomen")))
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data, tmp_path_factory):
+    """Two training steps on the CPU, exported into a models folder of its own."""
+    out = str(tmp_path_factory.mktemp("runs"))
+    train(synthetic_data, out, "--steps", "2")
+    models = os.path.join(out, "models")
+    assert cli.main(["export", "--model", "abdomen", "--out", out, "--models-dir", models]) == 0
+    return {"data": synthetic_data, "out": out, "models": models}
+
+
+# ---------------------------------------------------------------------------- train -> export -> segment
+
+def test_plan_records_the_patch_size_and_filters_given(trained):
+    with open(os.path.join(trained["out"], "abdomen", "plan.json")) as stream:
+        plan = json.load(stream)
+    assert plan["patch_size"] == [16, 16, 16]
+    assert plan["network"]["filters"] == [4, 8, 16]
+    # coarse rule: 96 mm field of view / (1.25 x 16 voxels) = 4.8, rounded down to 0.5 mm
+    assert plan["spacing"] == [4.5, 4.5, 4.5]
+    # saturated data (clipped like BTCV): its own window
+    assert plan["normalisation"]["window"] == [-125.0, 275.0]
+    assert plan["dataset"]["label_mapping"] == {"1": 1, "6": 2, "11": 3}
+    with open(os.path.join(trained["out"], "abdomen", "fold0", "split.json")) as stream:
+        assert json.load(stream) == {"training": ["synth_01", "synth_02", "synth_03", "synth_04"],
+                                     "validation": ["synth_00"]}
+
+
+def test_a_contradicting_plan_option_is_refused(trained, capsys):
+    argv = ["train", "--model", "abdomen", "--data", trained["data"], "--out", trained["out"],
+            "--patch-size", "32", "32", "32", "--steps", "1", "--device", "cpu", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "was made with patch [16, 16, 16]" in capsys.readouterr().err
+
+
+def test_export_writes_cards_for_every_task_of_the_model(trained):
+    cards = modelcard.catalogue(trained["models"])
+    assert sorted(cards) == ["liver", "pancreas", "spleen"]
+    liver = cards["liver"]
+    assert [(label.name, label.trained) for label in liver.labels] == [("Liver", True), ("Liver tumour", False)]
+    assert liver.stages[0].patch_size == [16, 16, 16]
+    assert liver.training["steps"] == 2
+    assert liver.training["validation_cases"] == ["synth_00"]
+    assert not modelcard.missing_weights(liver)
+
+
+def test_engine_segments_with_the_exported_model(trained):
+    channels = read_channels([os.path.join(trained["data"], "imagesTr", "synth_00.nii.gz")])
+    for task in ("spleen", "liver"):
+        result = segment(channels, task, device="cpu", models_dir=trained["models"])
+        labels, image = result.labels, channels[0]
+        assert labels.GetSize() == image.GetSize()
+        assert np.allclose(labels.GetSpacing(), image.GetSpacing())
+        assert np.allclose(labels.GetOrigin(), image.GetOrigin())
+        assert np.allclose(labels.GetDirection(), image.GetDirection())
+        values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+        assert values <= {0} | {label.value for label in result.card.trained_labels}
+        assert set(result.volumes_ml) == {label.value for label in result.card.trained_labels}
+
+
+def test_command_line_segments_with_the_exported_model(trained, tmp_path):
+    output = str(tmp_path / "synth_01_spleen.nii.gz")
+    environment = dict(os.environ, PYTHONPATH=os.path.join(REPOSITORY, "MSDSegment"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "MSDSegmentLib", "segment", os.path.join(trained["data"], "imagesTr", "synth_01.nii.gz"),
+         "--task", "spleen", "--output", output, "--models-dir", trained["models"], "--device", "cpu", "--quiet"],
+        capture_output=True, text=True, env=environment, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    labels = sitk.ReadImage(output)
+    assert labels.GetSize() == (48, 48, 24)
+    assert set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) <= {0, 1}
+    with open(str(tmp_path / "synth_01_spleen.json")) as stream:
+        assert json.load(stream)["task"] == "spleen"
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(trained, tmp_path):
+    out = str(tmp_path)
+    train(trained["data"], out, "--steps", "2", "--time-limit", "1e-9")  # stops (resumably) after one step
+    interrupted = torch.load(os.path.join(out, "abdomen", "fold0", "last.ckpt"), weights_only=False)
+    assert interrupted["step"] == 1
+    train(trained["data"], out, "--steps", "2", "--resume")
+    resumed = torch.load(os.path.join(out, "abdomen", "fold0", "last.ckpt"), weights_only=False)
+    uninterrupted = torch.load(os.path.join(trained["out"], "abdomen", "fold0", "last.ckpt"), weights_only=False)
+    assert resumed["step"] == uninterrupted["step"] == 2
+    for name, weights in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], weights), name
+
+
+def sampler_cases():
+    rng = np.random.default_rng(1)
+    cases = []
+    for index in range(3):
+        label = np.zeros((30, 28, 26), np.uint8)
+        label[5:15, 6:16, 4:12] = 1
+        label[18:24, 10:20, 14:20] = 2
+        image = rng.normal(size=(1,) + label.shape).astype(np.float32) + label
+        cases.append({"id": f"case{index}", "image": image, "label": label,
+                      "locations": foreground_locations(label, 3, rng)})
+    return cases
+
+
+def test_patch_sampler_state_gives_the_same_next_batches():
+    cases = sampler_cases()
+    first = PatchSampler(cases, [16, 16, 16], 3, [0], seed=3)
+    first.sample(2)
+    first.sample(2)
+    state = copy.deepcopy(first.state())
+    # Several batches, so that every augmentation (affine, elastic, noise, intensity, flip) draws at least once.
+    expected = [first.sample(2) for _ in range(4)]
+    # A sampler seeded differently continues exactly where the first one stood once given its state
+    # (every nested MONAI random state included: restoring only the outer ones diverges here).
+    second = PatchSampler(cases, [16, 16, 16], 3, [0], seed=99)
+    second.load_state(state)
+    for images, labels in expected:
+        again_images, again_labels = second.sample(2)
+        assert torch.equal(images, again_images)
+        assert torch.equal(labels, again_labels)
+    assert images.shape == (2, 1, 16, 16, 16) and labels.shape == (2, 1, 16, 16, 16)
+
+
+# -------------------------------------------------------------------------------------------------- loss
+
+def test_generalised_dice_loss_matches_sudre_et_al_by_hand():
+    # Four voxels, two classes; the network's softmax gives these probabilities (logits = log p).
+    reference = [0, 1, 1, 1]
+    foreground = [0.2, 0.6, 0.8, 0.9]
+    probabilities = torch.tensor([[1 - p for p in foreground], foreground]).reshape(1, 2, 4, 1, 1)
+    labels = torch.tensor(reference).reshape(1, 1, 4, 1, 1)
+    # Sudre et al. 2017: GDL = 1 - 2 sum_c w_c sum_i r_ci p_ci / sum_c w_c sum_i (r_ci + p_ci), w_c = 1 / (sum_i r_ci)^2
+    # background: w = 1/1^2, intersection 0.8, sum 1.5 + 1 = 2.5; foreground: w = 1/3^2, intersection 2.3, sum 2.5 + 3
+    numerator = 2 * (1 * 0.8 + 2.3 / 9)             # = 19/9
+    denominator = 1 * 2.5 + 5.5 / 9                 # = 28/9
+    expected_dice = 1 - numerator / denominator     # = 9/28
+    assert expected_dice == pytest.approx(9 / 28)
+    loss = DiceCELoss()
+    logits = torch.log(probabilities)
+    assert float(loss.dice(logits, labels)) == pytest.approx(9 / 28, abs=1e-5)
+    cross_entropy = -np.mean(np.log([0.8, 0.6, 0.8, 0.9]))
+    assert float(loss(logits, labels)) == pytest.approx(9 / 28 + cross_entropy, abs=1e-5)
+
+
+
+def test_generalised_dice_loss_is_zero_for_a_perfect_prediction():
+    labels = torch.tensor([0, 1, 2, 2, 0, 1]).reshape(1, 1, 6, 1, 1)
+    logits = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 4, 1, 2, 3).float() * 100
+    assert float(DiceCELoss().dice(logits, labels)) == pytest.approx(0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ label mapping
+
+def task_card(task):
+    labels = [modelcard.Label(**{**label, "trained": label["source_class"] in MODELS[TASKS[task]["model"]]["classes"]})
+              for label in TASKS[task]["labels"]]
+    return modelcard.ModelCard(task=task, title="", description="", modality="", channels=[], labels=labels,
+                               stages=[], postprocessing={}, training={"model": TASKS[task]["model"]}, validation={},
+                               licence="")
+
+
+def test_btcv_names_give_the_abdomen_classes():
+    assert label_mapping(MODELS["abdomen"], BTCV_LABELS) == {1: 1, 6: 2, 11: 3}
+
+
+def test_names_are_matched_whatever_their_case():
+    assert label_mapping(MODELS["prostate"], {"0": "background", "1": "PZ", "2": "TZ"}) == {1: 1, 2: 2}
+    assert label_mapping(MODELS["prostate"], {"0": "Background", "1": "Peripheral Zone", "2": "transition zone"}) \
+        == {1: 1, 2: 2}
+
+
+def test_explicit_label_map_overrides_names():
+    overrides = parse_label_map("1:1,6:2")
+    assert overrides == {1: 1, 6: 2}
+    assert label_mapping(MODELS["abdomen"], {"0": "background", "1": "a", "6": "b"}, overrides) == {1: 1, 6: 2}
+
+
+def test_a_missing_class_is_a_clear_error():
+    with pytest.raises(LabelMappingError, match="dataset has no label for class 'liver'"):
+        label_mapping(MODELS["abdomen"], {"0": "background", "1": "spleen"})  # MSD Task09 cannot train abdomen
+    with pytest.raises(LabelMappingError, match="value:class pairs"):
+        parse_label_map("1-1")
+
+
+def test_evaluation_maps_dataset_labels_to_task_values():
+    assert reference_mapping(task_card("spleen"), MODELS["abdomen"], {"0": "background", "1": "spleen"}) == {1: 1}
+    assert reference_mapping(task_card("spleen"), MODELS["abdomen"], BTCV_LABELS) == {1: 1}
+    assert reference_mapping(task_card("liver"), MODELS["abdomen"], BTCV_LABELS) == {6: 1}
+    assert reference_mapping(task_card("pancreas"), MODELS["abdomen"], BTCV_LABELS) == {11: 1}
+    # MSD Task03: the untrained tumour label counts as liver (the model segments the liver with its lesions)
+    assert reference_mapping(task_card("liver"), MODELS["abdomen"],
+                             {"0": "background", "1": "liver", "2": "cancer"}) == {1: 1, 2: 1}
+    assert reference_mapping(task_card("prostate"), MODELS["prostate"],
+                             {"0": "background", "1": "PZ", "2": "TZ"}) == {1: 1, 2: 2}
+    with pytest.raises(LabelMappingError, match="'pancreas'"):
+        reference_mapping(task_card("pancreas"), MODELS["abdomen"], {"0": "background", "1": "liver"})
+
+
+def test_fold_selection_leaves_out_excluded_cases():
+    cases = [{"id": f"prostate_{n:02d}"} for n in (0, 1, 2, 4, 18)]
+    chosen = select_cases(cases, MODELS["prostate"]["exclude"])
+    assert [case["id"] for case in chosen] == ["prostate_00", "prostate_01", "prostate_02", "prostate_04"]
+    assert [case["id"] for case in select_cases(cases, ["prostate_18"], fold=1)] == ["prostate_01"]
+    assert [case["id"] for case in select_cases(cases, ["prostate_18"], ["prostate_02", "prostate_18"])] \
+        == ["prostate_02"]
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+def prints(spacings, extents=None):
+    extents = extents or [[300.0, 300.0, 200.0]] * len(spacings)
+    return {f"case{i}": {"spacing": s, "extent": e} for i, (s, e) in enumerate(zip(spacings, extents))}
+
+
+def test_median_spacing_for_near_isotropic_data():
+    fingerprint = prints([[1.0, 1.0, 1.5], [1.2, 1.2, 2.0], [0.8, 0.8, 1.8]])
+    assert choose_spacing(fingerprint, "median", [128, 128, 128]) == [1.0, 1.0, 1.8]
+
+
+def test_anisotropic_data_takes_the_tenth_percentile_of_the_thick_axis():
+    # median [0.65, 0.65, 3.6]: 3.6 > 3 x 0.65, so z becomes the 10th percentile of (3, 3.6, 4) = 3.12
+    fingerprint = prints([[0.6, 0.6, 3.0], [0.7, 0.7, 3.6], [0.65, 0.65, 4.0]])
+    assert choose_spacing(fingerprint, "median", [128, 128, 16]) == [0.65, 0.65, 3.12]
+
+
+def test_coarse_spacing_fits_most_of_the_field_of_view_in_one_patch():
+    spacings = [[0.8, 0.8, 2.5], [1.0, 1.0, 5.0], [0.7, 0.7, 3.0]]
+    extents = [[400.0, 400.0, 300.0], [350.0, 350.0, 200.0], [300.0, 300.0, 250.0]]
+    # median field of view 350 mm / (1.25 x 64) = 4.375 -> 4.0 mm (rounded down to 0.5)
+    assert choose_spacing(prints(spacings, extents), "coarse", [64, 64, 64]) == [4.0, 4.0, 4.0]
+    # never finer than the coarsest data: 60 / 80 = 0.75 -> 0.5, but the data is at most 1.0 mm in-plane
+    small = [[60.0, 60.0, 60.0]] * 3
+    assert choose_spacing(prints(spacings, small), "coarse", [64, 64, 64]) == [1.0, 1.0, 1.0]
+
+
+def test_fingerprint_samples_the_labelled_voxels(synthetic_data):
+    _, cases = read_dataset(synthetic_data)
+    first, second = fingerprint(cases[:2]), fingerprint(cases[:2])
+    assert first == second
+    intensities = np.concatenate(first["synth_00"]["intensities"])
+    assert 60 < intensities.min() and intensities.max() < 200  # organs (90 to 160 HU + noise), never air or bone
+    assert first["synth_00"]["spacing"] == [2.0, 2.0, 5.0] and first["synth_00"]["extent"] == [96.0, 96.0, 120.0]
+
+
+def test_saturated_ct_keeps_its_own_window():
+    fingerprint = {f"c{i}": {"min": [-125.0], "max": [275.0], "fraction_at_min": [0.3], "fraction_at_max": [0.01],
+                             "intensities": [list(np.linspace(-100, 250, 50))]} for i in range(3)}
+    assert choose_ct_window(fingerprint) == [-125.0, 275.0]
+
+
+def test_unclipped_ct_uses_foreground_percentiles():
+    values = np.arange(-200.0, 801.0)  # 1001 foreground samples
+    fingerprint = {f"c{i}": {"min": [-1024.0], "max": [3000.0], "fraction_at_min": [0.2], "fraction_at_max": [1e-6],
+                             "intensities": [list(values)]} for i in range(2)}
+    low, high = choose_ct_window(fingerprint)
+    assert low == pytest.approx(-200 + 0.005 * 1000) and high == pytest.approx(-200 + 0.995 * 1000)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_of_a_perfect_prediction():
+    mask = np.zeros((20, 20, 12), bool)
+    mask[5:15, 4:14, 3:9] = True
+    metrics = label_metrics(mask, mask.copy(), (0.8, 0.8, 2.5))
+    assert metrics["dice"] == 1.0
+    assert metrics["hd95_mm"] == 0.0
+    assert metrics["volume_error_ml"] == 0.0 and metrics["volume_error_percent"] == 0.0
+    assert metrics["reference_ml"] == pytest.approx(600 * 0.8 * 0.8 * 2.5 / 1000)
+
+
+def test_metrics_of_a_slab_shifted_by_one_slice():
+    # A slab two slices thick, one slice too high: half overlaps; every surface voxel is 0 or one slice away.
+    reference = np.zeros((20, 20, 10), bool)
+    reference[2:18, 2:18, 4:6] = True
+    prediction = np.roll(reference, 1, axis=2)
+    metrics = label_metrics(prediction, reference, (1.0, 1.0, 3.0))
+    assert metrics["dice"] == pytest.approx(0.5)
+    assert metrics["hd95_mm"] == pytest.approx(3.0)
+    assert metrics["volume_error_percent"] == 0.0
+
+
+def test_metrics_of_an_over_segmentation_by_one_slice():
+    reference = np.zeros((16, 16, 16), bool)
+    reference[3:13, 3:13, 3:13] = True
+    prediction = reference.copy()
+    prediction[3:13, 3:13, 13] = True  # 100 more voxels on top: 1100 vs 1000
+    metrics = label_metrics(prediction, reference, (1.0, 1.0, 2.0))
+    assert metrics["dice"] == pytest.approx(2000 / 2100)
+    assert metrics["hd95_mm"] == pytest.approx(2.0)
+    assert metrics["volume_error_percent"] == pytest.approx(10.0)
+    assert metrics["volume_error_ml"] == pytest.approx(100 * 2.0 / 1000)
+
+
+def test_metrics_of_missed_and_absent_organs():
+    empty, organ = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    organ[2:5, 2:5, 2:5] = True
+    missed = label_metrics(empty, organ, (1.0, 1.0, 1.0))
+    assert missed["dice"] == 0.0 and math.isinf(missed["hd95_mm"]) and missed["volume_error_percent"] == -100.0
+    absent = label_metrics(empty, empty, (1.0, 1.0, 1.0))
+    assert math.isnan(absent["dice"]) and math.isnan(absent["hd95_mm"]) and math.isnan(absent["volume_error_percent"])
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+def test_evaluate_measures_the_exported_model_and_feeds_export(trained, tmp_path):
+    table, metrics_json = str(tmp_path / "spleen.csv"), str(tmp_path / "metrics.json")
+    with open(metrics_json, "w") as stream:
+        json.dump({"prostate": {"dice": {"Peripheral zone": 0.7}}}, stream)
+    args = cli.build_parser().parse_args(
+        ["evaluate", "--task", "spleen", "--data", trained["data"], "--models-dir", trained["models"], "--fold", "0",
+         "--csv", table, "--metrics-json", metrics_json, "--device", "cpu"])
+    entry = run_evaluation(args)
+    assert entry["cases"] == ["synth_00"]
+    assert {"dice", "hd95_mm", "volume_error_percent", "data", "cases"} <= set(entry)
+    assert set(entry["dice"]) == {"Spleen"} and 0.0 <= entry["dice"]["Spleen"] <= 1.0
+    assert "fold 0" in entry["data"] and "SyntheticAbdomen" in entry["data"]
+    with open(table) as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(row["case"], row["label"]) for row in rows] == [("synth_00", "Spleen"), ("mean", "Spleen")]
+    assert float(rows[0]["reference_ml"]) > 0
+    with open(metrics_json) as stream:
+        written = json.load(stream)
+    assert set(written) == {"prostate", "spleen"} and written["spleen"]["dice"] == entry["dice"]
+
+    # export --metrics puts the measured figures into the card, where the module shows them
+    models = str(tmp_path / "models")
+    assert cli.main(["export", "--model", "abdomen", "--out", trained["out"], "--models-dir", models,
+                     "--metrics", metrics_json]) == 0
+    card = modelcard.find_card("spleen", models)
+    assert card.validation["dice"] == entry["dice"]
+    assert f"Spleen {entry['dice']['Spleen']:.2f}" in card.summary()
+
+
+def test_evaluate_command_line_and_its_errors(trained, capsys):
+    common = ["--data", trained["data"], "--models-dir", trained["models"], "--device", "cpu"]
+    assert cli.main(["evaluate", "--task", "liver", "--cases", "synth_03", *common]) == 0
+    captured = capsys.readouterr()
+    assert "synth_03" in captured.out and "not scored: Liver tumour" in captured.out  # untrained label
+    assert "1 case(s) were used to train this model" in captured.err
+    assert cli.main(["evaluate", "--task", "liver", "--cases", "nobody", *common]) == 2
+    assert "Case(s) not in dataset.json: nobody" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--task", "prostate", *common]) == 2
+    assert "No model for task 'prostate'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_dataset_without_the_task_s_organ(trained, tmp_path, capsys):
+    data = write_dataset(str(tmp_path / "NoPancreas"), cases=1, labels={"0": "background", "1": "spleen"})
+    assert cli.main(["evaluate", "--task", "pancreas", "--data", data, "--models-dir", trained["models"]]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "dataset has no label for class 'pancreas'" in error and "\n" not in error

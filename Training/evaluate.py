@@ -1,0 +1,298 @@
+"""`python -m Training evaluate`: Dice, 95 % Hausdorff distance and volume error per label and case.
+
+The exported model is run through the extension's own engine (`MSDSegmentLib.engine.segment`, the same
+preprocessing, fp16 weights, resampling and post-processing), and the metrics are measured on each
+case's own grid against its reference labels, read through the dataset's `dataset.json`.
+"""
+
+import csv
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import SimpleITK as sitk
+
+from MSDSegmentLib import modelcard
+from MSDSegmentLib.engine import segment
+from MSDSegmentLib.errors import InputError, ModelError
+from MSDSegmentLib.imageio import read_channels, read_image
+from MSDSegmentLib.postprocess import bounding_box
+from MSDSegmentLib.preprocessing import resample, to_array
+
+from .dataset import fold_split, map_labels, read_dataset
+from .models import MODELS, label_mapping, parse_label_map
+from .tasks import TASKS
+
+COLUMNS = ["case", "label", "value", "dice", "hd95_mm", "reference_ml", "predicted_ml", "volume_error_ml",
+           "volume_error_percent"]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def hausdorff_95(prediction, reference, spacing):
+    """Symmetric 95th-percentile surface distance in mm (MONAI) of two non-empty boolean masks."""
+    from monai.metrics import compute_hausdorff_distance
+
+    box = bounding_box(prediction | reference, margin=1)  # MONAI crops too; this saves copying the volume
+    pair = [np.ascontiguousarray(mask[box])[None, None] for mask in (prediction, reference)]
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument its own code still passes
+        warnings.simplefilter("ignore", FutureWarning)
+        distance = compute_hausdorff_distance(pair[0], pair[1], include_background=True, percentile=95,
+                                              spacing=[float(s) for s in spacing])
+    return float(distance.item())
+
+
+def label_metrics(prediction, reference, spacing):
+    """Metrics of one label: boolean (x, y, z) masks on a grid of `spacing` mm.
+
+    Dice is NaN when both masks are empty. HD95 is NaN when both are empty and infinite when only one
+    is (an organ missed, or found where there is none). Volume error is predicted - reference.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    predicted, referenced = int(prediction.sum()), int(reference.sum())
+    overlap = int(np.logical_and(prediction, reference).sum())
+    dice = 2.0 * overlap / (predicted + referenced) if predicted + referenced else math.nan
+    if predicted and referenced:
+        hd95 = hausdorff_95(prediction, reference, spacing)
+    else:
+        hd95 = math.nan if predicted == referenced else math.inf
+    error_ml = (predicted - referenced) * voxel_ml
+    if referenced:
+        error_percent = 100.0 * (predicted - referenced) / referenced
+    else:
+        error_percent = math.nan if predicted == 0 else math.inf
+    return {"dice": dice, "hd95_mm": hd95, "reference_ml": referenced * voxel_ml, "predicted_ml": predicted * voxel_ml,
+            "volume_error_ml": error_ml, "volume_error_percent": error_percent}
+
+
+def finite_mean(values):
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarise(rows, labels):
+    """Per label: mean Dice (cases where it is defined), mean HD95 over cases where both masks exist
+    (the others counted apart), mean signed and mean absolute volume error."""
+    summary = {}
+    for label in labels:
+        mine = [row for row in rows if row["label"] == label.name]
+        summary[label.name] = {
+            "dice": finite_mean([r["dice"] for r in mine]),
+            "hd95_mm": finite_mean([r["hd95_mm"] for r in mine]),
+            "hd95_undefined": sum(1 for r in mine if math.isinf(r["hd95_mm"])),
+            "reference_ml": finite_mean([r["reference_ml"] for r in mine]),
+            "predicted_ml": finite_mean([r["predicted_ml"] for r in mine]),
+            "volume_error_ml": finite_mean([r["volume_error_ml"] for r in mine]),
+            "volume_error_percent": finite_mean([r["volume_error_percent"] for r in mine]),
+            "abs_volume_error_percent": finite_mean([abs(r["volume_error_percent"]) for r in mine]),
+        }
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- labels, cases
+
+def model_for(card):
+    name = card.training.get("model") or TASKS.get(card.task, {}).get("model")
+    if name not in MODELS:
+        raise ModelError(f"Model card {card.path} does not name a known training model (got {name!r})")
+    return MODELS[name]
+
+
+def reference_mapping(card, model, dataset_labels, overrides=None):
+    """Dataset label value -> the task's label value, matched by name like training does.
+
+    Every trained label must be found in the dataset, except tumours (BTCV has none). A tumour label
+    the model was not trained on counts as its organ: such a model segments the organ with its lesions
+    (MSD Task03's liver label excludes the tumour). Other dataset labels (BTCV's other organs) are
+    background.
+    """
+    if overrides:
+        return dict(overrides)
+    values = {label.name: label.value for label in card.trained_labels}
+    targets, optional = {}, set()
+    for label in card.labels:
+        if label.trained:
+            targets[label.source_class] = label.value
+        elif label.kind == "tumour" and label.organ in values:
+            targets[label.source_class] = values[label.organ]
+        else:
+            continue
+        if label.kind == "tumour":
+            optional.add(label.source_class)
+    return label_mapping(model, dataset_labels, targets=targets, optional=optional)
+
+
+def scored_labels(card, mapping, overridden):
+    """Trained labels with a reference in this dataset (a trained tumour on BTCV has none)."""
+    present = set(mapping.values())
+    return [label for label in card.trained_labels if overridden or label.value in present]
+
+
+def select_cases(cases, exclude, case_ids=None, fold=None):
+    """Cases to evaluate: the given ids, or all; with a fold, only its validation cases (the split training
+    uses: cases excluded from training are excluded here too, and never scored)."""
+    usable = {case["id"]: case for case in cases if case["id"] not in exclude}
+    known = {case["id"] for case in cases}
+    if case_ids:
+        unknown = [case_id for case_id in case_ids if case_id not in known]
+        if unknown:
+            raise InputError(f"Case(s) not in dataset.json: {', '.join(unknown)}")
+        chosen = [case_id for case_id in case_ids if case_id in usable]
+    else:
+        chosen = sorted(usable)
+    if fold is not None:
+        if not 0 <= fold < 5:
+            raise InputError(f"--fold must be 0 to 4, got {fold}")
+        validation = set(fold_split(sorted(usable), fold)[1])
+        chosen = [case_id for case_id in chosen if case_id in validation]
+    if not chosen:
+        raise InputError("No cases to evaluate (check --cases, --fold and the model's excluded cases)")
+    return [usable[case_id] for case_id in chosen]
+
+
+def reference_on_grid(path, grid, mapping):
+    """The reference label map on `grid` (the image's grid), as task label values, (x, y, z) order."""
+    image = read_image(path)
+    if image.GetSize() == grid.GetSize():
+        image.CopyInformation(grid)  # MSD label headers can differ from the image's by rounding only
+    else:
+        image = resample(image, grid, sitk.sitkNearestNeighbor, 0)
+    return map_labels(to_array(image), mapping)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def number(value, digits=3):
+    return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.{digits}f}")
+
+
+def table_line(case, name, metrics):
+    return (f"{case:<16} {name:<18} {number(metrics['dice']):>6} {number(metrics['hd95_mm'], 1):>8} "
+            f"{number(metrics['reference_ml'], 1):>9} {number(metrics['predicted_ml'], 1):>9} "
+            f"{number(metrics['volume_error_ml'], 1):>9} {number(metrics['volume_error_percent'], 1):>8}")
+
+
+TABLE_HEADER = (f"{'case':<16} {'label':<18} {'Dice':>6} {'HD95 mm':>8} {'ref mL':>9} {'pred mL':>9} "
+                f"{'dV mL':>9} {'dV %':>8}")
+
+
+def write_csv(path, rows, summary):
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+        for name, means in summary.items():
+            writer.writerow({"case": "mean", "label": name, "value": "", **means})
+    os.replace(temporary, path)
+
+
+def rounded(value):
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def validation_entry(summary, case_ids, data_text, device):
+    """The model card's `validation` field: {metric: {label name: mean}} (what ModelCard.summary reads)."""
+    def metric(key):
+        return {name: rounded(means[key]) for name, means in summary.items() if math.isfinite(means[key])}
+
+    entry = {"dice": metric("dice"), "hd95_mm": metric("hd95_mm"),
+             "volume_error_percent": metric("volume_error_percent"),
+             "abs_volume_error_percent": metric("abs_volume_error_percent"),
+             "cases": list(case_ids), "data": data_text,
+             "method": "exported weights through the MSDSegment engine, metrics on each case's own grid; "
+                       "HD95: symmetric 95th-percentile surface distance (MONAI), mean over cases where "
+                       "both masks exist",
+             "device": device, "date": datetime.date.today().isoformat()}
+    undefined = {name: means["hd95_undefined"] for name, means in summary.items() if means["hd95_undefined"]}
+    if undefined:
+        entry["hd95_undefined_cases"] = undefined
+    return entry
+
+
+def update_metrics_json(path, task, entry):
+    """Merge {task: entry} into the JSON file (other tasks kept), atomically."""
+    data = {}
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as stream:
+                data = json.load(stream)
+        except ValueError as error:
+            raise InputError(f"Cannot update {path}: not valid JSON ({error})") from None
+    data[task] = entry
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2)
+        stream.write("\n")
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def evaluate_case(case, task, mapping, labels, models_dir, device):
+    """Segment one case with the engine; one row of metrics per scored label."""
+    channels = read_channels([case["image"]])
+    result = segment(channels, task, device=device, models_dir=models_dir)
+    for warning in result.warnings:
+        print(f"{case['id']}: warning: {warning}", file=sys.stderr)
+    grid = channels[0]
+    prediction = to_array(result.labels)
+    reference = reference_on_grid(case["label"], grid, mapping)
+    return [{"case": case["id"], "label": label.name, "value": label.value,
+             **label_metrics(prediction == label.value, reference == label.value, grid.GetSpacing())}
+            for label in labels], result.device
+
+
+def run_evaluation(args, log=print):
+    """Evaluate a task's model on the chosen cases; print the table, write the CSV / metrics JSON if asked,
+    and return the mean metrics in the form of the model card's `validation` field."""
+    models_dir = args.models_dir or modelcard.MODELS_DIR
+    card = modelcard.find_card(args.task, models_dir)
+    model = model_for(card)
+    meta, cases = read_dataset(args.data)
+    overrides = parse_label_map(args.label_map)
+    mapping = reference_mapping(card, model, meta.get("labels", {}), overrides)
+    labels = scored_labels(card, mapping, bool(overrides))
+    case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    chosen = select_cases(cases, model["exclude"], case_ids, args.fold)
+    skipped = [label.name for label in card.labels if label not in labels]
+    seen_in_training = sorted(set(card.training.get("training_cases", [])) & {case["id"] for case in chosen})
+    if seen_in_training:
+        print(f"warning: {len(seen_in_training)} case(s) were used to train this model, so these figures are not "
+              f"a validation: {', '.join(seen_in_training)} (use --fold)", file=sys.stderr)
+    log(f"{args.task}: {len(chosen)} case(s) of {args.data}; dataset value -> label {mapping}"
+        + (f"; not scored: {', '.join(skipped)}" if skipped else ""))
+
+    rows, device = [], args.device
+    log(TABLE_HEADER)
+    for case in chosen:
+        started = time.perf_counter()
+        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device)
+        rows.extend(case_rows)
+        for row in case_rows:
+            log(table_line(row["case"], row["label"], row))
+        log(f"{'':<16} ({time.perf_counter() - started:.1f} s on {device})")
+    summary = summarise(rows, labels)
+    for name, means in summary.items():
+        log(table_line("mean", name, means))
+        if means["hd95_undefined"]:
+            log(f"{'':<16} {name}: HD95 undefined (organ missed, or found where the reference has none) in "
+                f"{means['hd95_undefined']} case(s), left out of its mean")
+    if args.csv:
+        write_csv(args.csv, rows, summary)
+
+    dataset = meta.get("name", os.path.basename(os.path.normpath(args.data)))
+    selection = (f"fold {args.fold} validation cases" if args.fold is not None
+                 else "selected cases" if case_ids else "all labelled cases")
+    entry = validation_entry(summary, [case["id"] for case in chosen],
+                             f"{dataset}, {selection} ({len(chosen)})", device)
+    if getattr(args, "metrics_json", None):
+        update_metrics_json(args.metrics_json, args.task, entry)
+        log(f"wrote the {args.task} metrics into {args.metrics_json}")
+    return entry
