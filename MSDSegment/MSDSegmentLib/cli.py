@@ -4,11 +4,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 from .errors import MSDSegmentError
-from .imageio import LABEL_SUFFIXES, label_suffix
+from .imageio import LABEL_SUFFIXES, atomic_output, label_suffix
 
 PROG = "msdsegment"
 
@@ -49,11 +48,8 @@ def case_name(path):
 
 
 def write_json_atomically(data, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(suffix=".json", prefix=".msdsegment-", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+    with atomic_output(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as stream:
         json.dump(data, stream, indent=2)
-    os.replace(temporary, path)
 
 
 class Reporter:

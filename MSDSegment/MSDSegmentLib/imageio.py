@@ -1,5 +1,6 @@
 """Reading inputs (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps atomically."""
 
+import contextlib
 import os
 import re
 import tempfile
@@ -162,21 +163,31 @@ def terminology_string(terminology):
     ])
 
 
-def write_labels(path, image, card=None):
-    """Write a label map through a temporary file, so a failed write never leaves a partial file."""
-    suffix = label_suffix(path)
+@contextlib.contextmanager
+def atomic_output(path, suffix):
+    """A temporary file beside `path`, renamed onto it only when the block succeeds: a failed write
+    never leaves a partial file. It gets the permissions a plain open() would give (mkstemp's are 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"Output folder does not exist: {folder}")
+    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".msdsegment-", dir=folder)
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_labels(path, image, card=None):
+    """Write a label map (with Slicer segment metadata for .seg.nrrd) atomically."""
+    suffix = label_suffix(path)
     if suffix == ".seg.nrrd" and card is not None:
         image = sitk.Image(image)
         _segment_metadata(image, card)
-    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".msdsegment-", dir=folder)
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix) as temporary:
         sitk.WriteImage(image, temporary, useCompression=True)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

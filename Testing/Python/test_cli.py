@@ -240,3 +240,13 @@ def test_console_process_exit_codes(tmp_path, ct_file, tiny_models_dir):
                          cwd=cwd, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Input not found" in bad.stderr
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path, ct_file, tiny_models_dir, capsys):
+    output = tmp_path / "seg.nii.gz"
+    assert run(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output", str(output), ct_file],
+               capsys)[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (output, tmp_path / "seg.json"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
