@@ -24,7 +24,9 @@ def preprocess_case(image_path, label_path, plan, mapping):
         arrays.append(normalise(array, plan["normalisation"]))
     image = np.stack(arrays)
     label_image = sitk.ReadImage(label_path)
-    label_image.CopyInformation(channels[0]) if label_image.GetSize() == channels[0].GetSize() else None
+    if label_image.GetSize() == channels[0].GetSize():
+        # MSD label headers can differ from their image's in the last decimals; the voxels correspond.
+        label_image.CopyInformation(channels[0])
     label = map_labels(labels_to_canonical(label_image, reference), mapping)
     box = body_box(image[0])
     return image[(slice(None),) + box].astype(np.float16), label[box]
