@@ -6,9 +6,10 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from MSDSegmentLib.preprocessing import (labels_to_canonical, normalise, resample, to_canonical)
+from MSDSegmentLib.imageio import split_channels
+from MSDSegmentLib.preprocessing import labels_to_canonical, network_input
 
-from .dataset import map_labels, split_channels
+from .dataset import map_labels
 
 LOCATIONS_PER_CLASS = 20000
 
@@ -16,13 +17,7 @@ LOCATIONS_PER_CLASS = 20000
 def preprocess_case(image_path, label_path, plan, mapping):
     """(image float16 (C, X, Y, Z), label uint8 (X, Y, Z)) on the plan's canonical grid, body-cropped."""
     channels = split_channels(sitk.ReadImage(image_path))
-    # Every channel is brought onto the first channel's grid in physical space (ADC onto T2).
-    channels = [channels[0]] + [resample(c, channels[0], sitk.sitkLinear, 0.0, sitk.sitkFloat32) for c in channels[1:]]
-    arrays, reference = [], None
-    for channel in channels:
-        array, reference = to_canonical(channel, plan["spacing"], plan["normalisation"], reference)
-        arrays.append(normalise(array, plan["normalisation"]))
-    image = np.stack(arrays)
+    image, reference = network_input(channels, plan["spacing"], plan["normalisation"])
     label_image = sitk.ReadImage(label_path)
     if label_image.GetSize() == channels[0].GetSize():
         # MSD label headers can differ from their image's in the last decimals; the voxels correspond.

@@ -1,7 +1,6 @@
 """python -m Training {train, evaluate, export} — see Training/README.md."""
 
 import argparse
-import os
 import sys
 
 from MSDSegmentLib.errors import MSDSegmentError

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 from MSDSegmentLib.errors import InputError
-from MSDSegmentLib.imageio import split_channels  # noqa: F401  (re-exported for Training)
 
 
 def read_dataset(folder):

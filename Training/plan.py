@@ -10,9 +10,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
+from MSDSegmentLib.imageio import split_channels
 from MSDSegmentLib.network import topology_for_patch
-
-from .dataset import split_channels
 
 SAMPLES_PER_CASE = 20000
 

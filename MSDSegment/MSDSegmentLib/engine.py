@@ -1,6 +1,5 @@
 """The engine: input channels in, an integer label map on exactly the first channel's grid out."""
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .inference import predict_probabilities
 from .postprocess import bounding_box, postprocess
-from .preprocessing import from_array, normalise, resample, to_canonical
+from .preprocessing import from_array, network_input, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
 
@@ -37,25 +36,16 @@ def pick_device(device):
     return device
 
 
-@functools.lru_cache(maxsize=4)
-def cached_network(weights_path, sha256, device, card_path):
-    """Networks are kept between calls (the Slicer module and batch runs segment many volumes)."""
-    card = modelcard.load_card(card_path)
-    stage = next(s for s in card.stages if s.weights_path == weights_path and s.sha256 == sha256)
-    return modelcard.load_stage_network(stage, device)
+_networks = {}  # (weights, sha256, device) -> network: kept between calls (Slicer, batch runs)
 
 
-def network_input(channels, stage):
-    """Channels resampled onto the canonical grid of the first, normalised, stacked (C, X, Y, Z)."""
-    reference_channel = channels[0]
-    arrays, reference = [], None
-    for channel in channels:
-        if channel is not reference_channel:
-            # Multi-channel MR: bring ADC onto the T2 grid in physical space first.
-            channel = resample(sitk.Cast(channel, sitk.sitkFloat32), reference_channel, sitk.sitkLinear, 0.0)
-        array, reference = to_canonical(channel, stage.spacing, stage.normalisation, reference)
-        arrays.append(normalise(array, stage.normalisation))
-    return np.stack(arrays), reference
+def network_for(stage, device):
+    key = (stage.weights_path, stage.sha256, device)
+    if key not in _networks:
+        if len(_networks) >= 4:
+            _networks.clear()
+        _networks[key] = modelcard.load_stage_network(stage, device)
+    return _networks[key]
 
 
 def task_probabilities(probabilities, stage, card):
@@ -116,7 +106,7 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
 def run_network(stage, card, image, device, tta, report, cancel):
     """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
     mirror_axes = stage.mirror_axes if tta else []
-    network = cached_network(stage.weights_path, stage.sha256, device, card.path)
+    network = network_for(stage, device)
     try:
         return predict_probabilities(network, image, stage.patch_size, device, mirror_axes,
                                      progress=lambda f: report(0.15 + 0.65 * f, "Running network"),
@@ -127,7 +117,7 @@ def run_network(stage, card, image, device, tta, report, cancel):
         import torch
         torch.cuda.empty_cache()
         report(0.15, "GPU out of memory: running on the CPU instead")
-        network = cached_network(stage.weights_path, stage.sha256, "cpu", card.path)
+        network = network_for(stage, "cpu")
         return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes,
                                      progress=lambda f: report(0.15 + 0.65 * f, "Running network (CPU)"),
                                      cancel=cancel), "cpu"
@@ -152,18 +142,15 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     if card.modality == "CT" and not looks_like_ct(channels[0]):
         warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
     stage = card.stages[0]
-    missing = modelcard.missing_weights(card)
-    if missing:
-        raise modelcard.ModelError(f"Model weights missing: {missing[0]}")
     device = pick_device(device)
     report(0.0, "Loading model")
-    cached_network(stage.weights_path, stage.sha256, device, card.path)
+    network_for(stage, device)
     timings["load"] = time.perf_counter() - started
 
     check_cancel()
     report(0.05, "Preprocessing")
     started = time.perf_counter()
-    image, canonical = network_input(channels, stage)
+    image, canonical = network_input(channels, stage.spacing, stage.normalisation)
     timings["preprocess"] = time.perf_counter() - started
 
     check_cancel()

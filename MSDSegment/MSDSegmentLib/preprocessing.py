@@ -81,6 +81,20 @@ def to_canonical(image, spacing, normalisation, reference=None):
     return to_array(resampled), reference
 
 
+def network_input(channels, spacing, normalisation):
+    """The network's input: every channel on the canonical grid of the first, normalised, stacked
+    (C, X, Y, Z), and that grid. Used by the engine and by Training's cache, so both see the same."""
+    first = channels[0]
+    arrays, reference = [], None
+    for channel in channels:
+        if channel is not first:
+            # Multi-channel MR: bring ADC onto the T2 grid in physical space first.
+            channel = resample(channel, first, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        array, reference = to_canonical(channel, spacing, normalisation, reference)
+        arrays.append(normalise(array, normalisation))
+    return np.stack(arrays), reference
+
+
 def labels_to_canonical(label_image, reference):
     return to_array(resample(label_image, reference, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
 
