@@ -37,7 +37,7 @@ licence CC BY-SA 4.0 (Antonelli M et al., The Medical Segmentation Decathlon, Na
 def helpText(cards):
     """Module help with each model's figures, read from the model cards (not written here)."""
     models = "".join(
-        f"<li><b>{card.title}</b>: {card.description}<br>{card.summary()}. "
+        f"<li><b>{card.title}</b>: {card.description}<br>{card.summary()}. {' '.join(n + '.' for n in card.notes())} "
         f"Trained on {card.training.get('data', 'see the model card')}. {card.licence}</li>"
         for card in cards.values()) or "<li>No model found in Resources/Models.</li>"
     return f"""

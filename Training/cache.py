@@ -7,6 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MSDSegmentLib.imageio import split_channels
+from MSDSegmentLib.postprocess import bounding_box
 from MSDSegmentLib.preprocessing import labels_to_canonical, network_input
 
 from .dataset import map_labels
@@ -15,7 +16,8 @@ LOCATIONS_PER_CLASS = 20000
 
 
 def preprocess_case(image_path, label_path, plan, mapping):
-    """(image float16 (C, X, Y, Z), label uint8 (X, Y, Z)) on the plan's canonical grid, body-cropped."""
+    """(image float16 (C, X, Y, Z), label uint8 (X, Y, Z)) on the plan's canonical grid, cropped to the body
+    (and to the region of interest for a cascade's fine stage)."""
     channels = split_channels(sitk.ReadImage(image_path))
     image, reference = network_input(channels, plan["spacing"], plan["normalisation"])
     label_image = sitk.ReadImage(label_path)
@@ -24,7 +26,22 @@ def preprocess_case(image_path, label_path, plan, mapping):
         label_image.CopyInformation(channels[0])
     label = map_labels(labels_to_canonical(label_image, reference), mapping)
     box = body_box(image[0])
+    if plan.get("roi"):
+        box = intersect(box, roi_box(label, plan) or box)
     return image[(slice(None),) + box].astype(np.float16), label[box]
+
+
+def roi_box(label, plan):
+    """A cascade's fine stage trains on the region it will see at inference: the box around its ROI
+    classes (here from the reference labels, there from the coarse stage) plus the plan's margin."""
+    roi = plan["roi"]
+    classes = [plan["classes"].index(name) for name in roi["classes"]]
+    margin = np.ceil(np.asarray(roi["margin_mm"]) / np.asarray(plan["spacing"])).astype(int)
+    return bounding_box(np.isin(label, classes), margin)
+
+
+def intersect(box, other):
+    return tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, other))
 
 
 def body_box(normalised_channel, margin=2):

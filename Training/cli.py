@@ -48,6 +48,9 @@ def build_parser():
     evaluate.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     evaluate.add_argument("--csv", help="write the per-case table here")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--synthetic-lesions", type=int, metavar="SEED",
+                          help="paint synthetic tumours (seeded per case) into the reference organ first and "
+                               "score the tumour class too, with lesion-wise sensitivity and false positives")
     evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
                                                  "(other tasks kept), for export --metrics")
 

@@ -13,23 +13,26 @@ import os
 import sys
 import time
 import warnings
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from MSDSegmentLib import modelcard
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.errors import InputError, ModelError
 from MSDSegmentLib.imageio import read_channels, read_image
 from MSDSegmentLib.postprocess import bounding_box
-from MSDSegmentLib.preprocessing import resample, to_array
+from MSDSegmentLib.preprocessing import from_array, resample, to_array
 
 from .dataset import fold_split, map_labels, read_dataset
+from .lesions import PRESETS, synthesise_lesions
 from .models import MODELS, label_mapping, parse_label_map
 from .tasks import TASKS
 
 COLUMNS = ["case", "label", "value", "dice", "hd95_mm", "reference_ml", "predicted_ml", "volume_error_ml",
-           "volume_error_percent"]
+           "volume_error_percent", "lesions", "detected_lesions", "false_positive_lesions"]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -70,6 +73,17 @@ def label_metrics(prediction, reference, spacing):
             "volume_error_ml": error_ml, "volume_error_percent": error_percent}
 
 
+def lesion_metrics(prediction, reference):
+    """Lesion-wise counts of one tumour label: reference lesions (connected components, 26-connected),
+    those a predicted tumour overlaps (detected), and predicted components overlapping none (false positives)."""
+    structure = np.ones((3, 3, 3), bool)
+    reference_components, lesions = ndimage.label(reference, structure)
+    predicted_components, predicted = ndimage.label(prediction, structure)
+    detected = len(np.setdiff1d(np.unique(reference_components[prediction]), [0]))
+    true_positive = len(np.setdiff1d(np.unique(predicted_components[reference]), [0]))
+    return {"lesions": lesions, "detected_lesions": detected, "false_positive_lesions": predicted - true_positive}
+
+
 def finite_mean(values):
     values = [v for v in values if math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
@@ -91,13 +105,19 @@ def summarise(rows, labels):
             "volume_error_percent": finite_mean([r["volume_error_percent"] for r in mine]),
             "abs_volume_error_percent": finite_mean([abs(r["volume_error_percent"]) for r in mine]),
         }
+        if mine and "lesions" in mine[0]:
+            lesions = sum(r["lesions"] for r in mine)
+            summary[label.name].update(
+                lesions=lesions, lesion_sensitivity=sum(r["detected_lesions"] for r in mine) / lesions if lesions
+                else math.nan, false_positive_lesions_per_volume=float(np.mean([r["false_positive_lesions"]
+                                                                                  for r in mine])))
     return summary
 
 
 # ---------------------------------------------------------------------------------------- labels, cases
 
 def model_for(card):
-    name = card.training.get("model") or TASKS.get(card.task, {}).get("model")
+    name = card.training.get("model") or (TASKS.get(card.task, {}).get("models") or [None])[-1]
     if name not in MODELS:
         raise ModelError(f"Model card {card.path} does not name a known training model (got {name!r})")
     return MODELS[name]
@@ -165,7 +185,38 @@ def reference_on_grid(path, grid, mapping):
     return map_labels(to_array(image), mapping)
 
 
+# ------------------------------------------------------------------------------------ synthetic lesions
+
+def synthetic_tumour(card, model):
+    """(tumour label, its organ's label, lesion preset) when the card's tumour class was learnt from
+    synthetic lesions, else None."""
+    for label in card.trained_labels:
+        entry = model.get("synthetic_lesions", {}).get(label.source_class)
+        if label.kind == "tumour" and entry:
+            return label, next(other for other in card.labels if other.name == label.organ), PRESETS[entry["preset"]]
+    return None
+
+
+def paint_lesions(image, reference, tumour, case_id, seed):
+    """The CT with synthetic lesions in the reference organ (the same for a case id and seed every time),
+    and the reference with them as the tumour label."""
+    tumour_label, organ_label, config = tumour
+    rng = np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+    painted, lesion = synthesise_lesions(to_array(image).astype(np.float32), reference == organ_label.value,
+                                         image.GetSpacing(), rng, config)
+    reference = reference.copy()
+    reference[lesion] = tumour_label.value
+    return from_array(painted, image), reference
+
+
 # ------------------------------------------------------------------------------------------------ output
+
+def lesion_text(row):
+    if "lesions" not in row:
+        return ""
+    return (f"  lesions {row['lesions']}, detected {row['detected_lesions']}, "
+            f"false positives {row['false_positive_lesions']}")
+
 
 def number(value, digits=3):
     return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.{digits}f}")
@@ -200,7 +251,8 @@ def rounded(value):
 def validation_entry(summary, case_ids, data_text, device):
     """The model card's `validation` field: {metric: {label name: mean}} (what ModelCard.summary reads)."""
     def metric(key):
-        return {name: rounded(means[key]) for name, means in summary.items() if math.isfinite(means[key])}
+        return {name: rounded(means[key]) for name, means in summary.items()
+                if key in means and math.isfinite(means[key])}
 
     entry = {"dice": metric("dice"), "hd95_mm": metric("hd95_mm"),
              "volume_error_percent": metric("volume_error_percent"),
@@ -210,14 +262,19 @@ def validation_entry(summary, case_ids, data_text, device):
                        "HD95: symmetric 95th-percentile surface distance (MONAI), mean over cases where "
                        "both masks exist",
              "device": device, "date": datetime.date.today().isoformat()}
+    for key in ("lesion_sensitivity", "false_positive_lesions_per_volume", "lesions"):
+        values = metric(key) if any(key in means for means in summary.values()) else {}
+        if values:
+            entry[key] = values
     undefined = {name: means["hd95_undefined"] for name, means in summary.items() if means["hd95_undefined"]}
     if undefined:
         entry["hd95_undefined_cases"] = undefined
     return entry
 
 
-def update_metrics_json(path, task, entry):
-    """Merge {task: entry} into the JSON file (other tasks kept), atomically."""
+def update_metrics_json(path, task, entry, key=None):
+    """Merge {task: entry} into the JSON file (other tasks kept), atomically; with `key`, the entry goes
+    under that key of the task's entry (the synthetic-lesion figures beside the clean ones)."""
     data = {}
     if os.path.exists(path):
         try:
@@ -225,7 +282,10 @@ def update_metrics_json(path, task, entry):
                 data = json.load(stream)
         except ValueError as error:
             raise InputError(f"Cannot update {path}: not valid JSON ({error})") from None
-    data[task] = entry
+    if key:
+        data.setdefault(task, {})[key] = entry
+    else:
+        data[task] = {**entry, **{k: v for k, v in data.get(task, {}).items() if k == "synthetic_lesions"}}
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as stream:
         json.dump(data, stream, indent=2)
@@ -235,18 +295,27 @@ def update_metrics_json(path, task, entry):
 
 # ------------------------------------------------------------------------------------------------- run
 
-def evaluate_case(case, task, mapping, labels, models_dir, device):
-    """Segment one case with the engine; one row of metrics per scored label."""
+def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0):
+    """Segment one case with the engine (with synthetic lesions painted in first if `tumour` is given);
+    one row of metrics per scored label, with lesion-wise counts for the tumour."""
     channels = read_channels([case["image"]])
+    grid = channels[0]
+    reference = reference_on_grid(case["label"], grid, mapping)
+    if tumour:
+        channels[0], reference = paint_lesions(grid, reference, tumour, case["id"], seed)
     result = segment(channels, task, device=device, models_dir=models_dir)
     for warning in result.warnings:
         print(f"{case['id']}: warning: {warning}", file=sys.stderr)
-    grid = channels[0]
     prediction = to_array(result.labels)
-    reference = reference_on_grid(case["label"], grid, mapping)
-    return [{"case": case["id"], "label": label.name, "value": label.value,
-             **label_metrics(prediction == label.value, reference == label.value, grid.GetSpacing())}
-            for label in labels], result.device
+    rows = []
+    for label in labels:
+        predicted, referenced = prediction == label.value, reference == label.value
+        row = {"case": case["id"], "label": label.name, "value": label.value,
+               **label_metrics(predicted, referenced, grid.GetSpacing())}
+        if tumour and label is tumour[0]:
+            row.update(lesion_metrics(predicted, referenced))
+        rows.append(row)
+    return rows, result.device
 
 
 def run_evaluation(args, log=print):
@@ -259,6 +328,12 @@ def run_evaluation(args, log=print):
     overrides = parse_label_map(args.label_map)
     mapping = reference_mapping(card, model, meta.get("labels", {}), overrides)
     labels = scored_labels(card, mapping, bool(overrides))
+    tumour = None
+    if getattr(args, "synthetic_lesions", None) is not None:
+        tumour = synthetic_tumour(card, model)
+        if tumour is None:
+            raise ModelError(f"Task '{args.task}' has no tumour class learnt from synthetic lesions")
+        labels = [label for label in card.trained_labels if label in labels or label is tumour[0]]
     case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     chosen = select_cases(cases, model["exclude"], case_ids, args.fold)
     skipped = [label.name for label in card.labels if label not in labels]
@@ -273,14 +348,19 @@ def run_evaluation(args, log=print):
     log(TABLE_HEADER)
     for case in chosen:
         started = time.perf_counter()
-        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device)
+        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
+                                          args.synthetic_lesions or 0)
         rows.extend(case_rows)
         for row in case_rows:
-            log(table_line(row["case"], row["label"], row))
+            log(table_line(row["case"], row["label"], row) + lesion_text(row))
         log(f"{'':<16} ({time.perf_counter() - started:.1f} s on {device})")
     summary = summarise(rows, labels)
     for name, means in summary.items():
         log(table_line("mean", name, means))
+        if "lesions" in means:
+            log(f"{'':<16} {name}: {means['lesions']} synthetic lesions, sensitivity "
+                f"{number(means['lesion_sensitivity'])}, false-positive lesions per volume "
+                f"{number(means['false_positive_lesions_per_volume'], 2)}")
         if means["hd95_undefined"]:
             log(f"{'':<16} {name}: HD95 undefined (organ missed, or found where the reference has none) in "
                 f"{means['hd95_undefined']} case(s), left out of its mean")
@@ -290,9 +370,11 @@ def run_evaluation(args, log=print):
     dataset = meta.get("name", os.path.basename(os.path.normpath(args.data)))
     selection = (f"fold {args.fold} validation cases" if args.fold is not None
                  else "selected cases" if case_ids else "all labelled cases")
-    entry = validation_entry(summary, [case["id"] for case in chosen],
-                             f"{dataset}, {selection} ({len(chosen)})", device)
+    data_text = f"{dataset}, {selection} ({len(chosen)})"
+    if tumour:
+        data_text += f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions})"
+    entry = validation_entry(summary, [case["id"] for case in chosen], data_text, device)
     if getattr(args, "metrics_json", None):
-        update_metrics_json(args.metrics_json, args.task, entry)
+        update_metrics_json(args.metrics_json, args.task, entry, "synthetic_lesions" if tumour else None)
         log(f"wrote the {args.task} metrics into {args.metrics_json}")
     return entry

@@ -7,6 +7,7 @@ import subprocess
 
 import torch
 
+from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib.modelcard import MODELS_DIR, sha256_of
 
 from .pipeline import REPOSITORY
@@ -32,24 +33,57 @@ def save_weights(checkpoint, path):
     os.replace(temporary, path)
 
 
-def stage_entry(plan, weights_name, sha256):
-    return {"weights": weights_name, "sha256": sha256, "network": plan["network"], "spacing": plan["spacing"],
-            "patch_size": plan["patch_size"], "normalisation": plan["normalisation"], "classes": plan["classes"],
-            "mirror_axes": plan["mirror_axes"]}
+# Tumour components smaller than this are dropped (made organ). 0.5 mL is a sphere of 10 mm diameter:
+# RECIST's smallest measurable lesion, and about 40 voxels of the fine stage's 2 x 2 x 3 mm grid; smaller
+# components are one or two of its voxels thick, below what the network resolves.
+MIN_TUMOUR_ML = 0.5
 
 
-def card_for(task_id, plan, stage, training, metrics):
+def stage_entry(model_name, plan, weights_name, sha256, steps):
+    return {"model": model_name, "weights": weights_name, "sha256": sha256, "network": plan["network"],
+            "spacing": plan["spacing"], "patch_size": plan["patch_size"], "normalisation": plan["normalisation"],
+            "classes": plan["classes"], "mirror_axes": plan["mirror_axes"], "roi": plan.get("roi", {}),
+            "overlap": plan.get("inference_overlap", 0.5), "steps": steps}
+
+
+def read_card(path):
+    if not os.path.exists(path):
+        return {"stages": []}
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def cascade(task_id, stage, card):
+    """The task's stages with `stage` put in its place: a cascade's other stages are kept from the card
+    already there (export the coarse stage first); stages not exported yet are left out, but a stage that
+    segments the region found by a missing one cannot be."""
+    existing = {entry.get("model"): entry for entry in card["stages"]}
+    existing[stage["model"]] = stage
+    stages = [existing[name] for name in TASKS[task_id]["models"] if name in existing]
+    for previous, entry in zip([None] + stages, stages):
+        after = entry["roi"].get("after") if entry.get("roi") else None
+        if after and (previous is None or previous["model"] != after):
+            raise MSDSegmentError(f"task '{task_id}': stage '{entry['model']}' needs stage '{after}' before it: "
+                                  f"export --model {after} first")
+    return stages
+
+
+def card_for(task_id, plan, stages, training, metrics):
     task = TASKS[task_id]
     labels = []
     for label in task["labels"]:
         entry = dict(label)
-        entry["trained"] = label["source_class"] in plan["classes"]
+        entry["trained"] = label["source_class"] in stages[-1]["classes"]
+        if entry["trained"] and label["source_class"] in plan.get("synthetic_lesions", {}) and \
+                not set(plan["dataset"]["label_mapping"].values()) & {plan["classes"].index(label["source_class"])}:
+            entry["note"] = ("learnt from synthetic lesions only (the training CT have no tumour labels); "
+                             "see the README for what that means")
         labels.append(entry)
     dataset = plan["dataset"]["name"]
     return {
         "task": task_id, "title": task["title"], "description": task["description"],
-        "modality": plan["modality"], "channels": plan["channels"], "labels": labels, "stages": [stage],
-        "postprocessing": {"keep_largest": True, "min_tumour_ml": 0.5},
+        "modality": plan["modality"], "channels": plan["channels"], "labels": labels, "stages": stages,
+        "postprocessing": {"keep_largest": True, "min_tumour_ml": MIN_TUMOUR_ML},
         "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset)},
         "validation": metrics.get(task_id, {"note": "not yet measured"}),
         "licence": "Model weights: Apache-2.0. Training data: " + DATA_CREDITS.get(dataset, {}).get("licence", "see source"),
@@ -68,19 +102,26 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
     os.makedirs(models_dir, exist_ok=True)
     weights_name = f"{model_name}.pt"
     weights_path = os.path.join(models_dir, weights_name)
-    save_weights(checkpoint, weights_path)
-    stage = stage_entry(plan, weights_name, sha256_of(weights_path))
+    stage = stage_entry(model_name, plan, weights_name, None, steps)
     training = {"model": model_name, "date": datetime.date.today().isoformat(), "code_version": code_version(),
                 "training_cases": split["training"], "validation_cases": split["validation"],
                 "excluded_cases": plan["dataset"].get("excluded", []), "steps": steps,
                 "label_mapping": plan["dataset"]["label_mapping"]}
-    written = []
+    cards = {}
     for task_id, task in TASKS.items():
-        if task["model"] == model_name:
+        if model_name in task["models"]:
             path = os.path.join(models_dir, f"{task_id}.json")
-            write_json(card_for(task_id, plan, stage, training, metrics), path)
-            written.append(path)
-    return weights_path, written
+            existing = read_card(path)
+            stages = cascade(task_id, stage, existing)
+            # The card's training record is its last stage's: re-exporting a coarse stage keeps it.
+            last = training if stages[-1] is stage else existing["training"]
+            cards[path] = card_for(task_id, plan, stages, last, metrics)
+    # Every card is checked before anything is written.
+    save_weights(checkpoint, weights_path)
+    stage["sha256"] = sha256_of(weights_path)  # the stage entry every card shares
+    for path, card in cards.items():
+        write_json(card, path)
+    return weights_path, list(cards)
 
 
 def run_export(args):

@@ -497,20 +497,21 @@ class TrainingLesions:
 
     def __init__(self, plan):
         classes = plan["classes"]
-        normalisation = plan["normalisation"]
-        self.mean, self.std = normalisation["mean"], normalisation["std"]
         self.spacing = plan["spacing"]
         self.probability = plan.get("lesion_probability", 0.0)
         self.entries = [(classes.index(entry["organ"]), classes.index(tumour), PRESETS[entry["preset"]])
                         for tumour, entry in plan.get("synthetic_lesions", {}).items()]
+        if self.entries:  # lesions are painted in HU: only CT plans have them
+            self.mean, self.std = plan["normalisation"]["mean"], plan["normalisation"]["std"]
 
     def __bool__(self):
         return bool(self.entries) and self.probability > 0
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image, label, rng, probability=None):
+        probability = self.probability if probability is None else probability
         for organ_class, tumour_class, config in self.entries:
             organ = label == organ_class
-            if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= self.probability:
+            if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= probability:
                 continue
             hu = image[0] * self.std + self.mean
             painted, lesion = synthesise_lesions(hu, organ, self.spacing, rng, config)

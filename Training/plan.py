@@ -47,7 +47,7 @@ def fingerprint(cases, seed=0):
     return {case["id"]: case_fingerprint(case["image"], case["label"], rng) for case in cases}
 
 
-def choose_spacing(prints, rule, patch_size):
+def choose_spacing(prints, rule, patch_size, min_spacing=0.0):
     spacings = np.array([p["spacing"] for p in prints.values()])
     if rule == "coarse":
         # The coarse stage sees most of the abdomen at once: one patch covers at least 4/5 of the
@@ -56,6 +56,9 @@ def choose_spacing(prints, rule, patch_size):
         edge = float(np.mean(patch_size[:2]))
         return [float(max(np.floor(fov / (1.25 * edge) * 2) / 2, spacings.max(axis=0).min()))] * 3
     target = np.median(spacings, axis=0)
+    if rule == "fine":
+        # A cascade's fine stage: the median spacing, but no finer than the CPU budget allows.
+        return [float(round(s, 3)) for s in np.maximum(target, min_spacing)]
     worst = int(np.argmax(target))
     if target[worst] > 3 * np.min(target):
         # nnU-Net: for strongly anisotropic data use the 10th percentile of the thick axis.
@@ -84,7 +87,7 @@ def choose_normalisation(prints, modality):
 
 
 def make_plan(model_name, model, prints):
-    spacing = choose_spacing(prints, model["spacing_rule"], model["patch_size"])
+    spacing = choose_spacing(prints, model["spacing_rule"], model["patch_size"], model.get("min_spacing_mm", 0.0))
     # One filter count per level: their number caps the depth.
     kernels, strides = topology_for_patch(model["patch_size"], spacing, max_levels=len(model["filters"]))
     return {
@@ -98,6 +101,8 @@ def make_plan(model_name, model, prints):
         "mirror_axes": model["mirror_axes"],
         "synthetic_lesions": model.get("synthetic_lesions", {}),
         "lesion_probability": model.get("lesion_probability", 0.0),
+        "roi": model.get("roi", {}),
+        "inference_overlap": model.get("inference_overlap", 0.5),
         "network": {
             "in_channels": len(model["channels"]),
             "out_channels": len(model["classes"]),

@@ -1,5 +1,5 @@
 """The extension's tasks: MSD label values, names, colours and SNOMED-CT codes, and which trained model
-(and which of its classes) serves each. `export` writes these into the model cards; nothing else
+(and which of its classes) serves each: `models` lists the stages of its cascade, coarse first. `export` writes these into the model cards; nothing else
 defines them."""
 
 ANATOMY = ["SCT", "123037004", "Anatomical Structure"]
@@ -24,27 +24,27 @@ TASKS = {
     "liver": {
         "title": "Liver and liver tumour (CT)",
         "description": "Liver (1) and liver tumour (2) in contrast-enhanced abdominal CT, MSD Task03 labels.",
-        "model": "abdomen",
+        "models": ["abdomen", "abdomen-fine"],
         "labels": [organ(1, "Liver", [221, 130, 101], LIVER, "liver"),
                    tumour(2, "Liver tumour", [144, 238, 144], LIVER, "Liver")],
     },
     "spleen": {
         "title": "Spleen (CT)",
         "description": "Spleen (1) in contrast-enhanced abdominal CT, MSD Task09 labels.",
-        "model": "abdomen",
+        "models": ["abdomen", "abdomen-fine"],
         "labels": [organ(1, "Spleen", [157, 108, 162], ["SCT", "78961009", "Spleen"], "spleen")],
     },
     "pancreas": {
         "title": "Pancreas and pancreatic tumour (CT)",
         "description": "Pancreas (1) and pancreatic tumour (2) in contrast-enhanced abdominal CT, MSD Task07 labels.",
-        "model": "abdomen",
+        "models": ["abdomen", "abdomen-fine"],
         "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas"),
                    tumour(2, "Pancreatic tumour", [255, 90, 90], PANCREAS, "Pancreas")],
     },
     "prostate": {
         "title": "Prostate zones (MR T2 + ADC)",
         "description": "Prostate peripheral zone (1) and transition zone (2) in T2-weighted and ADC MR, MSD Task05 labels.",
-        "model": "prostate",
+        "models": ["prostate"],
         "labels": [organ(1, "Peripheral zone", [230, 158, 140], ["SCT", "279706003", "Peripheral zone of prostate"], "PZ"),
                    organ(2, "Transition zone", [128, 174, 128], ["SCT", "399384005", "Transition zone of prostate"], "TZ")],
     },

@@ -16,12 +16,25 @@ from .lesions import TrainingLesions
 from .sampling import PatchSampler
 
 
+class PresentClassesDiceLoss(GeneralizedDiceLoss):
+    """Generalised Dice whose class weights (1 / volume^2) are 0 for classes absent from the patch.
+
+    MONAI gives an absent class the largest weight of the patch, so a class missing from most patches
+    (a tumour, the pancreas) has every predicted voxel there penalised as heavily as an error on the
+    smallest organ present, and the network learns never to predict it. Cross-entropy still penalises
+    such false positives, in proportion to their volume.
+    """
+
+    def w_func(self, grnd):
+        return torch.where(grnd > 0, torch.reciprocal(grnd * grnd), torch.zeros_like(grnd))
+
+
 class DiceCELoss(torch.nn.Module):
     """Generalised Dice (Sudre et al. 2017) plus cross-entropy."""
 
     def __init__(self):
         super().__init__()
-        self.dice = GeneralizedDiceLoss(to_onehot_y=True, softmax=True)
+        self.dice = PresentClassesDiceLoss(to_onehot_y=True, softmax=True)
         self.cross_entropy = torch.nn.CrossEntropyLoss()
 
     def forward(self, logits, labels):
@@ -90,6 +103,28 @@ def save_atomically(state, path):
     os.replace(temporary, path)
 
 
+def initialise_from(network, path, log=print):
+    """Start from exported weights: the last exported model on a new machine, or a related model (the
+    coarse stage for the fine one). Tensors whose shape differs (another number of classes) start fresh."""
+    own = network.state_dict()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    matching = {k: v.float() for k, v in state.items() if k in own and own[k].shape == v.shape}
+    network.load_state_dict(matching, strict=False)
+    fresh = sorted(set(own) - set(matching))
+    log(f"initialised from {path}" + (f"; {len(fresh)} tensors start fresh: {', '.join(fresh)}" if fresh else ""))
+
+
+def with_validation_lesions(cases, plan):
+    """Validation cases with synthetic tumours painted in, the same every run (a fixed seed per case), so
+    that the tumour classes have a validation score; cases without lesion classes are returned as they are."""
+    lesions = TrainingLesions(plan)
+    if not lesions:
+        return cases
+    for index, case in enumerate(cases):
+        lesions(case["image"], case["label"], np.random.default_rng(1000 + index), probability=1.0)
+    return cases
+
+
 def validate(network, cases, plan, device):
     network.eval()
     scores = []
@@ -118,7 +153,9 @@ def plot_curves(run_dir, classes):
     if not (os.path.exists(train_log) and os.path.exists(val_log)):
         return
     train = np.genfromtxt(train_log, delimiter=",", names=True)
-    val = np.atleast_1d(np.genfromtxt(val_log, delimiter=",", names=True))
+    with open(val_log, newline="") as stream:  # csv, not genfromtxt: class names have spaces
+        rows = list(csv.DictReader(stream))
+    val = {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(np.atleast_1d(train["step"]), np.atleast_1d(train["loss"]))
     left.set(xlabel="step", ylabel="training loss (GDL + CE)", title="Loss")
@@ -138,13 +175,11 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
     classes = len(plan["classes"])
     train_cases = [load_case(cache_dir, case_id, classes) for case_id in training_ids]
     val_cases = [load_case(cache_dir, case_id, classes) for case_id in validation_ids] if dist.main else []
+    val_cases = with_validation_lesions(val_cases, plan)
 
     network = build_network(plan["network"]).to(dist.device)
     if args.init_from:
-        # A new machine without checkpoints starts from the last exported model.
-        state = torch.load(args.init_from, map_location="cpu", weights_only=True)
-        network.load_state_dict({k: v.float() for k, v in state.items()})
-        log(f"initialised from {args.init_from}")
+        initialise_from(network, args.init_from, log)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=3e-5)
     scaler = torch.amp.GradScaler("cuda") if dist.device.type == "cuda" else None
     sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank,
@@ -205,7 +240,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
                         "seconds": round(time.time() - started, 1)})
         if dist.main and (step % args.val_every == 0 or step == args.steps or out_of_time):
             dice = validate(network, val_cases, plan, dist.device)
-            score = float(np.mean(dice))
+            score = float(np.nanmean(dice))  # a class absent from every validation case does not count
             row = {"step": step, **{f"dice_{n}": d for n, d in zip(plan["classes"][1:], dice)}, "mean": score}
             append_csv(os.path.join(run_dir, "val_log.csv"), row)
             log(f"step {step}: validation Dice " + ", ".join(f"{n} {d:.3f}" for n, d in zip(plan["classes"][1:], dice)))

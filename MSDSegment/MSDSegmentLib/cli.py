@@ -117,9 +117,8 @@ def list_tasks(models_dir):
     for task, card in cards.items():
         missing = " [weights missing]" if missing_weights(card) else ""
         print(f"{task:<9} {card.summary()}{missing}")
-        untrained = [label.name for label in card.labels if not label.trained]
-        if untrained:
-            print(f"{'':<9} not trained yet: {', '.join(untrained)}")
+        for note in card.notes():
+            print(f"{'':<9} {note}")
 
 
 def main(argv=None):

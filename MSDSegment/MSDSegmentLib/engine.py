@@ -103,24 +103,61 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
     return out
 
 
-def run_network(stage, card, image, device, tta, report, cancel):
+def run_network(stage, image, device, tta, progress, cancel):
     """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
     mirror_axes = stage.mirror_axes if tta else []
     network = network_for(stage, device)
     try:
-        return predict_probabilities(network, image, stage.patch_size, device, mirror_axes,
-                                     progress=lambda f: report(0.15 + 0.65 * f, "Running network"),
-                                     cancel=cancel), device
+        return predict_probabilities(network, image, stage.patch_size, device, mirror_axes, stage.overlap,
+                                     progress=lambda f: progress(f, "Running network"), cancel=cancel), device
     except Exception as error:
         if device != "cuda" or "out of memory" not in str(error).lower():
             raise
         import torch
         torch.cuda.empty_cache()
-        report(0.15, "GPU out of memory: running on the CPU instead")
+        progress(0.0, "GPU out of memory: running on the CPU instead")
         network = network_for(stage, "cpu")
-        return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes,
-                                     progress=lambda f: report(0.15 + 0.65 * f, "Running network (CPU)"),
-                                     cancel=cancel), "cpu"
+        return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes, stage.overlap,
+                                     progress=lambda f: progress(f, "Running network (CPU)"), cancel=cancel), "cpu"
+
+
+def region_of_interest(probabilities, stage, canonical, roi):
+    """Physical corners of the box around the voxels `stage` labelled as one of the ROI classes, plus the
+    ROI margin; None when it labelled none of them (the next stage then sees the whole image)."""
+    wanted = [stage.classes.index(name) for name in roi["classes"] if name in stage.classes]
+    box = bounding_box(np.isin(probabilities.argmax(axis=0), wanted), margin=0)
+    if box is None:
+        return None
+    lower = canonical.TransformContinuousIndexToPhysicalPoint([s.start - 0.5 for s in box])
+    upper = canonical.TransformContinuousIndexToPhysicalPoint([s.stop - 0.5 for s in box])
+    margin = np.asarray(roi["margin_mm"], dtype=float)
+    return np.asarray(lower) - margin, np.asarray(upper) + margin
+
+
+def run_stages(channels, card, device, tta, report, cancel):
+    """Run the card's stages in turn, each later one on the region of interest the previous one found.
+    Returns the last stage's probabilities, the canonical grid they are on, the device used and timings."""
+    timings = {"preprocess": 0.0, "network": 0.0}
+    region, probabilities = None, None
+    share = 0.75 / len(card.stages)  # of the progress bar, from 0.05 to 0.8
+    for number, stage in enumerate(card.stages):
+        start = 0.05 + number * share
+        if number and stage.roi:
+            region = region_of_interest(probabilities, card.stages[number - 1], canonical, stage.roi)
+        if cancel is not None and cancel():
+            raise Cancelled()
+        report(start, "Preprocessing")
+        started = time.perf_counter()
+        image, canonical = network_input(channels, stage.spacing, stage.normalisation, region)
+        timings["preprocess"] += time.perf_counter() - started
+        started = time.perf_counter()
+
+        def stage_progress(fraction, text, start=start):
+            report(start + share * (0.15 + 0.85 * fraction), text)
+
+        probabilities, device = run_network(stage, image, device, tta, stage_progress, cancel)
+        timings["network"] += time.perf_counter() - started
+    return probabilities, canonical, device, timings
 
 
 def segment(channels, task, *, device="auto", tta=False, keep_largest=True, progress=None, cancel=None,
@@ -132,35 +169,23 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
         if progress is not None:
             progress(float(fraction), stage_text)
 
-    def check_cancel():
-        if cancel is not None and cancel():
-            raise Cancelled()
-
     started = time.perf_counter()
     card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
     validate_channels(channels, card.channels)
     if card.modality == "CT" and not looks_like_ct(channels[0]):
         warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
-    stage = card.stages[0]
     device = pick_device(device)
     report(0.0, "Loading model")
-    network_for(stage, device)
+    for stage in card.stages:
+        network_for(stage, device)
     timings["load"] = time.perf_counter() - started
 
-    check_cancel()
-    report(0.05, "Preprocessing")
-    started = time.perf_counter()
-    image, canonical = network_input(channels, stage.spacing, stage.normalisation)
-    timings["preprocess"] = time.perf_counter() - started
-
-    check_cancel()
-    started = time.perf_counter()
-    probabilities, device = run_network(stage, card, image, device, tta, report, cancel)
-    timings["network"] = time.perf_counter() - started
+    probabilities, canonical, device, stage_timings = run_stages(channels, card, device, tta, report, cancel)
+    timings.update(stage_timings)
 
     report(0.8, "Resampling to the input grid")
     started = time.perf_counter()
-    probabilities = task_probabilities(probabilities, stage, card)
+    probabilities = task_probabilities(probabilities, card.stages[-1], card)
     target = channels[0]
     label_array = labels_on_input_grid(probabilities, canonical, target,
                                        [label.value for label in card.trained_labels], cancel)

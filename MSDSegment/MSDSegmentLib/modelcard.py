@@ -3,7 +3,8 @@
 One card per task in `MSDSegment/Resources/Models/<task>.json`. A card lists the labels the task
 outputs (MSD values, names, colours, SNOMED-CT codes) and one or more network stages; each stage
 names its weights file, sha256, network config, spacing, patch size, normalisation and the classes
-its output channels mean. Several tasks may share one weights file (one abdominal network serves
+its output channels mean. With several stages (a cascade) each later stage segments a region of
+interest around what the previous one found, and the last stage's output is the result. Several tasks may share one weights file (one abdominal network serves
 the liver, spleen and pancreas tasks) and each task picks the classes it needs by name.
 """
 
@@ -28,6 +29,7 @@ class Label:
     organ: str = ""                # for a tumour: the name of the organ label it must touch
     terminology: dict = field(default_factory=dict)
     trained: bool = True
+    note: str = ""                 # what a user must know about this label (how it was learnt, its limits)
 
     @property
     def color_float(self):
@@ -44,6 +46,12 @@ class Stage:
     normalisation: dict
     classes: list                  # name of each output channel, channel 0 = background
     mirror_axes: list = field(default_factory=list)
+    model: str = ""                # the trained model these weights are (Training's name for it)
+    # A cascade's later stage sees only a region of interest: the box around the previous stage's
+    # `classes` plus `margin_mm` per axis. Empty: the whole image.
+    roi: dict = field(default_factory=dict)
+    steps: int = None              # training steps of these weights
+    overlap: float = 0.5           # sliding-window overlap (a fraction of the patch)
     folder: str = MODELS_DIR
 
     @property
@@ -78,6 +86,12 @@ class ModelCard:
         dice = self.validation.get("dice", {})
         figures = ", ".join(f"{name} {value:.2f}" for name, value in dice.items()) or "not yet measured"
         return f"{self.title} - validation Dice: {figures}"
+
+    def notes(self):
+        """What a user must know about the labels: untrained ones, and how the others were learnt."""
+        untrained = [label.name for label in self.labels if not label.trained]
+        lines = [f"{label.name}: {label.note}" for label in self.trained_labels if label.note]
+        return lines + ([f"not trained yet: {', '.join(untrained)}"] if untrained else [])
 
 
 def load_card(path):

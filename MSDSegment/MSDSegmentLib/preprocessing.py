@@ -22,9 +22,12 @@ def physical_bounds(image):
     return corners.min(axis=0), corners.max(axis=0)
 
 
-def canonical_reference(image, spacing):
-    """An empty axis-aligned image at `spacing` covering `image` (the grid the network sees)."""
+def canonical_reference(image, spacing, region=None):
+    """An empty axis-aligned image at `spacing` covering `image` (the grid the network sees), or only the
+    part of it inside `region` (physical lower and upper corners)."""
     lower, upper = physical_bounds(image)
+    if region is not None:
+        lower, upper = np.maximum(lower, region[0]), np.minimum(upper, region[1])
     spacing = np.asarray(spacing, dtype=float)
     size = np.maximum(np.ceil((upper - lower) / spacing - 1e-6).astype(int), 1)
     reference = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
@@ -81,11 +84,12 @@ def to_canonical(image, spacing, normalisation, reference=None):
     return to_array(resampled), reference
 
 
-def network_input(channels, spacing, normalisation):
-    """The network's input: every channel on the canonical grid of the first, normalised, stacked
-    (C, X, Y, Z), and that grid. Used by the engine and by Training's cache, so both see the same."""
+def network_input(channels, spacing, normalisation, region=None):
+    """The network's input: every channel on the canonical grid of the first (within `region`, physical
+    corners, if given), normalised, stacked (C, X, Y, Z), and that grid. Used by the engine and by
+    Training's cache, so both see the same."""
     first = channels[0]
-    arrays, reference = [], None
+    arrays, reference = [], canonical_reference(first, spacing, region)
     for channel in channels:
         if channel is not first:
             # Multi-channel MR: bring ADC onto the T2 grid in physical space first.

@@ -36,6 +36,13 @@ TINY_PLANS = {
     "abdomen": {"modality": "CT", "channels": ["CT"], "classes": ["background", "spleen", "liver", "pancreas"],
                 "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "mirror_axes": [],
                 "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}},
+    # The fine stage of the abdominal cascade, coarser than the real one to keep tests quick.
+    "abdomen-fine": {"modality": "CT", "channels": ["CT"],
+                     "classes": ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+                     "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                     "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                     "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
+                             "margin_mm": [20, 20, 60]}},
     "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
                  "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
                  "normalisation": {"type": "zscore"}},
@@ -51,6 +58,7 @@ def write_tiny_models(folder, seed=0):
 
     from MSDSegmentLib.network import build_network, topology_for_patch
     from Training.export import export_model
+    from Training.models import MODELS
 
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
@@ -58,6 +66,7 @@ def write_tiny_models(folder, seed=0):
         kernels, strides = topology_for_patch(plan["patch_size"], plan["spacing"], max_levels=3)
         plan = dict(plan, network={"in_channels": len(plan["channels"]), "out_channels": len(plan["classes"]),
                                    "kernel_sizes": kernels, "strides": strides, "filters": [4, 8, 16][:len(strides)]},
+                    synthetic_lesions=MODELS[name].get("synthetic_lesions", {}),
                     dataset={"name": "synthetic", "label_mapping": {}, "excluded": []})
         checkpoint = os.path.join(folder, f"{name}-checkpoint.pt")
         torch.save(build_network(plan["network"]).state_dict(), checkpoint)

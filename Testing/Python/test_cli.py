@@ -52,8 +52,9 @@ def test_label_map_on_exactly_the_input_grid_with_volumes_json(tmp_path, ct_file
     np.testing.assert_allclose(labels.GetSpacing(), image.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(labels.GetDirection(), image.GetDirection(), atol=1e-6)
     summary = json.load(open(str(tmp_path / "out.json")))
-    assert set(summary["volumes_ml"]) == {"Liver"}   # the tumour class is not trained: not reported
+    assert set(summary["volumes_ml"]) == {"Liver", "Liver tumour"}
     assert summary["model"]["card"] == "liver.json"
+    assert summary["model"]["weights"] == ["abdomen.pt", "abdomen-fine.pt"]   # the two stages of the cascade
     assert {"read", "load", "preprocess", "network", "postprocess", "write"} <= set(summary["timings_s"])
     assert "Liver" in out
 
@@ -135,7 +136,8 @@ def test_tasks_lists_the_catalogue_with_figures(tiny_models_dir, capsys):
     assert code == 0
     assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == \
         ["liver", "spleen", "pancreas", "prostate"]
-    assert "not yet measured" in out and "not trained yet: Liver tumour" in out
+    assert "not yet measured" in out
+    assert "Liver tumour: learnt from synthetic lesions only" in out
 
 
 # ---- bad input: one line, non-zero exit, no output file, input untouched ----

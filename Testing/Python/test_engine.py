@@ -157,3 +157,20 @@ def test_missing_weights_are_named(models_copy):
 def test_unknown_task_lists_the_catalogue(tiny_models_dir):
     with pytest.raises(ModelError, match="available: liver, spleen, pancreas, prostate"):
         segment([synthetic_ct()], "kidney", models_dir=tiny_models_dir)
+
+
+def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
+    from MSDSegmentLib.engine import region_of_interest
+    from MSDSegmentLib.modelcard import Stage
+    canonical = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    canonical.SetSpacing([4.0, 4.0, 4.0])
+    stage = Stage(weights="", sha256="", network={}, spacing=[4.0] * 3, patch_size=[], normalisation={},
+                  classes=["background", "spleen", "liver"])
+    probabilities = np.zeros((3, 20, 20, 10), np.float32)
+    probabilities[0] = 1
+    roi = {"classes": ["liver", "pancreas"], "margin_mm": [10, 10, 20]}
+    assert region_of_interest(probabilities, stage, canonical, roi) is None     # nothing found: whole image
+    probabilities[:, 5:8, 6:9, 2:4] = np.array([0, 0, 1])[:, None, None, None]
+    lower, upper = region_of_interest(probabilities, stage, canonical, roi)
+    # voxels 5..7 cover 18..30 mm (centres at 4 mm x index), then the margin
+    assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 44, 34])

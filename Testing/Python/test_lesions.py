@@ -294,3 +294,9 @@ def test_training_crops_get_tumour_labels_inside_the_organ_reproducibly():
     assert np.array_equal(crop_label > 0, label > 0)         # tumours only replace organ voxels
     assert np.array_equal(crop[0][label == 0], image[0][label == 0])
     assert crop[0][crop_label == 3].mean() < crop[0][crop_label == 2].mean()   # hypo-attenuating by default
+
+
+def test_plans_without_lesion_classes_paint_nothing():
+    from Training.lesions import TrainingLesions
+    mr_plan = {"classes": ["background", "PZ", "TZ"], "normalisation": {"type": "zscore"}, "spacing": [0.6, 0.6, 3.6]}
+    assert not TrainingLesions(mr_plan)      # an MR plan has no CT mean and std, and needs none

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from MSDSegmentLib import modelcard
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.imageio import read_channels
 from Training import cli
-from Training.cache import foreground_locations
+from Training.cache import foreground_locations, roi_box
 from Training.evaluate import label_metrics, reference_mapping, run_evaluation, select_cases
 from Training.models import MODELS, LabelMappingError, label_mapping, parse_label_map
 from Training.dataset import read_dataset
@@ -45,7 +46,14 @@ def ellipsoid(shape, centre, radii):
     return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 < 1
 
 
-def synthetic_case(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 5.0)):
+SMALL_ORGANS = [(6, (15, 22, 12), (8, 9, 7), 130.0), (1, (34, 24, 13), (4, 6, 4), 110.0),
+                (11, (25, 29, 11), (7, 3, 2), 90.0), (3, (34, 32, 9), (3, 3, 3), 160.0)]
+# A large liver with a bright (hyper-attenuating) tumour labelled 2 ("liver tumour"), for the tumour classes' end-to-end test.
+LIVER_WITH_TUMOUR = [(6, (17, 22, 12), (13, 13, 9), 130.0), (2, (14, 20, 12), (5, 5, 3), 200.0)] + SMALL_ORGANS[1:]
+LIVER_WITH_TUMOUR_LABELS = dict(SYNTHETIC_LABELS, **{"2": "liver tumour"})
+
+
+def synthetic_case(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 5.0), organs=SMALL_ORGANS):
     """A BTCV-like CT (HU clipped to [-125, 275], int16) with liver, spleen, pancreas and a kidney (x, y, z)."""
     rng = np.random.default_rng(seed)
     jitter = lambda: rng.integers(-2, 3, 3)  # noqa: E731
@@ -54,8 +62,6 @@ def synthetic_case(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 5.0)):
     image[ellipsoid(shape, (24, 24, 12), (21, 16, 100))] = 40.0           # body
     image[ellipsoid(shape, (24, 36, 12), (3, 3, 100))] = 700.0            # spine (saturates at 275)
     label = np.zeros(shape, np.uint8)
-    organs = [(6, (15, 22, 12), (8, 9, 7), 130.0), (1, (34, 24, 13), (4, 6, 4), 110.0),
-              (11, (25, 29, 11), (7, 3, 2), 90.0), (3, (34, 32, 9), (3, 3, 3), 160.0)]
     for value, centre, radii, hu in organs:
         mask = ellipsoid(shape, np.add(centre, jitter()), np.multiply(radii, scale()))
         image[mask], label[mask] = hu, value
@@ -70,13 +76,13 @@ def synthetic_case(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 5.0)):
     return images
 
 
-def write_dataset(folder, cases=5, labels=SYNTHETIC_LABELS):
+def write_dataset(folder, cases=5, labels=SYNTHETIC_LABELS, organs=SMALL_ORGANS):
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     training = []
     for index in range(cases):
         name = f"synth_{index:02d}.nii.gz"
-        image, label = synthetic_case(index)
+        image, label = synthetic_case(index, organs=organs)
         sitk.WriteImage(image, os.path.join(folder, "imagesTr", name))
         sitk.WriteImage(label, os.path.join(folder, "labelsTr", name))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
@@ -106,6 +112,18 @@ def trained(synthetic_data, tmp_path_factory):
     models = os.path.join(out, "models")
     assert cli.main(["export", "--model", "abdomen", "--out", out, "--models-dir", models]) == 0
     return {"data": synthetic_data, "out": out, "models": models}
+
+
+@pytest.fixture(scope="module")
+def cascade(trained, tmp_path_factory):
+    """The fine stage trained for two steps on the same data, exported after the coarse one."""
+    argv = ["train", "--model", "abdomen-fine", "--data", trained["data"], "--out", trained["out"], *TINY,
+            "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
+    assert cli.main(argv) == 0
+    models = str(tmp_path_factory.mktemp("cascade-models"))
+    shutil.copytree(trained["models"], models, dirs_exist_ok=True)
+    assert cli.main(["export", "--model", "abdomen-fine", "--out", trained["out"], "--models-dir", models]) == 0
+    return {**trained, "models": models}
 
 
 # ---------------------------------------------------------------------------- train -> export -> segment
@@ -155,6 +173,36 @@ def test_engine_segments_with_the_exported_model(trained):
         values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
         assert values <= {0} | {label.value for label in result.card.trained_labels}
         assert set(result.volumes_ml) == {label.value for label in result.card.trained_labels}
+
+
+def test_fine_stage_export_needs_its_coarse_stage_and_writes_nothing_without_it(cascade, tmp_path, capsys):
+    assert cli.main(["export", "--model", "abdomen-fine", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 2
+    assert "export --model abdomen first" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
+    liver = modelcard.find_card("liver", cascade["models"])
+    assert [stage.model for stage in liver.stages] == ["abdomen", "abdomen-fine"]
+    assert liver.stages[1].roi == {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
+                                   "margin_mm": [20, 20, 60]}
+    assert [(label.name, label.trained) for label in liver.labels] == [("Liver", True), ("Liver tumour", True)]
+    assert liver.training["model"] == "abdomen-fine" and liver.stages[1].steps == 2
+    assert liver.labels[1].note.startswith("learnt from synthetic lesions only") and not liver.labels[0].note
+    assert not modelcard.missing_weights(liver)
+    # Exporting the coarse stage again keeps the fine one after it.
+    assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", cascade["models"]]) == 0
+    stages = modelcard.find_card("pancreas", cascade["models"]).stages
+    assert [stage.model for stage in stages] == ["abdomen", "abdomen-fine"]
+
+
+def test_cascade_segments_onto_the_input_grid(cascade):
+    channels = read_channels([os.path.join(cascade["data"], "imagesTr", "synth_02.nii.gz")])
+    result = segment(channels, "pancreas", device="cpu", models_dir=cascade["models"])
+    assert result.labels.GetSize() == channels[0].GetSize()
+    assert np.allclose(result.labels.GetDirection(), channels[0].GetDirection())
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
+    assert set(result.volumes_ml) == {1, 2}
 
 
 def test_command_line_segments_with_the_exported_model(trained, tmp_path):
@@ -240,6 +288,21 @@ def test_generalised_dice_loss_matches_sudre_et_al_by_hand():
     assert float(loss(logits, labels)) == pytest.approx(9 / 28 + cross_entropy, abs=1e-5)
 
 
+def test_a_class_absent_from_the_patch_has_no_weight_in_the_dice_term():
+    # The same four voxels with a third class that the reference lacks, predicted a little everywhere:
+    # its Dice weight is 0, so the Dice term is the hand-computed one of the two present classes on the
+    # probabilities as they are (MONAI's default would give the absent class the largest weight).
+    reference = [0, 1, 1, 1]
+    foreground, absent = [0.2, 0.6, 0.8, 0.9], [0.05] * 4
+    background = [1 - f - a for f, a in zip(foreground, absent)]
+    probabilities = torch.tensor([background, foreground, absent]).reshape(1, 3, 4, 1, 1)
+    labels = torch.tensor(reference).reshape(1, 1, 4, 1, 1)
+    intersection = [background[0], sum(foreground[1:])]
+    sums = [sum(background) + 1, sum(foreground) + 3]
+    weights = [1.0, 1 / 9]
+    expected = 1 - 2 * sum(w * i for w, i in zip(weights, intersection)) / sum(w * t for w, t in zip(weights, sums))
+    assert float(DiceCELoss().dice(torch.log(probabilities), labels)) == pytest.approx(expected, abs=1e-5)
+
 
 def test_generalised_dice_loss_is_zero_for_a_perfect_prediction():
     labels = torch.tensor([0, 1, 2, 2, 0, 1]).reshape(1, 1, 6, 1, 1)
@@ -249,11 +312,13 @@ def test_generalised_dice_loss_is_zero_for_a_perfect_prediction():
 
 # ------------------------------------------------------------------------------------------ label mapping
 
-def task_card(task):
-    labels = [modelcard.Label(**{**label, "trained": label["source_class"] in MODELS[TASKS[task]["model"]]["classes"]})
+def task_card(task, model=None):
+    """A card for `task` whose last stage is `model` (default: the first of its cascade)."""
+    model = model or TASKS[task]["models"][0]
+    labels = [modelcard.Label(**{**label, "trained": label["source_class"] in MODELS[model]["classes"]})
               for label in TASKS[task]["labels"]]
     return modelcard.ModelCard(task=task, title="", description="", modality="", channels=[], labels=labels,
-                               stages=[], postprocessing={}, training={"model": TASKS[task]["model"]}, validation={},
+                               stages=[], postprocessing={}, training={"model": model}, validation={},
                                licence="")
 
 
@@ -288,6 +353,9 @@ def test_evaluation_maps_dataset_labels_to_task_values():
     # MSD Task03: the untrained tumour label counts as liver (the model segments the liver with its lesions)
     assert reference_mapping(task_card("liver"), MODELS["abdomen"],
                              {"0": "background", "1": "liver", "2": "cancer"}) == {1: 1, 2: 1}
+    # ... and once the fine stage has the tumour class, it is the tumour
+    assert reference_mapping(task_card("liver", "abdomen-fine"), MODELS["abdomen-fine"],
+                             {"0": "background", "1": "liver", "2": "cancer"}) == {1: 1, 2: 2}
     assert reference_mapping(task_card("prostate"), MODELS["prostate"],
                              {"0": "background", "1": "PZ", "2": "TZ"}) == {1: 1, 2: 2}
     with pytest.raises(LabelMappingError, match="'pancreas'"):
@@ -329,6 +397,22 @@ def test_coarse_spacing_fits_most_of_the_field_of_view_in_one_patch():
     # never finer than the coarsest data: 60 / 80 = 0.75 -> 0.5, but the data is at most 1.0 mm in-plane
     small = [[60.0, 60.0, 60.0]] * 3
     assert choose_spacing(prints(spacings, small), "coarse", [64, 64, 64]) == [1.0, 1.0, 1.0]
+
+
+def test_fine_spacing_is_the_median_but_no_finer_than_its_floor():
+    spacings = [[0.7, 0.7, 2.5], [0.8, 0.8, 3.0], [1.5, 1.5, 5.0]]
+    assert choose_spacing(prints(spacings), "fine", [80, 80, 48], min_spacing=2.0) == [2.0, 2.0, 3.0]
+    assert choose_spacing(prints(spacings), "fine", [80, 80, 48], min_spacing=0.5) == [0.8, 0.8, 3.0]
+
+
+def test_fine_stage_cache_is_cropped_to_its_organs_plus_the_margin():
+    plan = {"classes": ["background", "spleen", "liver"], "spacing": [2.0, 2.0, 4.0],
+            "roi": {"classes": ["spleen", "liver"], "margin_mm": [4, 4, 8]}}
+    label = np.zeros((40, 40, 30), np.uint8)
+    label[10:15, 12:20, 10:12] = 1
+    label[20:25, 15:18, 14:16] = 2
+    label[30:35, 30:35, 25:28] = 3                  # a class that is not in the region of interest
+    assert roi_box(label, plan) == (slice(8, 27), slice(10, 22), slice(8, 18))
 
 
 def test_fingerprint_samples_the_labelled_voxels(synthetic_data):
@@ -446,3 +530,62 @@ def test_evaluate_refuses_a_dataset_without_the_task_s_organ(trained, tmp_path, 
     assert cli.main(["evaluate", "--task", "pancreas", "--data", data, "--models-dir", trained["models"]]) == 2
     error = capsys.readouterr().err.strip()
     assert "dataset has no label for class 'pancreas'" in error and "\n" not in error
+
+
+def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(cascade, tmp_path, capsys):
+    metrics_json = str(tmp_path / "metrics.json")
+    common = ["--data", cascade["data"], "--models-dir", cascade["models"], "--device", "cpu",
+              "--metrics-json", metrics_json, "--cases", "synth_00,synth_02"]
+    assert cli.main(["evaluate", "--task", "liver", *common]) == 0
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", *common]) == 0
+    out = capsys.readouterr().out
+    assert "Liver tumour" in out and "synthetic lesions, sensitivity" in out
+    with open(metrics_json) as stream:
+        liver = json.load(stream)["liver"]
+    assert set(liver["dice"]) == {"Liver"}                      # clean cases: no tumour to score
+    painted = liver["synthetic_lesions"]
+    assert set(painted["dice"]) == {"Liver", "Liver tumour"}
+    assert painted["lesions"]["Liver tumour"] >= 2              # at least one per case
+    assert 0 <= painted["lesion_sensitivity"]["Liver tumour"] <= 1
+    assert "synthetic liver tumours painted in (seed 5)" in painted["data"]
+    # The same seed paints the same lesions: the same figures again (and the clean ones are kept).
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", *common]) == 0
+    with open(metrics_json) as stream:
+        again = json.load(stream)["liver"]
+    assert again["synthetic_lesions"]["dice"] == painted["dice"] and again["dice"] == liver["dice"]
+    # A task without a synthetic tumour class is refused in one line.
+    assert cli.main(["evaluate", "--task", "spleen", "--synthetic-lesions", "5", *common]) == 2
+    assert "no tumour class learnt from synthetic lesions" in capsys.readouterr().err
+
+
+def test_lesion_wise_counts():
+    from Training.evaluate import lesion_metrics
+    reference = np.zeros((20, 20, 20), bool)
+    reference[2:5, 2:5, 2:5] = reference[10:13, 10:13, 10:13] = reference[16:18, 2:4, 2:4] = True
+    prediction = np.zeros_like(reference)
+    prediction[3:6, 3:6, 3:6] = True                            # hits the first lesion
+    prediction[15:17, 15:17, 15:17] = True                      # a false positive
+    assert lesion_metrics(prediction, reference) == {"lesions": 3, "detected_lesions": 1, "false_positive_lesions": 1}
+
+
+# ---------------------------------------------------------------------------------------- tumour classes
+
+def test_a_briefly_trained_cascade_outputs_organ_and_tumour(tmp_path):
+    """End to end for the tumour classes: a synthetic dataset with a labelled liver tumour, the fine stage
+    trained (with synthetic lesions painted in too) for a few hundred tiny steps, exported after the coarse
+    stage; the liver task then outputs 0, 1 and 2 on a held-back case, its tumour on the tumour."""
+    data = write_dataset(str(tmp_path / "data"), organs=LIVER_WITH_TUMOUR, labels=LIVER_WITH_TUMOUR_LABELS)
+    out, models = str(tmp_path / "runs"), str(tmp_path / "models")
+    common = ["--data", data, "--out", out, "--val-every", "1000", "--device", "cpu", "--quiet"]
+    assert cli.main(["train", "--model", "abdomen", *common, *TINY, "--steps", "2"]) == 0
+    assert cli.main(["train", "--model", "abdomen-fine", *common, "--patch-size", "24", "24", "16",
+                     "--filters", "8", "16", "32", "--batch-size", "4", "--lr", "3e-3", "--steps", "400"]) == 0
+    for model in ("abdomen", "abdomen-fine"):
+        assert cli.main(["export", "--model", model, "--out", out, "--models-dir", models]) == 0
+    result = segment(read_channels([os.path.join(data, "imagesTr", "synth_00.nii.gz")]), "liver", device="cpu",
+                     models_dir=models)
+    prediction = sitk.GetArrayFromImage(result.labels)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(data, "labelsTr", "synth_00.nii.gz")))
+    assert set(np.unique(prediction).tolist()) == {0, 1, 2}
+    tumour = prediction == 2
+    assert 2 * (tumour & (reference == 2)).sum() / (tumour.sum() + (reference == 2).sum()) > 0.3
