@@ -51,6 +51,9 @@ def build_parser():
     evaluate.add_argument("--synthetic-lesions", type=int, metavar="SEED",
                           help="paint synthetic tumours (seeded per case) into the reference organ first and "
                                "score the tumour class too, with lesion-wise sensitivity and false positives")
+    evaluate.add_argument("--lesion-rounds", type=int, default=1, metavar="N",
+                          help="with --synthetic-lesions: segment each case N times with other lesions (seed, "
+                               "seed + 1, ...) for more lesions to count")
     evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
                                                  "(other tasks kept), for export --metrics")
 

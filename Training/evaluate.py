@@ -6,6 +6,7 @@ case's own grid against its reference labels, read through the dataset's `datase
 """
 
 import csv
+import itertools
 import datetime
 import json
 import math
@@ -73,15 +74,18 @@ def label_metrics(prediction, reference, spacing):
             "volume_error_ml": error_ml, "volume_error_percent": error_percent}
 
 
-def lesion_metrics(prediction, reference):
-    """Lesion-wise counts of one tumour label: reference lesions (connected components, 26-connected),
-    those a predicted tumour overlaps (detected), and predicted components overlapping none (false positives)."""
+def lesion_metrics(prediction, reference, min_voxels=0):
+    """Lesion-wise counts of one tumour label: reference lesions (connected components, 26-connected) of at
+    least `min_voxels` (smaller ones are below what post-processing keeps), those a predicted tumour overlaps
+    (detected), and predicted components overlapping no reference lesion (false positives)."""
     structure = np.ones((3, 3, 3), bool)
-    reference_components, lesions = ndimage.label(reference, structure)
+    reference_components, count = ndimage.label(reference, structure)
+    sizes = np.bincount(reference_components.ravel())
+    scored = [index for index in range(1, count + 1) if sizes[index] >= min_voxels]
     predicted_components, predicted = ndimage.label(prediction, structure)
-    detected = len(np.setdiff1d(np.unique(reference_components[prediction]), [0]))
+    detected = len(set(np.unique(reference_components[prediction]).tolist()) & set(scored))
     true_positive = len(np.setdiff1d(np.unique(predicted_components[reference]), [0]))
-    return {"lesions": lesions, "detected_lesions": detected, "false_positive_lesions": predicted - true_positive}
+    return {"lesions": len(scored), "detected_lesions": detected, "false_positive_lesions": predicted - true_positive}
 
 
 def finite_mean(values):
@@ -313,7 +317,9 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
         row = {"case": case["id"], "label": label.name, "value": label.value,
                **label_metrics(predicted, referenced, grid.GetSpacing())}
         if tumour and label is tumour[0]:
-            row.update(lesion_metrics(predicted, referenced))
+            voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
+            min_voxels = int(np.ceil(result.card.postprocessing.get("min_tumour_ml", 0.0) / voxel_ml))
+            row.update(lesion_metrics(predicted, referenced, min_voxels))
         rows.append(row)
     return rows, result.device
 
@@ -346,10 +352,14 @@ def run_evaluation(args, log=print):
 
     rows, device = [], args.device
     log(TABLE_HEADER)
-    for case in chosen:
+    # With synthetic lesions each case is segmented once per round, with other lesions each time.
+    rounds = [(round_, (args.synthetic_lesions or 0) + round_) for round_ in range(args.lesion_rounds if tumour else 1)]
+    for case, (round_, seed) in itertools.product(chosen, rounds):
         started = time.perf_counter()
-        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
-                                          args.synthetic_lesions or 0)
+        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour, seed)
+        if len(rounds) > 1:
+            for row in case_rows:
+                row["case"] = f"{case['id']}/{round_}"
         rows.extend(case_rows)
         for row in case_rows:
             log(table_line(row["case"], row["label"], row) + lesion_text(row))
@@ -372,7 +382,8 @@ def run_evaluation(args, log=print):
                  else "selected cases" if case_ids else "all labelled cases")
     data_text = f"{dataset}, {selection} ({len(chosen)})"
     if tumour:
-        data_text += f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions})"
+        data_text += (f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions}, "
+                      f"{len(rounds)} round(s) of lesions per case)")
     entry = validation_entry(summary, [case["id"] for case in chosen], data_text, device)
     if getattr(args, "metrics_json", None):
         update_metrics_json(args.metrics_json, args.task, entry, "synthetic_lesions" if tumour else None)

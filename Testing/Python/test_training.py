@@ -547,12 +547,15 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     assert set(painted["dice"]) == {"Liver", "Liver tumour"}
     assert painted["lesions"]["Liver tumour"] >= 2              # at least one per case
     assert 0 <= painted["lesion_sensitivity"]["Liver tumour"] <= 1
-    assert "synthetic liver tumours painted in (seed 5)" in painted["data"]
+    assert "synthetic liver tumours painted in (seed 5, 1 round(s)" in painted["data"]
     # The same seed paints the same lesions: the same figures again (and the clean ones are kept).
     assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", *common]) == 0
     with open(metrics_json) as stream:
         again = json.load(stream)["liver"]
     assert again["synthetic_lesions"]["dice"] == painted["dice"] and again["dice"] == liver["dice"]
+    # Two rounds: each case twice, with other lesions the second time.
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", "--lesion-rounds", "2", *common]) == 0
+    assert "synth_02/1" in capsys.readouterr().out
     # A task without a synthetic tumour class is refused in one line.
     assert cli.main(["evaluate", "--task", "spleen", "--synthetic-lesions", "5", *common]) == 2
     assert "no tumour class learnt from synthetic lesions" in capsys.readouterr().err
@@ -566,6 +569,9 @@ def test_lesion_wise_counts():
     prediction[3:6, 3:6, 3:6] = True                            # hits the first lesion
     prediction[15:17, 15:17, 15:17] = True                      # a false positive
     assert lesion_metrics(prediction, reference) == {"lesions": 3, "detected_lesions": 1, "false_positive_lesions": 1}
+    # Lesions below the smallest tumour post-processing keeps (the 8-voxel one here) are not counted.
+    assert lesion_metrics(prediction, reference, min_voxels=10) == \
+        {"lesions": 2, "detected_lesions": 1, "false_positive_lesions": 1}
 
 
 # ---------------------------------------------------------------------------------------- tumour classes
