@@ -6,8 +6,8 @@ case's own grid against its reference labels, read through the dataset's `datase
 """
 
 import csv
-import itertools
 import datetime
+import itertools
 import json
 import math
 import os
@@ -24,7 +24,7 @@ from MSDSegmentLib import modelcard
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.errors import InputError, ModelError
 from MSDSegmentLib.imageio import read_channels, read_image
-from MSDSegmentLib.postprocess import bounding_box
+from MSDSegmentLib.postprocess import FULL_CONNECTIVITY, bounding_box, min_tumour_voxels
 from MSDSegmentLib.preprocessing import from_array, resample, to_array
 
 from .dataset import fold_split, map_labels, read_dataset
@@ -78,11 +78,10 @@ def lesion_metrics(prediction, reference, min_voxels=0):
     """Lesion-wise counts of one tumour label: reference lesions (connected components, 26-connected) of at
     least `min_voxels` (smaller ones are below what post-processing keeps), those a predicted tumour overlaps
     (detected), and predicted components overlapping no reference lesion (false positives)."""
-    structure = np.ones((3, 3, 3), bool)
-    reference_components, count = ndimage.label(reference, structure)
+    reference_components, count = ndimage.label(reference, FULL_CONNECTIVITY)
     sizes = np.bincount(reference_components.ravel())
     scored = [index for index in range(1, count + 1) if sizes[index] >= min_voxels]
-    predicted_components, predicted = ndimage.label(prediction, structure)
+    predicted_components, predicted = ndimage.label(prediction, FULL_CONNECTIVITY)
     detected = len(set(np.unique(reference_components[prediction]).tolist()) & set(scored))
     true_positive = len(np.setdiff1d(np.unique(predicted_components[reference]), [0]))
     return {"lesions": len(scored), "detected_lesions": detected, "false_positive_lesions": predicted - true_positive}
@@ -267,7 +266,7 @@ def validation_entry(summary, case_ids, data_text, device):
                        "both masks exist",
              "device": device, "date": datetime.date.today().isoformat()}
     for key in ("lesion_sensitivity", "false_positive_lesions_per_volume", "lesions"):
-        values = metric(key) if any(key in means for means in summary.values()) else {}
+        values = metric(key)
         if values:
             entry[key] = values
     undefined = {name: means["hd95_undefined"] for name, means in summary.items() if means["hd95_undefined"]}
@@ -318,8 +317,7 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
                **label_metrics(predicted, referenced, grid.GetSpacing())}
         if tumour and label is tumour[0]:
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
-            min_voxels = int(np.ceil(result.card.postprocessing.get("min_tumour_ml", 0.0) / voxel_ml))
-            row.update(lesion_metrics(predicted, referenced, min_voxels))
+            row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml)))
         rows.append(row)
     return rows, result.device
 
@@ -353,10 +351,11 @@ def run_evaluation(args, log=print):
     rows, device = [], args.device
     log(TABLE_HEADER)
     # With synthetic lesions each case is segmented once per round, with other lesions each time.
-    rounds = [(round_, (args.synthetic_lesions or 0) + round_) for round_ in range(args.lesion_rounds if tumour else 1)]
-    for case, (round_, seed) in itertools.product(chosen, rounds):
+    rounds = range(args.lesion_rounds if tumour else 1)
+    for case, round_ in itertools.product(chosen, rounds):
         started = time.perf_counter()
-        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour, seed)
+        case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
+                                          (args.synthetic_lesions or 0) + round_)
         if len(rounds) > 1:
             for row in case_rows:
                 row["case"] = f"{case['id']}/{round_}"

@@ -68,17 +68,22 @@ def cascade(task_id, stage, card):
     return stages
 
 
-def card_for(task_id, plan, stages, training, metrics):
-    task = TASKS[task_id]
+def task_labels(task_id, plan):
+    """The task's labels as the model of `plan` (the card's last stage) outputs them."""
     labels = []
-    for label in task["labels"]:
+    for label in TASKS[task_id]["labels"]:
         entry = dict(label)
-        entry["trained"] = label["source_class"] in stages[-1]["classes"]
+        entry["trained"] = label["source_class"] in plan["classes"]
         if entry["trained"] and label["source_class"] in plan.get("synthetic_lesions", {}) and \
                 not set(plan["dataset"]["label_mapping"].values()) & {plan["classes"].index(label["source_class"])}:
             entry["note"] = ("learnt from synthetic lesions only (the training CT have no tumour labels); "
                              "see the README for what that means")
         labels.append(entry)
+    return labels
+
+
+def card_for(task_id, plan, stages, labels, training, metrics):
+    task = TASKS[task_id]
     dataset = plan["dataset"]["name"]
     return {
         "task": task_id, "title": task["title"], "description": task["description"],
@@ -113,9 +118,11 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
             path = os.path.join(models_dir, f"{task_id}.json")
             existing = read_card(path)
             stages = cascade(task_id, stage, existing)
-            # The card's training record is its last stage's: re-exporting a coarse stage keeps it.
-            last = training if stages[-1] is stage else existing["training"]
-            cards[path] = card_for(task_id, plan, stages, last, metrics)
+            if stages[-1] is stage:
+                labels, last_training = task_labels(task_id, plan), training
+            else:  # the labels and training record are the last stage's: re-exporting a coarse stage keeps them
+                labels, last_training = existing["labels"], existing["training"]
+            cards[path] = card_for(task_id, plan, stages, labels, last_training, metrics)
     # Every card is checked before anything is written.
     save_weights(checkpoint, weights_path)
     stage["sha256"] = sha256_of(weights_path)  # the stage entry every card shares

@@ -1,6 +1,6 @@
-"""The extension's tasks: MSD label values, names, colours and SNOMED-CT codes, and which trained model
-(and which of its classes) serves each: `models` lists the stages of its cascade, coarse first. `export` writes these into the model cards; nothing else
-defines them."""
+"""The extension's tasks: MSD label values, names, colours and SNOMED-CT codes, and which trained models
+(and which of their classes) serve each: `models` lists the stages of its cascade, coarse first. `export`
+writes these into the model cards; nothing else defines them."""
 
 ANATOMY = ["SCT", "123037004", "Anatomical Structure"]
 ALTERED = ["SCT", "49755003", "Morphologically Altered Structure"]

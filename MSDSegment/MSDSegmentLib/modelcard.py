@@ -4,8 +4,9 @@ One card per task in `MSDSegment/Resources/Models/<task>.json`. A card lists the
 outputs (MSD values, names, colours, SNOMED-CT codes) and one or more network stages; each stage
 names its weights file, sha256, network config, spacing, patch size, normalisation and the classes
 its output channels mean. With several stages (a cascade) each later stage segments a region of
-interest around what the previous one found, and the last stage's output is the result. Several tasks may share one weights file (one abdominal network serves
-the liver, spleen and pancreas tasks) and each task picks the classes it needs by name.
+interest around what the previous one found, and the last stage's output is the result. Several
+tasks may share one weights file (one abdominal cascade serves the liver, spleen and pancreas tasks)
+and each task picks the classes it needs by name.
 """
 
 import hashlib

@@ -51,6 +51,11 @@ def filter_tumours(labels, tumour, organ, min_voxels):
             crop[component] = organ
 
 
+def min_tumour_voxels(card, voxel_ml):
+    """The smallest tumour component post-processing keeps, in voxels of `voxel_ml` mL."""
+    return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
+
+
 def postprocess(labels, card, voxel_ml, keep_largest=True):
     settings = card.postprocessing
     for label in card.trained_labels:
@@ -59,6 +64,5 @@ def postprocess(labels, card, voxel_ml, keep_largest=True):
     for label in card.trained_labels:
         if label.kind == "tumour":
             organ = next(o.value for o in card.labels if o.name == label.organ)
-            min_voxels = int(np.ceil(settings.get("min_tumour_ml", 0.1) / voxel_ml))
-            filter_tumours(labels, label.value, organ, min_voxels)
+            filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml))
     return labels

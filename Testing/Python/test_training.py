@@ -192,8 +192,11 @@ def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
     assert not modelcard.missing_weights(liver)
     # Exporting the coarse stage again keeps the fine one after it.
     assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", cascade["models"]]) == 0
-    stages = modelcard.find_card("pancreas", cascade["models"]).stages
-    assert [stage.model for stage in stages] == ["abdomen", "abdomen-fine"]
+    pancreas = modelcard.find_card("pancreas", cascade["models"])
+    assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine"]
+    # ... and the labels and training record of that last stage.
+    assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
+    assert pancreas.training["model"] == "abdomen-fine"
 
 
 def test_cascade_segments_onto_the_input_grid(cascade):
