@@ -499,17 +499,26 @@ class TrainingLesions:
         classes = plan["classes"]
         self.spacing = plan["spacing"]
         self.probability = plan.get("lesion_probability", 0.0)
+        self.centred_fraction = plan.get("lesion_centred_fraction", 0.0)  # see PatchSampler._lesion_centred
         self.entries = [(classes.index(entry["organ"]), classes.index(tumour), PRESETS[entry["preset"]])
                         for tumour, entry in plan.get("synthetic_lesions", {}).items()]
         if self.entries:  # lesions are painted in HU: only CT plans have them
             self.mean, self.std = plan["normalisation"]["mean"], plan["normalisation"]["std"]
 
     def __bool__(self):
-        return bool(self.entries) and self.probability > 0
+        return bool(self.entries) and (self.probability > 0 or self.centred_fraction > 0)
 
-    def __call__(self, image, label, rng, probability=None):
+    @property
+    def classes(self):
+        """(organ class, tumour class) pairs."""
+        return [(organ, tumour) for organ, tumour, _ in self.entries]
+
+    def __call__(self, image, label, rng, probability=None, organs=None):
+        """Paint lesions into each organ (or only those in `organs`) with the plan's probability."""
         probability = self.probability if probability is None else probability
         for organ_class, tumour_class, config in self.entries:
+            if organs is not None and organ_class not in organs:
+                continue
             organ = label == organ_class
             if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= probability:
                 continue

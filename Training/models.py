@@ -52,6 +52,9 @@ MODELS["abdomen-fine"] = dict(
     synthetic_lesions={"liver tumour": {"organ": "liver", "preset": "liver"},
                        "pancreatic tumour": {"organ": "pancreas", "preset": "pancreas"}},
     lesion_probability=0.5,
+    # A third of the patches are centred on a lesion: painted anywhere in a crop, a lesion is mostly
+    # outside the patch or cut by its edge.
+    lesion_centred_fraction=0.33,
     spacing_rule="fine",
     min_spacing_mm=2.0,          # finer costs 3-8x more per CT on a CPU
     patch_size=[80, 80, 48],

@@ -101,6 +101,7 @@ def make_plan(model_name, model, prints):
         "mirror_axes": model["mirror_axes"],
         "synthetic_lesions": model.get("synthetic_lesions", {}),
         "lesion_probability": model.get("lesion_probability", 0.0),
+        "lesion_centred_fraction": model.get("lesion_centred_fraction", 0.0),
         "roi": model.get("roi", {}),
         "inference_overlap": model.get("inference_overlap", 0.5),
         "network": {

@@ -54,6 +54,22 @@ def random_states(transform):
     return found
 
 
+def crop(image, label, centre, size):
+    """(image (C, *size), label (1, *size)) centred on `centre`, padded with each channel's minimum."""
+    out_image = np.empty((image.shape[0], *size), np.float32)
+    out_image[:] = image.reshape(image.shape[0], -1).min(axis=1)[:, None, None, None]
+    out_label = np.zeros(size, np.uint8)
+    source, target = [], []
+    for c, n, s in zip(centre, label.shape, size):
+        start = int(c) - s // 2
+        lo, hi = max(start, 0), min(start + s, n)
+        source.append(slice(lo, hi))
+        target.append(slice(lo - start, hi - start))
+    out_image[(slice(None), *target)] = image[(slice(None), *source)]
+    out_label[tuple(target)] = label[tuple(source)]
+    return out_image, out_label[None]
+
+
 class PatchSampler:
     def __init__(self, cases, patch_size, classes, mirror_axes, seed=0, foreground_fraction=0.5, lesions=None):
         self.cases = cases
@@ -87,29 +103,39 @@ class PatchSampler:
             return coords[self.rng.integers(len(coords))].astype(int)
         return np.array([self.rng.integers(n) for n in case["label"].shape])
 
-    def _crop(self, case, centre):
-        size = [int(round(p * CONTEXT)) for p in self.patch_size]
-        image, label = case["image"], case["label"]
-        out_image = np.empty((image.shape[0], *size), np.float32)
-        out_image[:] = image.reshape(image.shape[0], -1).min(axis=1)[:, None, None, None]
-        out_label = np.zeros(size, np.uint8)
-        source, target = [], []
-        for c, n, s in zip(centre, label.shape, size):
-            start = c - s // 2
-            lo, hi = max(start, 0), min(start + s, n)
-            source.append(slice(lo, hi))
-            target.append(slice(lo - start, hi - start))
-        out_image[(slice(None), *target)] = image[(slice(None), *source)]
-        out_label[tuple(target)] = label[tuple(source)]
-        return out_image, out_label[None]
+    def _lesion_centred(self, case):
+        """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case. Without
+        this, a lesion (a few mL in an organ of 1-2 L) lies mostly outside the patch or at its edge."""
+        organs = [(organ, tumour) for organ, tumour in self.lesions.classes
+                  if len(case["locations"].get(organ, ()))]
+        if not organs:
+            return None
+        organ, tumour = organs[self.rng.integers(len(organs))]
+        image, label = case["image"].copy(), case["label"].copy()
+        self.lesions(image, label, self.rng, probability=1.0, organs=[organ])
+        lesion = np.argwhere(label == tumour)
+        if not len(lesion):
+            return None
+        return crop(image, label, lesion[self.rng.integers(len(lesion))], self._context_size())
+
+    def _context_size(self):
+        return [int(round(p * CONTEXT)) for p in self.patch_size]
+
+    def _draw(self, case):
+        if self.lesions and self.rng.random() < self.lesions.centred_fraction:
+            drawn = self._lesion_centred(case)
+            if drawn is not None:
+                return drawn
+        image, label = crop(case["image"], case["label"], self._centre(case), self._context_size())
+        if self.lesions:
+            self.lesions(image, label[0], self.rng)
+        return image, label
 
     def sample(self, batch_size):
         images, labels = [], []
         for _ in range(batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
-            image, label = self._crop(case, self._centre(case))
-            if self.lesions:
-                self.lesions(image, label[0], self.rng)
+            image, label = self._draw(case)
             item = self.augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
             images.append(torch.as_tensor(item["image"]))
             labels.append(torch.as_tensor(item["label"]).round().long())

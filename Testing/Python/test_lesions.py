@@ -300,3 +300,33 @@ def test_plans_without_lesion_classes_paint_nothing():
     from Training.lesions import TrainingLesions
     mr_plan = {"classes": ["background", "PZ", "TZ"], "normalisation": {"type": "zscore"}, "spacing": [0.6, 0.6, 3.6]}
     assert not TrainingLesions(mr_plan)      # an MR plan has no CT mean and std, and needs none
+
+
+def test_lesion_centred_patches_hold_a_tumour_of_the_organ_they_were_painted_into():
+    from Training.cache import foreground_locations
+    from Training.lesions import TrainingLesions
+    from Training.sampling import PatchSampler
+
+    plan = {"classes": ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+            "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+            "spacing": [4.0, 4.0, 4.0], "lesion_probability": 0.0, "lesion_centred_fraction": 1.0,
+            "synthetic_lesions": {"liver tumour": {"organ": "liver", "preset": "liver"},
+                                  "pancreatic tumour": {"organ": "pancreas", "preset": "pancreas"}}}
+    x, y, z = np.meshgrid(*[np.arange(64)] * 3, indexing="ij")
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[((x - 22) / 18.0) ** 2 + ((y - 30) / 20.0) ** 2 + ((z - 32) / 16.0) ** 2 < 1] = 2   # a liver
+    label[((x - 50) / 10.0) ** 2 + ((y - 30) / 5.0) ** 2 + ((z - 32) / 5.0) ** 2 < 1] = 4     # a pancreas
+    image = np.random.default_rng(0).normal((100 - 90) / 60, 0.15, (1, 64, 64, 64)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    case = {"id": "case", "image": image, "label": label, "locations": foreground_locations(label, 6, rng)}
+    sampler = PatchSampler([case], [16, 16, 16], 6, [], seed=2, lesions=TrainingLesions(plan))
+    tumours = []
+    for _ in range(4):
+        _, labels = sampler.sample(2)
+        for patch in labels[:, 0].numpy():
+            present = set(np.unique(patch))
+            assert present & {3, 5}, f"a lesion-centred patch without tumour: {present}"
+            assert not (3 in present and 5 in present)   # only the chosen organ is painted
+            tumours.append(3 if 3 in present else 5)
+    assert set(tumours) == {3, 5}                        # either organ is chosen
+    assert np.array_equal(case["label"], label)          # the cached case is left as it was
