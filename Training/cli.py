@@ -59,7 +59,10 @@ def build_parser():
 
     export = commands.add_parser("export", help="write weights and model cards into the extension")
     add_common(export)
-    export.add_argument("--checkpoint", help="weights to export (default: the run's best_model.pt)")
+    export.add_argument("--checkpoint", help="weights (.pt) or a training checkpoint (.ckpt) to export "
+                        "(default: the run's best_model.pt)")
+    export.add_argument("--steps", type=int, help="training steps behind --checkpoint, for the card "
+                        "(default: read from the run's last.ckpt, or from --checkpoint when it is a .ckpt)")
     export.add_argument("--models-dir", help="destination (default: MSDSegment/Resources/Models)")
     export.add_argument("--metrics", help="JSON of measured validation metrics to put in the cards")
     return parser

@@ -26,7 +26,10 @@ def code_version():
 def save_weights(checkpoint, path):
     """fp16 halves the file; the engine casts back to float32 (the validation figures are measured on
     the exported fp16 weights through the engine, so they include any loss from the cast)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if checkpoint.endswith(".ckpt"):  # a training checkpoint (trusted: this project's own run)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     temporary = path + ".tmp"
     torch.save(state, temporary)
@@ -131,6 +134,16 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
     return weights_path, list(cards)
 
 
+def steps_behind(checkpoint, run_dir):
+    """Training steps behind the exported weights: the best step of the run's last checkpoint by default,
+    a full checkpoint's own step, or None for other weights (a copied best_model.pt: give --steps)."""
+    path = checkpoint or os.path.join(run_dir, "last.ckpt")
+    if not path.endswith(".ckpt") or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["step"] if checkpoint else state["best"]["step"]
+
+
 def run_export(args):
     base = os.path.join(args.out, args.model)
     run_dir = os.path.join(base, f"fold{args.fold}")
@@ -138,10 +151,6 @@ def run_export(args):
     split = load_json(os.path.join(run_dir, "split.json"))
     metrics = load_json(args.metrics) if args.metrics else {}
     checkpoint = args.checkpoint or os.path.join(run_dir, "best_model.pt")
-    steps = None
-    last = os.path.join(run_dir, "last.ckpt")
-    if os.path.exists(last):
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        steps = state["best"]["step"] if not args.checkpoint else state["step"]
+    steps = args.steps if args.steps is not None else steps_behind(args.checkpoint, run_dir)
     weights, cards = export_model(args.model, plan, split, checkpoint, args.models_dir or MODELS_DIR, metrics, steps)
     print(f"exported {weights} ({os.path.getsize(weights) / 1e6:.1f} MB) and {', '.join(cards)}")

@@ -161,6 +161,24 @@ def test_export_writes_cards_for_every_task_of_the_model(trained):
     assert not modelcard.missing_weights(liver)
 
 
+def test_export_records_the_steps_behind_the_weights(trained, tmp_path):
+    run_dir = os.path.join(trained["out"], "abdomen", "fold0")
+    exports = {"last": ["--checkpoint", os.path.join(run_dir, "last.ckpt")],
+               "copied": ["--checkpoint", os.path.join(run_dir, "best_model.pt"), "--steps", "7"],
+               "unknown": ["--checkpoint", os.path.join(run_dir, "best_model.pt")]}
+    steps = {}
+    for name, options in exports.items():
+        models = str(tmp_path / name)
+        assert cli.main(["export", "--model", "abdomen", "--out", trained["out"], "--models-dir", models, *options]) == 0
+        card = modelcard.find_card("spleen", models)
+        steps[name] = (card.stages[0].steps, card.training["steps"])
+    assert steps == {"last": (2, 2), "copied": (7, 7), "unknown": (None, None)}
+    # The checkpoint's own weights were exported (fp16), not the best model's or anything else.
+    exported = torch.load(str(tmp_path / "last" / "abdomen.pt"), weights_only=True)
+    saved = torch.load(os.path.join(run_dir, "last.ckpt"), weights_only=False)["model"]
+    assert all(torch.equal(exported[key], value.half()) for key, value in saved.items())
+
+
 def test_engine_segments_with_the_exported_model(trained):
     channels = read_channels([os.path.join(trained["data"], "imagesTr", "synth_00.nii.gz")])
     for task in ("spleen", "liver"):
