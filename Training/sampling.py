@@ -104,8 +104,8 @@ class PatchSampler:
         return np.array([self.rng.integers(n) for n in case["label"].shape])
 
     def _lesion_centred(self, case):
-        """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case. Without
-        this, a lesion (a few mL in an organ of 1-2 L) lies mostly outside the patch or at its edge."""
+        """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case: painted
+        into a crop, a lesion (a few mL in an organ of 1-2 L) often lies at the patch edge or outside it."""
         organs = [(organ, tumour) for organ, tumour in self.lesions.classes
                   if len(case["locations"].get(organ, ()))]
         if not organs:
