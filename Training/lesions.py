@@ -502,6 +502,9 @@ class TrainingLesions:
         self.centred_fraction = plan.get("lesion_centred_fraction", 0.0)  # see PatchSampler._lesion_centred
         self.entries = [(classes.index(entry["organ"]), classes.index(tumour), PRESETS[entry["preset"]])
                         for tumour, entry in plan.get("synthetic_lesions", {}).items()]
+        # How often each organ is chosen for a lesion-centred patch, relative to the others (default 1).
+        self.centred_weights = [float(entry.get("centred_weight", 1.0))
+                                for entry in plan.get("synthetic_lesions", {}).values()]
         if self.entries:  # lesions are painted in HU: only CT plans have them
             self.mean, self.std = plan["normalisation"]["mean"], plan["normalisation"]["std"]
 
@@ -512,6 +515,16 @@ class TrainingLesions:
     def classes(self):
         """(organ class, tumour class) pairs."""
         return [(organ, tumour) for organ, tumour, _ in self.entries]
+
+    def choose_organ(self, present_organs, rng):
+        """One (organ class, tumour class) pair whose organ is in `present_organs`, drawn by centred weight;
+        None if there is none."""
+        pairs = [(pair, weight) for pair, weight in zip(self.classes, self.centred_weights)
+                 if pair[0] in present_organs and weight > 0]
+        if not pairs:
+            return None
+        weights = np.array([weight for _, weight in pairs])
+        return pairs[rng.choice(len(pairs), p=weights / weights.sum())][0]
 
     def __call__(self, image, label, rng, probability=None, organs=None):
         """Paint lesions into each organ (or only those in `organs`) with the plan's probability."""

@@ -106,11 +106,11 @@ class PatchSampler:
     def _lesion_centred(self, case):
         """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case: painted
         into a crop, a lesion (a few mL in an organ of 1-2 L) often lies at the patch edge or outside it."""
-        organs = [(organ, tumour) for organ, tumour in self.lesions.classes
-                  if len(case["locations"].get(organ, ()))]
-        if not organs:
+        present = [organ for organ, coords in case["locations"].items() if len(coords)]
+        chosen = self.lesions.choose_organ(present, self.rng)
+        if chosen is None:
             return None
-        organ, tumour = organs[self.rng.integers(len(organs))]
+        organ, tumour = chosen
         image, label = case["image"].copy(), case["label"].copy()
         self.lesions(image, label, self.rng, probability=1.0, organs=[organ])
         lesion = np.argwhere(label == tumour)

@@ -9,9 +9,11 @@ LIVER = ["SCT", "10200004", "Liver"]
 PANCREAS = ["SCT", "15776009", "Pancreas"]
 
 
-def organ(value, name, color, code, source_class):
+def organ(value, name, color, code, source_class, component_gap_mm=0):
+    """component_gap_mm: post-processing keeps pieces of this organ closer than this together, for organs the
+    network tends to break up (measured on the held-back cases: see Training/README.md)."""
     return {"value": value, "name": name, "color": color, "source_class": source_class, "kind": "organ",
-            "terminology": {"category": ANATOMY, "type": code}}
+            "terminology": {"category": ANATOMY, "type": code}, "component_gap_mm": component_gap_mm}
 
 
 def tumour(value, name, color, region, organ_name):
@@ -38,14 +40,15 @@ TASKS = {
         "title": "Pancreas and pancreatic tumour (CT)",
         "description": "Pancreas (1) and pancreatic tumour (2) in contrast-enhanced abdominal CT, MSD Task07 labels.",
         "models": ["abdomen", "abdomen-fine"],
-        "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas"),
+        "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas", component_gap_mm=10),
                    tumour(2, "Pancreatic tumour", [255, 90, 90], PANCREAS, "Pancreas")],
     },
     "prostate": {
         "title": "Prostate zones (MR T2 + ADC)",
         "description": "Prostate peripheral zone (1) and transition zone (2) in T2-weighted and ADC MR, MSD Task05 labels.",
         "models": ["prostate"],
-        "labels": [organ(1, "Peripheral zone", [230, 158, 140], ["SCT", "279706003", "Peripheral zone of prostate"], "PZ"),
+        "labels": [organ(1, "Peripheral zone", [230, 158, 140], ["SCT", "279706003", "Peripheral zone of prostate"], "PZ",
+                         component_gap_mm=10),
                    organ(2, "Transition zone", [128, 174, 128], ["SCT", "399384005", "Transition zone of prostate"], "TZ")],
     },
 }

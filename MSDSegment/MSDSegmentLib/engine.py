@@ -191,7 +191,7 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
                                        [label.value for label in card.trained_labels], cancel)
     report(0.9, "Post-processing")
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
-    postprocess(label_array, card, voxel_ml, keep_largest)
+    postprocess(label_array, card, target.GetSpacing(), keep_largest)
     labels = from_array(label_array, target)
     timings["postprocess"] = time.perf_counter() - started
 

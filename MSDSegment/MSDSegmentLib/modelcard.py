@@ -31,6 +31,7 @@ class Label:
     terminology: dict = field(default_factory=dict)
     trained: bool = True
     note: str = ""                 # what a user must know about this label (how it was learnt, its limits)
+    component_gap_mm: float = 0.0  # for an organ: pieces closer than this are kept together (post-processing)
 
     @property
     def color_float(self):

@@ -1,5 +1,5 @@
-"""Post-processing of the label map on the input grid: largest component per organ, tumours kept
-only where they touch their organ and exceed a minimum volume."""
+"""Post-processing of the label map on the input grid: the largest cluster of components per organ,
+tumours kept only where they touch their organ and exceed a minimum volume."""
 
 import numpy as np
 from scipy import ndimage
@@ -16,18 +16,28 @@ def bounding_box(mask, margin=1):
     return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
 
 
-def keep_largest_component(labels, value):
-    """Set every component of `value` but the largest to background (in place)."""
-    box = bounding_box(labels == value)
+def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0):
+    """Keep only the largest cluster of `value`'s components (in place; the rest becomes background).
+
+    Components less than `gap_mm` apart form one cluster, weighed by their voxels: an organ the network
+    breaks into pieces (a thin pancreas, the two horns of the peripheral zone) then outweighs a single
+    larger false blob elsewhere. With gap 0 this is the largest connected component.
+    """
+    mask = labels == value
+    spacing = np.asarray(spacing_mm, dtype=float)
+    reach = np.ceil(gap_mm / spacing).astype(int)
+    box = bounding_box(mask, margin=reach + 1)
     if box is None:
         return
-    crop = labels[box]
-    components, count = ndimage.label(crop == value, FULL_CONNECTIVITY)
+    crop, mask = labels[box], mask[box]
+    joined = mask
+    if gap_mm > 0:
+        joined = ndimage.distance_transform_edt(~mask, sampling=spacing) <= gap_mm / 2
+    clusters, count = ndimage.label(joined, FULL_CONNECTIVITY)
     if count <= 1:
         return
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    crop[(components > 0) & (components != int(np.argmax(sizes)))] = 0
+    sizes = np.bincount(clusters[mask], minlength=count + 1)
+    crop[mask & (clusters != int(np.argmax(sizes)))] = 0
 
 
 def filter_tumours(labels, tumour, organ, min_voxels):
@@ -56,11 +66,13 @@ def min_tumour_voxels(card, voxel_ml):
     return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
 
 
-def postprocess(labels, card, voxel_ml, keep_largest=True):
+def postprocess(labels, card, spacing_mm, keep_largest=True):
+    """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place)."""
     settings = card.postprocessing
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
         if label.kind == "organ" and keep_largest and settings.get("keep_largest", True):
-            keep_largest_component(labels, label.value)
+            keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm)
     for label in card.trained_labels:
         if label.kind == "tumour":
             organ = next(o.value for o in card.labels if o.name == label.organ)

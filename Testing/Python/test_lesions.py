@@ -330,3 +330,20 @@ def test_lesion_centred_patches_hold_a_tumour_of_the_organ_they_were_painted_int
             tumours.append(3 if 3 in present else 5)
     assert set(tumours) == {3, 5}                        # either organ is chosen
     assert np.array_equal(case["label"], label)          # the cached case is left as it was
+
+
+def test_lesion_centred_organs_are_drawn_by_their_weight_among_those_present():
+    from Training.lesions import TrainingLesions
+
+    plan = {"classes": ["background", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+            "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+            "spacing": [2.0, 2.0, 3.0], "lesion_centred_fraction": 0.5,
+            "synthetic_lesions": {"liver tumour": {"organ": "liver", "preset": "liver"},
+                                  "pancreatic tumour": {"organ": "pancreas", "preset": "pancreas",
+                                                        "centred_weight": 3}}}
+    lesions, rng = TrainingLesions(plan), np.random.default_rng(0)
+    drawn = [lesions.choose_organ([1, 3], rng) for _ in range(4000)]
+    share = sum(pair == (3, 4) for pair in drawn) / len(drawn)
+    assert abs(share - 0.75) < 0.03, share
+    assert {lesions.choose_organ([1], rng) for _ in range(50)} == {(1, 2)}   # an absent organ is never chosen
+    assert lesions.choose_organ([5], rng) is None
