@@ -95,8 +95,12 @@ class PatchSampler:
         for random, saved in zip(random_states(self.augment), state["random_states"]):
             random.set_state(saved)
 
+    @staticmethod
+    def _present_classes(case):
+        return [index for index, coords in case["locations"].items() if len(coords)]
+
     def _centre(self, case):
-        present = [k for k, coords in case["locations"].items() if len(coords)]
+        present = self._present_classes(case)
         if present and self.rng.random() < self.foreground_fraction:
             # Classes are drawn uniformly so a small organ (pancreas) is seen as often as a large one.
             coords = case["locations"][present[self.rng.integers(len(present))]]
@@ -106,8 +110,7 @@ class PatchSampler:
     def _lesion_centred(self, case):
         """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case: painted
         into a crop, a lesion (a few mL in an organ of 1-2 L) often lies at the patch edge or outside it."""
-        present = [organ for organ, coords in case["locations"].items() if len(coords)]
-        chosen = self.lesions.choose_organ(present, self.rng)
+        chosen = self.lesions.choose_organ(self._present_classes(case), self.rng)
         if chosen is None:
             return None
         organ, tumour = chosen
