@@ -39,7 +39,7 @@ TASKS = {
     "pancreas": {
         "title": "Pancreas and pancreatic tumour (CT)",
         "description": "Pancreas (1) and pancreatic tumour (2) in contrast-enhanced abdominal CT, MSD Task07 labels.",
-        "models": ["abdomen", "abdomen-fine"],
+        "models": ["abdomen", "abdomen-fine", "pancreas-fine"],
         "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas", component_gap_mm=10),
                    tumour(2, "Pancreatic tumour", [255, 90, 90], PANCREAS, "Pancreas")],
     },

@@ -10,7 +10,7 @@ from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .inference import predict_probabilities
-from .postprocess import bounding_box, postprocess
+from .postprocess import bounding_box, keep_largest_cluster, postprocess
 from .preprocessing import from_array, network_input, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
@@ -123,9 +123,13 @@ def run_network(stage, image, device, tta, progress, cancel):
 
 def region_of_interest(probabilities, stage, canonical, roi):
     """Physical corners of the box around the voxels `stage` labelled as one of the ROI classes, plus the
-    ROI margin; None when it labelled none of them (the next stage then sees the whole image)."""
+    ROI margin; None when it labelled none of them. With `cluster_gap_mm` the box holds only the largest
+    cluster of those voxels (as post-processing would keep it), not stray blobs elsewhere."""
     wanted = [stage.classes.index(name) for name in roi["classes"] if name in stage.classes]
-    box = bounding_box(np.isin(probabilities.argmax(axis=0), wanted), margin=0)
+    found = np.isin(probabilities.argmax(axis=0), wanted).astype(np.uint8)
+    if "cluster_gap_mm" in roi:
+        keep_largest_cluster(found, 1, canonical.GetSpacing(), roi["cluster_gap_mm"])
+    box = bounding_box(found, margin=0)
     if box is None:
         return None
     lower = canonical.TransformContinuousIndexToPhysicalPoint([s.start - 0.5 for s in box])
@@ -135,15 +139,16 @@ def region_of_interest(probabilities, stage, canonical, roi):
 
 
 def run_stages(channels, card, device, tta, report, cancel):
-    """Run the card's stages in turn, each later one on the region of interest the previous one found.
-    Returns the last stage's probabilities, the canonical grid they are on, the device used and timings."""
+    """Run the card's stages in turn, each later one on the region of interest the previous one found (or,
+    where that found none of the ROI classes, on the previous stage's own region). Returns the last stage's
+    probabilities, the canonical grid they are on, the device used and timings."""
     timings = {"preprocess": 0.0, "network": 0.0}
     region, probabilities = None, None
     share = 0.75 / len(card.stages)  # of the progress bar, from 0.05 to 0.8
     for number, stage in enumerate(card.stages):
         start = 0.05 + number * share
         if number and stage.roi:
-            region = region_of_interest(probabilities, card.stages[number - 1], canonical, stage.roi)
+            region = region_of_interest(probabilities, card.stages[number - 1], canonical, stage.roi) or region
         if cancel is not None and cancel():
             raise Cancelled()
         report(start, "Preprocessing")

@@ -50,7 +50,8 @@ class Stage:
     mirror_axes: list = field(default_factory=list)
     model: str = ""                # the trained model these weights are (Training's name for it)
     # A cascade's later stage sees only a region of interest: the box around the previous stage's
-    # `classes` plus `margin_mm` per axis. Empty: the whole image.
+    # `classes` plus `margin_mm` per axis (with `cluster_gap_mm`: around their largest cluster only).
+    # Empty: the whole image.
     roi: dict = field(default_factory=dict)
     steps: int = None              # training steps of these weights
     overlap: float = 0.5           # sliding-window overlap (a fraction of the patch)

@@ -76,10 +76,26 @@ def background_value(normalisation):
     return normalisation["window"][0] if normalisation["type"] == "ct" else 0.0
 
 
+def covering(image, reference, spacing):
+    """The part of `image` that resampling onto `reference` reads, with a margin of twice the coarsest target
+    spacing (over 4 sigma of the anti-aliasing kernel): a later stage's small region then costs the
+    smoothing of that region, not of the whole CT."""
+    lower, upper = physical_bounds(reference)
+    margin = 2.0 * max(spacing)
+    corners = [image.TransformPhysicalPointToContinuousIndex([float(c) for c in corner])
+               for corner in itertools.product(*zip(lower - margin, upper + margin))]
+    size = np.array(image.GetSize())
+    start = np.clip(np.floor(np.min(corners, axis=0)).astype(int) - 1, 0, size - 1)
+    stop = np.clip(np.ceil(np.max(corners, axis=0)).astype(int) + 2, start + 1, size)
+    if np.all(start == 0) and np.all(stop == size):
+        return image
+    return image[int(start[0]):int(stop[0]), int(start[1]):int(stop[1]), int(start[2]):int(stop[2])]
+
+
 def to_canonical(image, spacing, normalisation, reference=None):
     """Resample one channel onto the canonical grid; returns (float32 array, reference image)."""
     reference = canonical_reference(image, spacing) if reference is None else reference
-    image = antialias(sitk.Cast(image, sitk.sitkFloat32), spacing)
+    image = antialias(sitk.Cast(covering(image, reference, spacing), sitk.sitkFloat32), spacing)
     resampled = resample(image, reference, sitk.sitkLinear, background_value(normalisation), sitk.sitkFloat32)
     return to_array(resampled), reference
 

@@ -43,6 +43,12 @@ TINY_PLANS = {
                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
                      "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
                              "margin_mm": [20, 20, 60]}},
+    # The pancreas task's third stage: its region is the fine stage's largest cluster of pancreas.
+    "pancreas-fine": {"modality": "CT", "channels": ["CT"], "classes": ["background", "pancreas", "pancreatic tumour"],
+                      "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                      "roi": {"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"],
+                              "margin_mm": [30, 30, 24], "cluster_gap_mm": 10}},
     "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
                  "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
                  "normalisation": {"type": "zscore"}},

@@ -162,6 +162,25 @@ def test_unknown_task_lists_the_catalogue(tiny_models_dir):
         segment([synthetic_ct()], "kidney", models_dir=tiny_models_dir)
 
 
+def test_a_stage_whose_previous_one_found_nothing_sees_that_stage_s_region(tiny_models_dir, monkeypatch):
+    """The pancreas task's three stages: when the fine stage finds no pancreas, the pancreas stage segments
+    the fine stage's region (the organs), not the whole CT."""
+    import MSDSegmentLib.engine as engine
+    organs = (np.array([-50.0, -40.0, 50.0]), np.array([50.0, 40.0, 120.0]))
+    found = iter([organs, None])
+    monkeypatch.setattr(engine, "region_of_interest", lambda *args: next(found))
+    regions, network_input = [], engine.network_input
+
+    def recording_input(channels, spacing, normalisation, region=None):
+        regions.append(region)
+        return network_input(channels, spacing, normalisation, region)
+
+    monkeypatch.setattr(engine, "network_input", recording_input)
+    result = segment([synthetic_ct()], "pancreas", device="cpu", models_dir=tiny_models_dir)
+    assert regions == [None, organs, organs]
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
+
+
 def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     from MSDSegmentLib.engine import region_of_interest
     from MSDSegmentLib.modelcard import Stage
@@ -177,3 +196,27 @@ def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     lower, upper = region_of_interest(probabilities, stage, canonical, roi)
     # voxels 5..7 cover 18..30 mm (centres at 4 mm x index), then the margin
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 44, 34])
+    # A larger blob far away widens the box, unless the box is drawn around the largest cluster of pieces:
+    # two 18-voxel pieces one voxel (4 mm) apart outweigh a single 27-voxel blob 28 mm away.
+    probabilities[:, 5:8, 10:13, 2:4] = np.array([0, 0, 1])[:, None, None, None]
+    probabilities[:, 14:17, 14:17, 6:9] = np.array([0, 0, 1])[:, None, None, None]
+    lower, upper = region_of_interest(probabilities, stage, canonical, roi)
+    assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [76, 76, 54])
+    lower, upper = region_of_interest(probabilities, stage, canonical, dict(roi, cluster_gap_mm=10))
+    assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 60, 34])
+
+
+def test_a_region_is_preprocessed_as_if_the_whole_image_had_been():
+    """Only the part of the CT under a region is smoothed (speed); the result equals smoothing it all."""
+    from MSDSegmentLib import preprocessing
+    image = synthetic_ct(size=(120, 110, 40), spacing=(0.8, 0.8, 2.5))
+    normalisation = {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}
+    lower, upper = preprocessing.physical_bounds(image)
+    region = (lower + 0.3 * (upper - lower), lower + 0.7 * (upper - lower))
+    spacing = [2.0, 2.0, 3.0]
+    cropped, reference = preprocessing.network_input([image], spacing, normalisation, region)
+    smoothed = preprocessing.antialias(sitk.Cast(image, sitk.sitkFloat32), spacing)
+    whole = preprocessing.normalise(preprocessing.to_array(preprocessing.resample(
+        smoothed, reference, sitk.sitkLinear, -125.0, sitk.sitkFloat32)), normalisation)
+    assert cropped.shape[1:] == whole.shape and cropped.shape[1] < image.GetSize()[0] * 0.8 / spacing[0] / 2
+    np.testing.assert_allclose(cropped[0], whole, atol=1e-4)

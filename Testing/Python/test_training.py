@@ -116,13 +116,15 @@ def trained(synthetic_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cascade(trained, tmp_path_factory):
-    """The fine stage trained for two steps on the same data, exported after the coarse one."""
-    argv = ["train", "--model", "abdomen-fine", "--data", trained["data"], "--out", trained["out"], *TINY,
-            "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
-    assert cli.main(argv) == 0
+    """The fine stage and the pancreas stage trained for two steps each on the same data, exported after the
+    coarse one in cascade order."""
     models = str(tmp_path_factory.mktemp("cascade-models"))
     shutil.copytree(trained["models"], models, dirs_exist_ok=True)
-    assert cli.main(["export", "--model", "abdomen-fine", "--out", trained["out"], "--models-dir", models]) == 0
+    for model in ("abdomen-fine", "pancreas-fine"):
+        argv = ["train", "--model", model, "--data", trained["data"], "--out", trained["out"], *TINY,
+                "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
+        assert cli.main(argv) == 0
+        assert cli.main(["export", "--model", model, "--out", trained["out"], "--models-dir", models]) == 0
     return {**trained, "models": models}
 
 
@@ -197,6 +199,11 @@ def test_fine_stage_export_needs_its_coarse_stage_and_writes_nothing_without_it(
     assert cli.main(["export", "--model", "abdomen-fine", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 2
     assert "export --model abdomen first" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+    assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 0
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["export", "--model", "pancreas-fine", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 2
+    assert "export --model abdomen-fine first" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
@@ -211,10 +218,13 @@ def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
     # Exporting the coarse stage again keeps the fine one after it.
     assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", cascade["models"]]) == 0
     pancreas = modelcard.find_card("pancreas", cascade["models"])
-    assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine"]
+    assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine", "pancreas-fine"]
+    assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
     # ... and the labels and training record of that last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
-    assert pancreas.training["model"] == "abdomen-fine"
+    assert pancreas.training["model"] == "pancreas-fine"
+    assert [stage.model for stage in modelcard.find_card("liver", cascade["models"]).stages] == \
+        ["abdomen", "abdomen-fine"]
 
 
 def test_cascade_segments_onto_the_input_grid(cascade):
