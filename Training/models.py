@@ -4,6 +4,8 @@ Classes are matched by name against a dataset's `dataset.json` labels, so the sa
 the MSD's own tasks and on BTCV (spleen = 1, liver = 6, pancreas = 11) without code changes.
 """
 
+from .tasks import FRAGMENT_GAP_MM
+
 MODELS = {
     "abdomen": {
         "description": "Spleen, liver and pancreas in contrast-enhanced abdominal CT.",
@@ -86,7 +88,7 @@ MODELS["pancreas-fine"] = dict(
     # cluster_gap_mm: the box is drawn around the fine stage's largest cluster of pancreas pieces (the
     # post-processing rule), not around false blobs in the bowel or pelvis it also labelled.
     roi={"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"], "margin_mm": [30, 30, 24],
-         "cluster_gap_mm": 10},
+         "cluster_gap_mm": FRAGMENT_GAP_MM},
     inference_overlap=0.5,
 )
 

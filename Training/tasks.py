@@ -9,6 +9,11 @@ LIVER = ["SCT", "10200004", "Liver"]
 PANCREAS = ["SCT", "15776009", "Pancreas"]
 
 
+# Pieces of a thin organ the networks break up (the pancreas, the peripheral zone) less than this apart count
+# as one piece: chosen on the held-back cases (Training/README.md). The pancreas stage's region uses it too.
+FRAGMENT_GAP_MM = 10
+
+
 def organ(value, name, color, code, source_class, component_gap_mm=0):
     """component_gap_mm: post-processing keeps pieces of this organ closer than this together, for organs the
     network tends to break up (measured on the held-back cases: see Training/README.md)."""
@@ -40,7 +45,7 @@ TASKS = {
         "title": "Pancreas and pancreatic tumour (CT)",
         "description": "Pancreas (1) and pancreatic tumour (2) in contrast-enhanced abdominal CT, MSD Task07 labels.",
         "models": ["abdomen", "abdomen-fine", "pancreas-fine"],
-        "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas", component_gap_mm=10),
+        "labels": [organ(1, "Pancreas", [249, 180, 111], PANCREAS, "pancreas", component_gap_mm=FRAGMENT_GAP_MM),
                    tumour(2, "Pancreatic tumour", [255, 90, 90], PANCREAS, "Pancreas")],
     },
     "prostate": {
@@ -48,7 +53,7 @@ TASKS = {
         "description": "Prostate peripheral zone (1) and transition zone (2) in T2-weighted and ADC MR, MSD Task05 labels.",
         "models": ["prostate"],
         "labels": [organ(1, "Peripheral zone", [230, 158, 140], ["SCT", "279706003", "Peripheral zone of prostate"], "PZ",
-                         component_gap_mm=10),
+                         component_gap_mm=FRAGMENT_GAP_MM),
                    organ(2, "Transition zone", [128, 174, 128], ["SCT", "399384005", "Transition zone of prostate"], "TZ")],
     },
 }
