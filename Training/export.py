@@ -46,7 +46,8 @@ def stage_entry(model_name, plan, weights_name, sha256, steps):
     return {"model": model_name, "weights": weights_name, "sha256": sha256, "network": plan["network"],
             "spacing": plan["spacing"], "patch_size": plan["patch_size"], "normalisation": plan["normalisation"],
             "classes": plan["classes"], "mirror_axes": plan["mirror_axes"], "roi": plan.get("roi", {}),
-            "overlap": plan.get("inference_overlap", 0.5), "steps": steps}
+            "overlap": plan.get("inference_overlap", 0.5), "blend_previous": plan.get("blend_previous", 0.0),
+            "steps": steps}
 
 
 def read_card(path):

@@ -104,6 +104,7 @@ def make_plan(model_name, model, prints):
         "lesion_centred_fraction": model.get("lesion_centred_fraction", 0.0),
         "roi": model.get("roi", {}),
         "inference_overlap": model.get("inference_overlap", 0.5),
+        "blend_previous": model.get("blend_previous", 0.0),
         "network": {
             "in_channels": len(model["channels"]),
             "out_channels": len(model["classes"]),

@@ -138,12 +138,31 @@ def region_of_interest(probabilities, stage, canonical, roi):
     return np.asarray(lower) - margin, np.asarray(upper) + margin
 
 
+def blend_previous(probabilities, stage, canonical, previous, previous_stage, previous_canonical):
+    """(1 - w) x this stage's probabilities + w x the previous stage's, w = `stage.blend_previous`.
+
+    The previous stage's channels are matched to this stage's classes by name and resampled linearly onto
+    this stage's grid; its other classes, and everything outside its grid, count as background.
+    """
+    weight = stage.blend_previous
+    matched = []
+    for name in stage.classes[1:]:
+        channel = np.zeros(probabilities.shape[1:], np.float32)
+        if name in previous_stage.classes:
+            image = from_array(previous[previous_stage.classes.index(name)].astype(np.float32), previous_canonical)
+            channel = sitk.GetArrayFromImage(resample(image, canonical)).transpose(2, 1, 0)
+        matched.append(channel)
+    matched = np.stack([1.0 - np.sum(matched, axis=0)] + matched)
+    return (1.0 - weight) * probabilities + weight * matched
+
+
 def run_stages(channels, card, device, tta, report, cancel):
     """Run the card's stages in turn, each later one on the region of interest the previous one found (or,
-    where that found none of the ROI classes, on the previous stage's own region). Returns the last stage's
-    probabilities, the canonical grid they are on, the device used and timings."""
+    where that found none of the ROI classes, on the previous stage's own region), blended with the previous
+    stage where the card says so. Returns the last stage's probabilities, the canonical grid they are on, the
+    device used and timings."""
     timings = {"preprocess": 0.0, "network": 0.0}
-    region, probabilities = None, None
+    region, probabilities, canonical = None, None, None
     share = 0.75 / len(card.stages)  # of the progress bar, from 0.05 to 0.8
     for number, stage in enumerate(card.stages):
         start = 0.05 + number * share
@@ -153,6 +172,7 @@ def run_stages(channels, card, device, tta, report, cancel):
             raise Cancelled()
         report(start, "Preprocessing")
         started = time.perf_counter()
+        previous, previous_canonical = probabilities, canonical
         image, canonical = network_input(channels, stage.spacing, stage.normalisation, region)
         timings["preprocess"] += time.perf_counter() - started
         started = time.perf_counter()
@@ -161,6 +181,9 @@ def run_stages(channels, card, device, tta, report, cancel):
             report(start + share * (0.15 + 0.85 * fraction), text)
 
         probabilities, device = run_network(stage, image, device, tta, stage_progress, cancel)
+        if number and stage.blend_previous:
+            probabilities = blend_previous(probabilities, stage, canonical, previous, card.stages[number - 1],
+                                           previous_canonical)
         timings["network"] += time.perf_counter() - started
     return probabilities, canonical, device, timings
 

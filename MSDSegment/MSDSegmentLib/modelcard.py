@@ -55,6 +55,9 @@ class Stage:
     roi: dict = field(default_factory=dict)
     steps: int = None              # training steps of these weights
     overlap: float = 0.5           # sliding-window overlap (a fraction of the patch)
+    # Weight of the previous stage's probabilities (for this stage's classes, on this stage's grid) in
+    # an average with this stage's: two networks that err differently. 0: this stage's alone.
+    blend_previous: float = 0.0
     folder: str = MODELS_DIR
 
     @property

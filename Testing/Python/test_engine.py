@@ -206,6 +206,38 @@ def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 60, 34])
 
 
+def test_a_stage_blends_in_the_previous_stage_s_probabilities_for_its_own_classes():
+    """The pancreas stage (1 mm grid, classes background/pancreas/tumour) averaged with the fine stage
+    (2 mm grid, a larger box, more classes): matched by class name, through physical space."""
+    from MSDSegmentLib.engine import blend_previous
+    from MSDSegmentLib.modelcard import Stage
+
+    def grid(size, spacing, origin):
+        image = sitk.Image(size, sitk.sitkUInt8)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        return image
+
+    def stage(classes, blend=0.0):
+        return Stage(weights="", sha256="", network={}, spacing=[], patch_size=[], normalisation={},
+                     classes=classes, blend_previous=blend)
+
+    fine_grid = grid([20, 20, 10], [2.0] * 3, [0.0] * 3)
+    grid_here = grid([20, 20, 10], [1.0] * 3, [10.0, 10.0, 4.0])
+    fine = stage(["background", "spleen", "pancreas", "pancreatic tumour"])
+    here = stage(["background", "pancreas", "pancreatic tumour"], blend=0.25)
+    previous = np.zeros((4, 20, 20, 10), np.float32)
+    previous[1] = 1                                        # spleen everywhere ...
+    previous[:, 5:10, 5:10, 2:5] = np.array([0, 0, 1, 0])[:, None, None, None]  # ... but pancreas at 10-18 mm
+    probabilities = np.zeros((3, 20, 20, 10), np.float32)
+    probabilities[2] = 1                                   # this stage: tumour everywhere
+    blended = blend_previous(probabilities, here, grid_here, previous, fine, fine_grid)
+    np.testing.assert_allclose(blended.sum(axis=0), 1, atol=1e-6)
+    # 10-18 mm: pancreas before; here index 0-8 (x, y) and 0-4 (z, from 4 mm); spleen counts as background.
+    np.testing.assert_allclose(blended[:, 2, 2, 2], [0, 0.25, 0.75], atol=1e-6)
+    np.testing.assert_allclose(blended[:, 15, 15, 8], [0.25, 0, 0.75], atol=1e-6)
+
+
 def test_a_region_is_preprocessed_as_if_the_whole_image_had_been():
     """Only the part of the CT under a region is smoothed (speed); the result equals smoothing it all."""
     from MSDSegmentLib import preprocessing

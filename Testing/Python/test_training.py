@@ -220,6 +220,7 @@ def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
     pancreas = modelcard.find_card("pancreas", cascade["models"])
     assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine", "pancreas-fine"]
     assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
+    assert pancreas.stages[2].blend_previous == 0.5 and liver.stages[1].blend_previous == 0.0
     # ... and the labels and training record of that last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
     assert pancreas.training["model"] == "pancreas-fine"
