@@ -11,7 +11,7 @@ from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .inference import predict_probabilities
 from .postprocess import bounding_box, keep_largest_cluster, postprocess
-from .preprocessing import from_array, network_input, resample
+from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
 
@@ -61,16 +61,11 @@ def foreground_box_on_input(probabilities, canonical, target):
     box = bounding_box(foreground, margin=2)
     if box is None:
         return None
-    corners = []
-    for x in (box[0].start - 0.5, box[0].stop - 0.5):
-        for y in (box[1].start - 0.5, box[1].stop - 0.5):
-            for z in (box[2].start - 0.5, box[2].stop - 0.5):
-                point = canonical.TransformContinuousIndexToPhysicalPoint((x, y, z))
-                corners.append(target.TransformPhysicalPointToContinuousIndex(point))
-    corners = np.array(corners)
+    corners = physical_corners(canonical, [s.start - 0.5 for s in box], [s.stop - 0.5 for s in box])
+    first, last = index_bounds(target, corners)
     size = np.array(target.GetSize())
-    lower = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
-    upper = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+    lower = np.clip(np.floor(first).astype(int), 0, size)
+    upper = np.clip(np.ceil(last).astype(int) + 1, 0, size)
     if np.any(upper <= lower):
         return None
     return lower, upper

@@ -12,13 +12,23 @@ import numpy as np
 import SimpleITK as sitk
 
 
+def physical_corners(image, lower, upper):
+    """The 8 physical points (LPS, mm) at the corners of the continuous-index box [lower, upper] of `image`."""
+    return np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+                     for corner in itertools.product(*zip(lower, upper))])
+
+
+def index_bounds(image, points):
+    """Lowest and highest continuous index, on `image`'s grid, of physical points (a box's corners: the
+    index range of `image` that box covers)."""
+    indices = np.array([image.TransformPhysicalPointToContinuousIndex([float(c) for c in point])
+                        for point in points])
+    return indices.min(axis=0), indices.max(axis=0)
+
+
 def physical_bounds(image):
     """Lower and upper physical corners (LPS, mm) of the region the image's voxels cover."""
-    size = image.GetSize()[:3]
-    corners = []
-    for corner in itertools.product(*[(-0.5, n - 0.5) for n in size]):
-        corners.append(image.TransformContinuousIndexToPhysicalPoint(corner))
-    corners = np.array(corners)
+    corners = physical_corners(image, [-0.5] * 3, [n - 0.5 for n in image.GetSize()[:3]])
     return corners.min(axis=0), corners.max(axis=0)
 
 
@@ -82,11 +92,10 @@ def covering(image, reference, spacing):
     smoothing of that region, not of the whole CT."""
     lower, upper = physical_bounds(reference)
     margin = 2.0 * max(spacing)
-    corners = [image.TransformPhysicalPointToContinuousIndex([float(c) for c in corner])
-               for corner in itertools.product(*zip(lower - margin, upper + margin))]
+    first, last = index_bounds(image, itertools.product(*zip(lower - margin, upper + margin)))
     size = np.array(image.GetSize())
-    start = np.clip(np.floor(np.min(corners, axis=0)).astype(int) - 1, 0, size - 1)
-    stop = np.clip(np.ceil(np.max(corners, axis=0)).astype(int) + 2, start + 1, size)
+    start = np.clip(np.floor(first).astype(int) - 1, 0, size - 1)
+    stop = np.clip(np.ceil(last).astype(int) + 2, start + 1, size)
     if np.all(start == 0) and np.all(stop == size):
         return image
     return image[int(start[0]):int(stop[0]), int(start[1]):int(stop[1]), int(start[2]):int(stop[2])]
