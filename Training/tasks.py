@@ -31,7 +31,7 @@ TASKS = {
     "liver": {
         "title": "Liver and liver tumour (CT)",
         "description": "Liver (1) and liver tumour (2) in contrast-enhanced abdominal CT, MSD Task03 labels.",
-        "models": ["abdomen", "abdomen-fine"],
+        "models": ["abdomen", "abdomen-fine", "liver-fine"],
         "labels": [organ(1, "Liver", [221, 130, 101], LIVER, "liver"),
                    tumour(2, "Liver tumour", [144, 238, 144], LIVER, "Liver")],
     },

@@ -50,6 +50,13 @@ TINY_PLANS = {
                       "roi": {"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"],
                               "margin_mm": [30, 30, 24], "cluster_gap_mm": 10},
                       "blend_previous": 0.5},
+    # The liver task's third stage, the same on the fine stage's liver.
+    "liver-fine": {"modality": "CT", "channels": ["CT"], "classes": ["background", "liver", "liver tumour"],
+                   "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                   "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                   "roi": {"after": "abdomen-fine", "classes": ["liver", "liver tumour"],
+                           "margin_mm": [15, 15, 12], "cluster_gap_mm": 10},
+                   "blend_previous": 0.7},
     "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
                  "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
                  "normalisation": {"type": "zscore"}},

@@ -54,7 +54,7 @@ def test_label_map_on_exactly_the_input_grid_with_volumes_json(tmp_path, ct_file
     summary = json.load(open(str(tmp_path / "out.json")))
     assert set(summary["volumes_ml"]) == {"Liver", "Liver tumour"}
     assert summary["model"]["card"] == "liver.json"
-    assert summary["model"]["weights"] == ["abdomen.pt", "abdomen-fine.pt"]   # the two stages of the cascade
+    assert summary["model"]["weights"] == ["abdomen.pt", "abdomen-fine.pt", "liver-fine.pt"]  # the cascade's stages
     assert {"read", "load", "preprocess", "network", "postprocess", "write"} <= set(summary["timings_s"])
     assert "Liver" in out
 

@@ -116,11 +116,11 @@ def trained(synthetic_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cascade(trained, tmp_path_factory):
-    """The fine stage and the pancreas stage trained for two steps each on the same data, exported after the
-    coarse one in cascade order."""
+    """The fine stage and the pancreas and liver stages trained for two steps each on the same data, exported
+    after the coarse one in cascade order."""
     models = str(tmp_path_factory.mktemp("cascade-models"))
     shutil.copytree(trained["models"], models, dirs_exist_ok=True)
-    for model in ("abdomen-fine", "pancreas-fine"):
+    for model in ("abdomen-fine", "pancreas-fine", "liver-fine"):
         argv = ["train", "--model", model, "--data", trained["data"], "--out", trained["out"], *TINY,
                 "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
         assert cli.main(argv) == 0
@@ -206,35 +206,44 @@ def test_fine_stage_export_needs_its_coarse_stage_and_writes_nothing_without_it(
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_cascade_cards_have_both_stages_and_the_trained_tumours(cascade):
+def test_cascade_cards_have_their_stages_and_the_trained_tumours(cascade):
+    spleen = modelcard.find_card("spleen", cascade["models"])
+    assert [stage.model for stage in spleen.stages] == ["abdomen", "abdomen-fine"]
+    assert spleen.stages[1].roi == {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
+                                    "margin_mm": [20, 20, 60]}
+    assert spleen.training["model"] == "abdomen-fine" and spleen.stages[1].steps == 2
+    assert spleen.stages[1].blend_previous == 0.0
     liver = modelcard.find_card("liver", cascade["models"])
-    assert [stage.model for stage in liver.stages] == ["abdomen", "abdomen-fine"]
-    assert liver.stages[1].roi == {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
-                                   "margin_mm": [20, 20, 60]}
+    assert [stage.model for stage in liver.stages] == ["abdomen", "abdomen-fine", "liver-fine"]
+    assert liver.stages[2].roi == {"after": "abdomen-fine", "classes": ["liver", "liver tumour"],
+                                   "margin_mm": [15, 15, 12], "cluster_gap_mm": 10}
     assert [(label.name, label.trained) for label in liver.labels] == [("Liver", True), ("Liver tumour", True)]
-    assert liver.training["model"] == "abdomen-fine" and liver.stages[1].steps == 2
+    assert liver.training["model"] == "liver-fine" and liver.stages[2].steps == 2
     assert liver.labels[1].note.startswith("learnt from synthetic lesions only") and not liver.labels[0].note
     assert not modelcard.missing_weights(liver)
-    # Exporting the coarse stage again keeps the fine one after it.
+    # Exporting the coarse stage again keeps the later ones after it ...
     assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", cascade["models"]]) == 0
     pancreas = modelcard.find_card("pancreas", cascade["models"])
     assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine", "pancreas-fine"]
     assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
-    assert pancreas.stages[2].blend_previous == 0.5 and liver.stages[1].blend_previous == 0.0
-    # ... and the labels and training record of that last stage.
+    assert pancreas.stages[2].blend_previous == 0.5 and liver.stages[2].blend_previous == 0.7
+    # ... and the labels and training record of the last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
     assert pancreas.training["model"] == "pancreas-fine"
-    assert [stage.model for stage in modelcard.find_card("liver", cascade["models"]).stages] == \
-        ["abdomen", "abdomen-fine"]
+    liver = modelcard.find_card("liver", cascade["models"])
+    assert [stage.model for stage in liver.stages] == ["abdomen", "abdomen-fine", "liver-fine"]
+    assert liver.training["model"] == "liver-fine"
 
 
 def test_cascade_segments_onto_the_input_grid(cascade):
     channels = read_channels([os.path.join(cascade["data"], "imagesTr", "synth_02.nii.gz")])
-    result = segment(channels, "pancreas", device="cpu", models_dir=cascade["models"])
-    assert result.labels.GetSize() == channels[0].GetSize()
-    assert np.allclose(result.labels.GetDirection(), channels[0].GetDirection())
-    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
-    assert set(result.volumes_ml) == {1, 2}
+    for task in ("pancreas", "liver"):
+        result = segment(channels, task, device="cpu", models_dir=cascade["models"])
+        assert len(result.card.stages) == 3
+        assert result.labels.GetSize() == channels[0].GetSize()
+        assert np.allclose(result.labels.GetDirection(), channels[0].GetDirection())
+        assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
+        assert set(result.volumes_ml) == {1, 2}
 
 
 def test_command_line_segments_with_the_exported_model(trained, tmp_path):
