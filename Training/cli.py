@@ -1,4 +1,4 @@
-"""python -m Training {train, evaluate, export} — see Training/README.md."""
+"""python -m Training {train, evaluate, precision, export} — see Training/README.md."""
 
 import argparse
 import sys
@@ -48,6 +48,8 @@ def build_parser():
     evaluate.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     evaluate.add_argument("--csv", help="write the per-case table here")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                          help="the network's arithmetic (default fp32, the reference)")
     evaluate.add_argument("--synthetic-lesions", type=int, metavar="SEED",
                           help="paint synthetic tumours (seeded per case) into the reference organ first and "
                                "score the tumour class too, with lesion-wise sensitivity and false positives")
@@ -56,6 +58,16 @@ def build_parser():
                                "seed + 1, ...) for more lesions to count")
     evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
                                                  "(other tasks kept), for export --metrics")
+
+    precision = commands.add_parser("precision", help="validation Dice of a task's model under fp32, bf16 and "
+                                    "fp16, written into its card (what `auto` may use)")
+    precision.add_argument("--task", required=True)
+    precision.add_argument("--data", required=True, help="MSD-layout folder with labels")
+    precision.add_argument("--fold", type=int, help="evaluate only this fold's validation cases")
+    precision.add_argument("--cases", help="comma-separated case ids (default: all)")
+    precision.add_argument("--label-map", help="dataset value:task label pairs (default: by label name)")
+    precision.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+    precision.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     export = commands.add_parser("export", help="write weights and model cards into the extension")
     add_common(export)
@@ -77,6 +89,9 @@ def main(argv=None):
         elif args.command == "evaluate":
             from .evaluate import run_evaluation
             run_evaluation(args)
+        elif args.command == "precision":
+            from .precision import run_precision
+            run_precision(args)
         elif args.command == "export":
             from .export import run_export
             run_export(args)

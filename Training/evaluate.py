@@ -298,7 +298,7 @@ def update_metrics_json(path, task, entry, key=None):
 
 # ------------------------------------------------------------------------------------------------- run
 
-def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0):
+def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0, precision="fp32"):
     """Segment one case with the engine (with synthetic lesions painted in first if `tumour` is given);
     one row of metrics per scored label, with lesion-wise counts for the tumour."""
     channels = read_channels([case["image"]])
@@ -306,7 +306,7 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
     reference = reference_on_grid(case["label"], grid, mapping)
     if tumour:
         channels[0], reference = paint_lesions(grid, reference, tumour, case["id"], seed)
-    result = segment(channels, task, device=device, models_dir=models_dir)
+    result = segment(channels, task, device=device, models_dir=models_dir, precision=precision)
     for warning in result.warnings:
         print(f"{case['id']}: warning: {warning}", file=sys.stderr)
     prediction = to_array(result.labels)
@@ -349,20 +349,21 @@ def run_evaluation(args, log=print):
         + (f"; not scored: {', '.join(skipped)}" if skipped else ""))
 
     rows, device = [], args.device
+    precision = getattr(args, "precision", "fp32")
     log(TABLE_HEADER)
     # With synthetic lesions each case is segmented once per round, with other lesions each time.
     rounds = range(args.lesion_rounds if tumour else 1)
     for case, round_ in itertools.product(chosen, rounds):
         started = time.perf_counter()
         case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
-                                          (args.synthetic_lesions or 0) + round_)
+                                          (args.synthetic_lesions or 0) + round_, precision)
         if len(rounds) > 1:
             for row in case_rows:
                 row["case"] = f"{case['id']}/{round_}"
         rows.extend(case_rows)
         for row in case_rows:
             log(table_line(row["case"], row["label"], row) + lesion_text(row))
-        log(f"{'':<16} ({time.perf_counter() - started:.1f} s on {device})")
+        log(f"{'':<16} ({time.perf_counter() - started:.1f} s on {device}, {precision})")
     summary = summarise(rows, labels)
     for name, means in summary.items():
         log(table_line("mean", name, means))
@@ -384,6 +385,7 @@ def run_evaluation(args, log=print):
         data_text += (f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions}, "
                       f"{len(rounds)} round(s) of lesions per case)")
     entry = validation_entry(summary, [case["id"] for case in chosen], data_text, device)
+    entry["precision"] = precision
     if getattr(args, "metrics_json", None):
         update_metrics_json(args.metrics_json, args.task, entry, "synthetic_lesions" if tumour else None)
         log(f"wrote the {args.task} metrics into {args.metrics_json}")

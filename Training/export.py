@@ -8,7 +8,8 @@ import subprocess
 import torch
 
 from MSDSegmentLib.errors import MSDSegmentError
-from MSDSegmentLib.modelcard import MODELS_DIR, sha256_of
+from MSDSegmentLib import terminology
+from MSDSegmentLib.modelcard import MODELS_DIR, catalogue, sha256_of
 
 from .pipeline import REPOSITORY
 from .plan import load_json
@@ -153,5 +154,9 @@ def run_export(args):
     metrics = load_json(args.metrics) if args.metrics else {}
     checkpoint = args.checkpoint or os.path.join(run_dir, "best_model.pt")
     steps = args.steps if args.steps is not None else steps_behind(args.checkpoint, run_dir)
-    weights, cards = export_model(args.model, plan, split, checkpoint, args.models_dir or MODELS_DIR, metrics, steps)
+    models_dir = args.models_dir or MODELS_DIR
+    weights, cards = export_model(args.model, plan, split, checkpoint, models_dir, metrics, steps)
     print(f"exported {weights} ({os.path.getsize(weights) / 1e6:.1f} MB) and {', '.join(cards)}")
+    if os.path.abspath(models_dir) == os.path.abspath(MODELS_DIR):  # the shipped terminology follows the cards
+        terminology.write_context_file(catalogue(MODELS_DIR))
+        print(f"updated {terminology.TERMINOLOGY_FILE}")

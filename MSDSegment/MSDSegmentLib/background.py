@@ -16,10 +16,11 @@ OUTPUT_NAME = "labels.nrrd"
 MODULE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds MSDSegmentLib/
 
 
-def segment_arguments(task, inputs, output, device="auto", tta=False, keep_largest=True, models_dir=None):
+def segment_arguments(task, inputs, output, device="auto", tta=False, keep_largest=True, models_dir=None,
+                      precision="auto"):
     """Arguments after the Python executable for one case, with machine-readable progress."""
     arguments = ["-m", "MSDSegmentLib", "segment", "--task", task, "--output", output, "--device", device,
-                 "--progress-lines"]
+                 "--precision", precision, "--progress-lines", "--exit-when-stdin-closes"]
     if tta:
         arguments.append("--tta")
     if not keep_largest:

@@ -4,12 +4,14 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 from .errors import MSDSegmentError
 from .imageio import LABEL_SUFFIXES, atomic_output, label_suffix
 
 PROG = "msdsegment"
+EXIT_CANCELLED = 130  # as a shell reports a process stopped by Ctrl+C
 
 
 def build_parser():
@@ -23,12 +25,17 @@ def build_parser():
     target.add_argument("--output", help="label map for one case (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha)")
     target.add_argument("--output-dir", help="folder for several cases: <input name>.nii.gz each")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="the network's arithmetic; auto: bf16 on CPUs with native bf16, fp16 on a GPU, where "
+                          "the model card shows it keeps the validation Dice; fp32 otherwise")
     run.add_argument("--tta", action="store_true", help="test-time mirroring over the model's symmetric axes")
     run.add_argument("--no-largest", action="store_true", help="keep every component, not only the largest")
     run.add_argument("--models-dir", help="folder of model cards and weights (default: the bundled models)")
     run.add_argument("--quiet", action="store_true", help="print errors only")
     run.add_argument("--progress-lines", action="store_true",
                      help="print 'PROGRESS <fraction> <stage>' lines on stdout (for the Slicer module)")
+    run.add_argument("--exit-when-stdin-closes", action="store_true",
+                     help="stop at once when standard input closes (the Slicer module's cancel)")
     tasks = commands.add_parser("tasks", help="list the bundled models and their validation figures")
     tasks.add_argument("--models-dir")
     return parser
@@ -59,7 +66,10 @@ class Reporter:
         self.lines = lines
         self.bar = None
         if not quiet and not lines and sys.stderr.isatty():
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm
+            except ImportError:  # not installed in Slicer's Python: no bar
+                return
             self.bar = tqdm(total=100, unit="%", leave=False, bar_format="{desc:<32}{bar}| {n:.0f}%")
 
     def __call__(self, fraction, stage):
@@ -85,7 +95,7 @@ def segment_case(inputs, output, args, say):
     reporter = Reporter(args.quiet, args.progress_lines)
     try:
         result = segment(channels, args.task, device=args.device, tta=args.tta, keep_largest=not args.no_largest,
-                         progress=reporter, models_dir=args.models_dir)
+                         progress=reporter, models_dir=args.models_dir, precision=args.precision)
     finally:
         reporter.close()
     for warning in result.warnings:
@@ -98,6 +108,7 @@ def segment_case(inputs, output, args, say):
         "model": {"card": os.path.basename(result.card.path), "weights": [s.weights for s in result.card.stages],
                   "sha256": [s.sha256 for s in result.card.stages]},
         "device": result.device,
+        "precision": result.precision,
         "volumes_ml": {result.card.label(v).name: round(ml, 3) for v, ml in result.volumes_ml.items()},
         "label_values": {result.card.label(v).name: v for v in result.volumes_ml},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -105,7 +116,7 @@ def segment_case(inputs, output, args, say):
     }
     write_json_atomically(summary, output_stem(output) + ".json")
     say(f"{output}: " + ", ".join(f"{n} {ml:.1f} mL" for n, ml in summary["volumes_ml"].items())
-        + f" ({sum(timings.values()):.1f} s on {result.device})")
+        + f" ({sum(timings.values()):.1f} s on {result.device}, {result.precision})")
 
 
 def list_tasks(models_dir):
@@ -121,8 +132,30 @@ def list_tasks(models_dir):
             print(f"{'':<9} {note}")
 
 
+def exit_when_stdin_closes():
+    """End this process as soon as its standard input reaches end-of-file.
+
+    In Slicer the engine runs under the CTK launcher (PythonSlicer), so killing the process that Slicer
+    started kills only the launcher, and the real interpreter would run on. Slicer closes the engine's
+    standard input on cancel, and every process that shares it sees end-of-file, whatever launched it.
+    os._exit stops at once, even inside a network call: nothing is written but temporary files, which
+    the caller removes."""
+    def watch():
+        try:
+            descriptor = sys.stdin.fileno()
+            while os.read(descriptor, 4096):  # the raw descriptor: a buffered read would hold a lock at exit
+                pass
+        except (OSError, ValueError, AttributeError):
+            pass
+        os._exit(EXIT_CANCELLED)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if getattr(args, "exit_when_stdin_closes", False):
+        exit_when_stdin_closes()
     try:
         if args.command == "tasks":
             list_tasks(args.models_dir)
@@ -141,7 +174,7 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 2

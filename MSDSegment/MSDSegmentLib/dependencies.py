@@ -11,6 +11,10 @@ import shutil
 
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
                             "requirements.txt")
+# Asked of the PyTorch extension, which picks the CUDA or CPU build (the engine's pyproject.toml says the same).
+TORCH_REQUIREMENT = ">=2.2"
+# Packages that Slicer or the PyTorch extension installed: installing the requirements must never replace them.
+KEEP_INSTALLED = ("torch", "numpy", "scipy", "SimpleITK")
 
 
 def is_installed(module_name):
@@ -43,6 +47,33 @@ def is_satisfied(requirement):
 def unmet_requirements(path=REQUIREMENTS):
     """Requirement lines of the file that the installed packages do not satisfy."""
     return [line for line in requirement_lines(path) if not is_satisfied(line)]
+
+
+def torch_needed():
+    """Whether PyTorch is missing or older than the engine needs."""
+    return not is_satisfied("torch" + TORCH_REQUIREMENT)
+
+
+def installed_versions(names=KEEP_INSTALLED):
+    """{distribution: version} of those of `names` that are installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def constraints_text(versions):
+    """A pip constraints file pinning these packages: pip then picks a MONAI that fits the torch and numpy
+    already there instead of replacing them (a newer MONAI may ask for a newer torch than the one installed)."""
+    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items()))
+
+
+def pip_arguments(constraints_path, requirements_path=REQUIREMENTS):
+    """Arguments after `pip install` for the requirements, with the installed packages pinned."""
+    return ["-r", requirements_path, "-c", constraints_path]
 
 
 def torch_cuda_build():

@@ -14,6 +14,8 @@ from .postprocess import bounding_box, keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 CPU flags of native bf16 arithmetic
 
 
 @dataclass
@@ -24,6 +26,7 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     device: str = "cpu"
     warnings: list = field(default_factory=list)
+    precision: str = "fp32"
 
 
 def pick_device(device):
@@ -34,6 +37,40 @@ def pick_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16_cpu():
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), from its flags; elsewhere from PyTorch's
+    own CPU probes. Without it bf16 is emulated, slower than fp32."""
+    if NATIVE_BF16_FLAGS & cpu_flags():
+        return True
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def pick_precision(precision, device, card):
+    """The precision a run uses. `auto`: fp16 on a CUDA GPU, bf16 on a CPU with native bf16, fp32 otherwise,
+    and fp32 wherever the card does not show that reduced precision to keep the task's validation Dice."""
+    if precision not in PRECISIONS:
+        raise MSDSegmentError(f"Unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return precision
+    candidate = "fp16" if device == "cuda" else "bf16" if native_bf16_cpu() else "fp32"
+    return candidate if candidate in card.auto_precisions() else "fp32"
 
 
 _networks = {}  # (weights, sha256, device) -> network: kept between calls (Slicer, batch runs)
@@ -98,13 +135,14 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
     return out
 
 
-def run_network(stage, image, device, tta, progress, cancel):
+def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
     """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
     mirror_axes = stage.mirror_axes if tta else []
     network = network_for(stage, device)
     try:
         return predict_probabilities(network, image, stage.patch_size, device, mirror_axes, stage.overlap,
-                                     progress=lambda f: progress(f, "Running network"), cancel=cancel), device
+                                     progress=lambda f: progress(f, "Running network"), cancel=cancel,
+                                     precision=precision), device
     except Exception as error:
         if device != "cuda" or "out of memory" not in str(error).lower():
             raise
@@ -113,7 +151,8 @@ def run_network(stage, image, device, tta, progress, cancel):
         progress(0.0, "GPU out of memory: running on the CPU instead")
         network = network_for(stage, "cpu")
         return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes, stage.overlap,
-                                     progress=lambda f: progress(f, "Running network (CPU)"), cancel=cancel), "cpu"
+                                     progress=lambda f: progress(f, "Running network (CPU)"), cancel=cancel,
+                                     precision="fp32"), "cpu"
 
 
 def region_of_interest(probabilities, stage, canonical, roi):
@@ -151,7 +190,7 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
     return (1.0 - weight) * probabilities + weight * matched
 
 
-def run_stages(channels, card, device, tta, report, cancel):
+def run_stages(channels, card, device, tta, report, cancel, precision="fp32"):
     """Run the card's stages in turn, each later one on the region of interest the previous one found (or,
     where that found none of the ROI classes, on the previous stage's own region), blended with the previous
     stage where the card says so. Returns the last stage's probabilities, the canonical grid they are on, the
@@ -175,7 +214,7 @@ def run_stages(channels, card, device, tta, report, cancel):
         def stage_progress(fraction, text, start=start):
             report(start + share * (0.15 + 0.85 * fraction), text)
 
-        probabilities, device = run_network(stage, image, device, tta, stage_progress, cancel)
+        probabilities, device = run_network(stage, image, device, tta, stage_progress, cancel, precision)
         if number and stage.blend_previous:
             probabilities = blend_previous(probabilities, stage, canonical, previous, card.stages[number - 1],
                                            previous_canonical)
@@ -184,8 +223,10 @@ def run_stages(channels, card, device, tta, report, cancel):
 
 
 def segment(channels, task, *, device="auto", tta=False, keep_largest=True, progress=None, cancel=None,
-            models_dir=None):
-    """Segment `channels` (SimpleITK 3-D images; the first defines the output grid) with a task's model."""
+            models_dir=None, precision="auto"):
+    """Segment `channels` (SimpleITK 3-D images; the first defines the output grid) with a task's model.
+
+    precision: auto, fp32, bf16 or fp16 for the network (see pick_precision); the result records the one used."""
     timings, warnings = {}, []
 
     def report(fraction, stage_text):
@@ -198,12 +239,14 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     if card.modality == "CT" and not looks_like_ct(channels[0]):
         warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
     device = pick_device(device)
+    precision = pick_precision(precision, device, card)
     report(0.0, "Loading model")
     for stage in card.stages:
         network_for(stage, device)
     timings["load"] = time.perf_counter() - started
 
-    probabilities, canonical, device, stage_timings = run_stages(channels, card, device, tta, report, cancel)
+    probabilities, canonical, device, stage_timings = run_stages(channels, card, device, tta, report, cancel,
+                                                                 precision)
     timings.update(stage_timings)
 
     report(0.8, "Resampling to the input grid")
@@ -221,4 +264,4 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     counts = np.bincount(label_array.ravel(), minlength=256)
     volumes = {label.value: float(counts[label.value] * voxel_ml) for label in card.trained_labels}
     report(1.0, "Done")
-    return SegmentationResult(labels, card, volumes, timings, device, warnings)
+    return SegmentationResult(labels, card, volumes, timings, device, warnings, precision)

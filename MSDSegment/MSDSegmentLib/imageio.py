@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .terminology import entry_string
 
 LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 BYTES_PER_INPUT_VOXEL = 16  # float32 copy, the label map, and slack for resampling chunks
@@ -144,23 +145,10 @@ def _segment_metadata(image, card):
         image.SetMetaData(prefix + "Color", " ".join(f"{c:.4f}" for c in label.color_float))
         image.SetMetaData(prefix + "LabelValue", str(label.value))
         image.SetMetaData(prefix + "Layer", "0")
-        image.SetMetaData(prefix + "Tags", f"TerminologyEntry:{terminology_string(label.terminology)}|"
+        image.SetMetaData(prefix + "Tags", f"TerminologyEntry:{entry_string(label.terminology)}|"
                           + ("" if label.value in present else "Empty:true|"))
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
-
-
-def terminology_string(terminology):
-    """Slicer's terminology entry string (context~category~type~modifier~region context~region~modifier)."""
-    def code(entry):
-        return "^".join(entry) if entry else "^^"
-
-    return "~".join([
-        "Segmentation category and type - 3D Slicer General Anatomy list",
-        code(terminology.get("category")), code(terminology.get("type")), code(terminology.get("modifier")),
-        "Anatomic codes - DICOM master list", code(terminology.get("region")),
-        code(terminology.get("region_modifier")),
-    ])
 
 
 @contextlib.contextmanager

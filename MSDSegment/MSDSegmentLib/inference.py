@@ -1,6 +1,7 @@
 """Network inference on the canonical grid: MONAI's Gaussian-weighted sliding window, optional
 mirroring test-time augmentation, progress reports and cancellation between windows."""
 
+import contextlib
 import itertools
 import math
 
@@ -24,9 +25,22 @@ def mirror_sets(mirror_axes):
     return [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def autocast(device, precision):
+    """The context the network runs in: autocast to bf16 or fp16, or nothing for fp32."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
 def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=(), overlap=0.5,
-                          progress=None, cancel=None, sw_batch_size=4):
-    """Softmax probabilities (classes, X, Y, Z) as float32 numpy for a (channels, X, Y, Z) array."""
+                          progress=None, cancel=None, sw_batch_size=4, precision="fp32"):
+    """Softmax probabilities (classes, X, Y, Z) as float32 numpy for a (channels, X, Y, Z) array.
+
+    precision: "fp32", or "bf16" / "fp16" for the network's layers (autocast); the windows are blended and
+    the softmax taken in fp32 either way. The input stays on `device`, and so do the blended outputs."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -37,11 +51,12 @@ def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=
     def predictor(windows):
         if cancel is not None and cancel():
             raise Cancelled()
-        logits = network(windows)
+        with autocast(device, precision):
+            logits = network(windows)
         done[0] += windows.shape[0]
         if progress is not None:
             progress(min(done[0] / total, 1.0))
-        return logits
+        return logits.float()  # blended in fp32: a bf16 sum of overlapping windows would lose precision
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     summed = None

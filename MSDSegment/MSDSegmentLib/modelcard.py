@@ -79,6 +79,10 @@ class ModelCard:
     validation: dict
     licence: str
     path: str = ""
+    # Validation Dice of the whole cascade under each precision ({"fp32": {label: dice}, "bf16": ..., plus
+    # "tolerance", "cases", "data"}), measured by `python -m Training precision`. `auto` uses a reduced
+    # precision only where it is measured here within the tolerance of fp32 for every label.
+    precision: dict = field(default_factory=dict)
 
     @property
     def trained_labels(self):
@@ -92,6 +96,18 @@ class ModelCard:
         dice = self.validation.get("dice", {})
         figures = ", ".join(f"{name} {value:.2f}" for name, value in dice.items()) or "not yet measured"
         return f"{self.title} - validation Dice: {figures}"
+
+    def auto_precisions(self):
+        """The reduced precisions (bf16, fp16) measured to change no label's mean validation Dice by more than
+        the recorded tolerance against fp32."""
+        reference = self.precision.get("fp32", {})
+        tolerance = self.precision.get("tolerance", 0.0)
+
+        def keeps_dice(measured):
+            return bool(reference) and all(label in measured and abs(measured[label] - dice) <= tolerance
+                                           for label, dice in reference.items())
+
+        return [name for name in ("bf16", "fp16") if keeps_dice(self.precision.get(name, {}))]
 
     def notes(self):
         """What a user must know about the labels: untrained ones, and how the others were learnt."""

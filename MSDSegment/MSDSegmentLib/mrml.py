@@ -21,10 +21,12 @@ from vtk.util import numpy_support
 
 from . import modelcard
 from .errors import InputError, MSDSegmentError
-from .imageio import read_image, terminology_string
+from .imageio import read_image
+from .terminology import entry_string
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 BINARY_LABELMAP = "Binary labelmap"
+SMOOTHING_PARAMETER = "Smoothing factor"  # of the binary label map to closed surface conversion
 GEOMETRY_TOLERANCE_MM = 1e-3      # a result file must lie on its input's grid to this precision
 ADC_NAME_HINTS = ("adc", "apparent diffusion")
 
@@ -66,14 +68,37 @@ def channel_role(index):
     return "input" if index == 0 else "second input"
 
 
-def volume_to_image(volume_node, role="input"):
-    """A SimpleITK copy of a volume node (its local frame: a parent transform is not applied)."""
+def channel_images(input_nodes):
+    """The input volume nodes as the engine's channels, every one in the first node's local frame."""
+    return [volume_to_image(node, channel_role(index), input_nodes[0] if index else None)
+            for index, node in enumerate(input_nodes)]
+
+
+def matrix_between_frames(node, reference_node):
+    """The 4x4 matrix from `node`'s local frame to `reference_node`'s (their parent transforms folded in).
+
+    A non-linear transform between the two cannot be folded into a voxel grid: a one-line error."""
+    source, target = node.GetParentTransformNode(), reference_node.GetParentTransformNode()
+    if source is target:
+        return np.eye(4)
+    matrix = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
+        raise InputError(f"'{node.GetName()}' is under a non-linear transform relative to "
+                         f"'{reference_node.GetName()}': harden the transform (Transforms module) first")
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def volume_to_image(volume_node, role="input", reference_node=None):
+    """A SimpleITK copy of a volume node, in its local frame or, given `reference_node`, in that node's local
+    frame (the linear transform between the two is folded into the geometry: a registered ADC lands on its T2)."""
     check_volume(volume_node, role)
     image_data = volume_node.GetImageData()
     i, j, k = image_data.GetDimensions()
     voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(k, j, i)
     image = sitk.GetImageFromArray(voxels.copy())
     matrix = ijk_to_ras(volume_node)
+    if reference_node is not None:
+        matrix = matrix_between_frames(volume_node, reference_node) @ matrix
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     image.SetSpacing(spacing.tolist())
     image.SetDirection((LPS_FROM_RAS @ (matrix[:3, :3] / spacing)).ravel().tolist())
@@ -111,6 +136,11 @@ def segmentation_name(input_node, task):
     return f"{input_node.GetName()} {task} segmentation"
 
 
+def is_default_name(name):
+    """Whether a segmentation's name is one this module gave it (a name the user chose is kept)."""
+    return any((name or "").endswith(f" {task} segmentation") for task in modelcard.TASKS)
+
+
 def label_map_image(labels, volume_node):
     """The label voxels as a vtkOrientedImageData on exactly the volume node's grid."""
     voxels = sitk.GetArrayFromImage(labels).astype(np.uint8)  # (k, j, i), as vtkImageData stores them
@@ -128,8 +158,8 @@ def new_segment(label, image):
     segment = slicer.vtkSegment()
     segment.SetName(label.name)
     segment.SetColor(*label.color_float)
-    if label.terminology:
-        segment.SetTerminology(terminology_string(label.terminology))
+    if label.terminology:  # through the tag: vtkSegment.SetTerminology exists only from Slicer 5.10
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry_string(label.terminology))
     segment.AddRepresentation(BINARY_LABELMAP, image)  # every segment shares one layer
     segment.SetLabelValue(int(label.value))
     return segment
@@ -183,10 +213,14 @@ def import_labels(labels, input_node, card, output_node=None):
     created = output_node is None
     if created:
         output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentation_name(input_node, card.task))
+    elif is_default_name(output_node.GetName()):
+        output_node.SetName(segmentation_name(input_node, card.task))  # a reused result is named for its task
     try:
+        # The transform first: the reference geometry is stored in the segmentation's own frame, so setting it
+        # while the segmentation is still outside the input's transform would shift it by that transform.
+        output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())  # same frame as the input
         output_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
         fill_segmentation(output_node, image, card)
-        output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())  # same frame as the input
         if output_node.GetDisplayNode() is None:
             output_node.CreateDefaultDisplayNodes()
         place_beside(output_node, input_node)
@@ -218,7 +252,7 @@ def import_label_file(path, input_node, task, output_node=None, models_dir=None)
 
 
 def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, keep_largest=True,
-            progress=None, cancel=None, models_dir=None):
+            progress=None, cancel=None, models_dir=None, precision="auto"):
     """Segment volume node(s) in this process and return the segmentation node.
 
     input_nodes: one node or a list (prostate: T2 then ADC). The scene is only touched once the engine
@@ -227,9 +261,9 @@ def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, ke
     from .engine import segment as run_engine  # torch is loaded only when a segmentation is asked for
 
     nodes = list(input_nodes) if isinstance(input_nodes, (list, tuple)) else [input_nodes]
-    channels = [volume_to_image(node, channel_role(index)) for index, node in enumerate(nodes)]
+    channels = channel_images(nodes)
     result = run_engine(channels, task, device=device, tta=tta, keep_largest=keep_largest, progress=progress,
-                        cancel=cancel, models_dir=models_dir)
+                        cancel=cancel, models_dir=models_dir, precision=precision)
     for warning in result.warnings:
         logging.warning(warning)
     return import_labels(result.labels, nodes[0], result.card, output_node)
@@ -242,8 +276,7 @@ def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, ke
 def write_inputs(input_nodes, folder):
     """Write the input volume(s) for the command line; returns the file paths, in channel order."""
     paths = []
-    for index, node in enumerate(input_nodes):
-        image = volume_to_image(node, channel_role(index))
+    for index, image in enumerate(channel_images(list(input_nodes))):
         path = os.path.join(folder, f"input{index}.nrrd")
         sitk.WriteImage(image, path, useCompression=False)
         paths.append(path)
@@ -268,6 +301,24 @@ def segment_volumes_ml(segmentation_node):
         segment = segmentation.GetNthSegment(index)
         rows.append((segment.GetName(), tuple(segment.GetColor()), count * voxel_mm3 / 1000.0))
     return rows
+
+
+def default_input_volume(scene):
+    """The first scalar volume that is not a label map (a label map is never a sensible input), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
+def show_surfaces(segmentation_node, show, smoothing=0.5):
+    """Build the 3-D surfaces with this smoothing factor (0-1), or drop them: building them takes seconds on
+    a large volume, so it is the user's choice and not done after every run."""
+    segmentation_node.GetSegmentation().SetConversionParameter(SMOOTHING_PARAMETER, f"{float(smoothing):g}")
+    segmentation_node.RemoveClosedSurfaceRepresentation()  # rebuilt below with the smoothing asked for
+    if show:
+        segmentation_node.CreateClosedSurfaceRepresentation()
 
 
 def guess_adc_volume(scene, t2_node=None):

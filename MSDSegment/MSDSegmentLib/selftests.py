@@ -32,6 +32,9 @@ class Context:
     ct_labels_path: str = ""      # its reference labels (BTCV values: spleen = 1), or ""
     prostate_path: str = ""       # a real 4-D T2+ADC MR (MSD Task05), or "" when absent
     python: str = sys.executable  # the Python that runs `-m MSDSegmentLib` (PythonSlicer in Slicer)
+    # Outside Slicer: a command that runs the engine as its child, as the CTK launcher PythonSlicer runs
+    # python-real (the child inherits the launcher's standard input). In Slicer `python` is that launcher.
+    launcher: tuple = ()
     cache: dict = field(default_factory=dict)
 
 
@@ -237,6 +240,16 @@ def threshold_labels(image, card):
     return labels
 
 
+def terminology_of(segment):
+    """A segment's terminology entry string, read through its tag as on every Slicer version."""
+    import slicer
+    import vtk
+
+    value = vtk.reference("")
+    segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
 def card(ctx, task):
     from . import modelcard
 
@@ -280,7 +293,7 @@ def test_segment_named_coloured_coded_from_card(ctx):
         assert segment_.GetLabelValue() == label.value
         assert np.allclose(segment_.GetColor(), label.color_float)
         entry = slicer.vtkSlicerTerminologyEntry()
-        assert parser.DeserializeTerminologyEntry(segment_.GetTerminology(), entry)
+        assert parser.DeserializeTerminologyEntry(terminology_of(segment_), entry)
         for part, code in (("Category", label.terminology["category"]), ("Type", label.terminology["type"])):
             coded = getattr(entry, f"Get{part}Object")()
             assert [coded.GetCodingSchemeDesignator(), coded.GetCodeValue(), coded.GetCodeMeaning()] == code
@@ -291,6 +304,29 @@ def test_segment_named_coloured_coded_from_card(ctx):
     hierarchy = ctx.scene.GetSubjectHierarchyNode()
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
     assert volume_state(ct) == before
+
+
+def test_every_code_is_in_the_shipped_terminology(ctx):
+    """Every segment entry names the extension's own context, and that context (the shipped .term.json,
+    as Slicer loads it at start-up) holds each category and type, so no entry reads as invalid."""
+    import slicer
+
+    from . import modelcard, terminology
+
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert logic.LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE) == terminology.CONTEXT_NAME
+    for card_ in modelcard.catalogue(ctx.models_dir).values():
+        for label in card_.trained_labels:
+            entry = slicer.vtkSlicerTerminologyEntry()
+            assert logic.DeserializeTerminologyEntry(terminology.entry_string(label.terminology), entry)
+            assert entry.GetTerminologyContextName() == terminology.CONTEXT_NAME
+            category = entry.GetCategoryObject()
+            types = []
+            for index in range(logic.GetNumberOfTypesInTerminologyCategory(terminology.CONTEXT_NAME, category)):
+                found = slicer.vtkSlicerTerminologyType()
+                assert logic.GetNthTypeInTerminologyCategory(terminology.CONTEXT_NAME, category, index, found)
+                types.append([found.GetCodingSchemeDesignator(), found.GetCodeValue(), found.GetCodeMeaning()])
+            assert label.terminology["type"] in types, f"{card_.task} {label.name}: type not in the context"
 
 
 def geometry_of(volume_node):
@@ -346,7 +382,7 @@ def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
     for index in range(node.GetSegmentation().GetNumberOfSegments()):
         segment_id = node.GetSegmentation().GetNthSegmentID(index)
         segment_ = node.GetSegmentation().GetSegment(segment_id)
-        saved[segment_id] = (segment_.GetName(), segment_.GetColor(), segment_.GetTerminology(),
+        saved[segment_id] = (segment_.GetName(), segment_.GetColor(), terminology_of(segment_),
                              mask_on_grid(node, segment_id, matrix, size), world_centroid(node, segment_id))
     path = os.path.join(ctx.folder, "CT liver segmentation.seg.nrrd")
     storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
@@ -362,7 +398,7 @@ def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
     assert sorted(segmentation.GetSegmentIDs()) == sorted(saved)
     for segment_id, (name, color, terminology, mask, centroid) in saved.items():
         segment_ = segmentation.GetSegment(segment_id)
-        assert (segment_.GetName(), segment_.GetTerminology()) == (name, terminology)
+        assert (segment_.GetName(), terminology_of(segment_)) == (name, terminology)
         assert np.allclose(segment_.GetColor(), color, atol=1e-4)
         assert np.array_equal(mask_on_grid(reloaded, segment_id, matrix, size), mask)
         assert np.allclose(world_centroid(reloaded, segment_id), centroid, atol=1e-3)
@@ -498,9 +534,39 @@ def test_segment_with_model_replaces_output(ctx):
     first = segment(ctx, ct, "spleen")
     second = segment(ctx, ct, "liver", output_node=first)
     assert second.GetID() == first.GetID()
+    assert second.GetName() == "CT liver segmentation", "a reused result keeps the old task's name"
     assert [second.GetSegmentation().GetNthSegment(i).GetName()
             for i in range(second.GetSegmentation().GetNumberOfSegments())] \
         == [label.name for label in card(ctx, "liver").trained_labels]
+
+
+def test_default_input_is_never_a_label_map(ctx):
+    """The panel's default input is the first scalar volume that is not a label map."""
+    from . import mrml
+
+    labels = ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert mrml.default_input_volume(ctx.scene) is None
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    assert labels.IsA("vtkMRMLScalarVolumeNode") and mrml.default_input_volume(ctx.scene) is ct
+
+
+def test_surfaces_follow_the_show_3d_choice(ctx):
+    """Surfaces are built with the chosen smoothing when asked for, and removed when not."""
+    from . import mrml
+
+    spleen = card(ctx, "spleen")
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    node = mrml.import_labels(threshold_labels(mrml.volume_to_image(ct), spleen), ct, spleen)
+    segmentation = node.GetSegmentation()
+    assert not segmentation.ContainsRepresentation("Closed surface"), "surfaces built without being asked for"
+    mrml.show_surfaces(node, True, 0.3)
+    assert segmentation.ContainsRepresentation("Closed surface")
+    assert segmentation.GetConversionParameter(mrml.SMOOTHING_PARAMETER) == "0.3"
+    surface = segmentation.GetSegment("Segment_1").GetRepresentation("Closed surface")
+    assert surface is not None and surface.GetNumberOfPoints() > 0
+    mrml.show_surfaces(node, False)
+    assert not segmentation.ContainsRepresentation("Closed surface")
+    assert segmentation.ContainsRepresentation(mrml.BINARY_LABELMAP)
 
 
 def test_cancel_leaves_scene_unchanged(ctx):
@@ -611,8 +677,162 @@ def test_input_under_transform_output_follows(ctx):
     matrix.SetElement(0, 3, 25.0)
     transform.SetMatrixTransformToParent(matrix)
     ct.SetAndObserveTransformNodeID(transform.GetID())
-    node = mrml.import_labels(threshold_labels(mrml.volume_to_image(ct), spleen), ct, spleen)
+    labels = threshold_labels(mrml.volume_to_image(ct), spleen)
+    node = mrml.import_labels(labels, ct, spleen)
     assert node.GetTransformNodeID() == transform.GetID()
+    # The Segment Editor's grid is the reference geometry, stored in the segmentation's own (local) frame:
+    # it must be the input's own grid, not one shifted by the transform.
+    assert node.GetSegmentation().GetConversionParameter("Reference image geometry") == \
+        slicer_geometry(*geometry_of(ct))
+    assert np.allclose(labelmap_geometry(node), mrml.ijk_to_ras(ct))
+    # A reused segmentation that lay under another transform moves into the input's frame too.
+    other = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Other")
+    target = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT liver segmentation")
+    target.SetAndObserveTransformNodeID(other.GetID())
+    mrml.import_labels(labels, ct, spleen, target)
+    assert target.GetTransformNodeID() == transform.GetID()
+    assert target.GetSegmentation().GetConversionParameter("Reference image geometry") == \
+        slicer_geometry(*geometry_of(ct))
+
+
+def slicer_geometry(matrix, size):
+    """Slicer's serialised reference image geometry of a grid."""
+    import slicer
+
+    return slicer.vtkSegmentationConverter.SerializeImageGeometry(reference_grid(matrix, size))
+
+
+def test_adc_under_a_transform_is_moved_onto_the_t2(ctx):
+    """An ADC registered to the T2 with a linear transform reaches the engine where the transform puts it; one
+    under a non-linear transform is refused with a one-line error and nothing changes."""
+    import vtk
+
+    from . import errors, mrml
+
+    t2 = ctx.load_volume(cropped_ct(ctx), "T2")
+    adc = ctx.load_volume(cropped_ct(ctx), "ADC")
+    untransformed = mrml.channel_images([t2, adc])[1]
+    shift = vtk.vtkMatrix4x4()
+    for axis, millimetres in enumerate((25.0, -10.0, 40.0)):
+        shift.SetElement(axis, 3, millimetres)
+    registration = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ADC to T2")
+    registration.SetMatrixTransformToParent(shift)
+    adc.SetAndObserveTransformNodeID(registration.GetID())
+    moved = mrml.channel_images([t2, adc])[1]
+    lps_shift = mrml.LPS_FROM_RAS @ np.array([25.0, -10.0, 40.0])
+    assert np.allclose(np.array(moved.GetOrigin()) - untransformed.GetOrigin(), lps_shift)
+    assert np.array_equal(sitk.GetArrayViewFromImage(moved), sitk.GetArrayViewFromImage(untransformed))
+    # Both under the same transform: nothing between them to fold in.
+    t2.SetAndObserveTransformNodeID(registration.GetID())
+    assert np.allclose(mrml.channel_images([t2, adc])[1].GetOrigin(), untransformed.GetOrigin())
+    t2.SetAndObserveTransformNodeID(None)
+
+    deformable = ctx.scene.AddNewNodeByClass("vtkMRMLTransformNode", "Deformable")
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for corner in np.ndindex(2, 2, 2):
+        point = 200.0 * np.array(corner) - 100.0
+        source.InsertNextPoint(*point)
+        target.InsertNextPoint(*(point + (5.0 if corner == (0, 0, 0) else 0.0)))
+    spline = vtk.vtkThinPlateSplineTransform()
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    deformable.SetAndObserveTransformToParent(spline)
+    adc.SetAndObserveTransformNodeID(deformable.GetID())
+    ids = node_ids(ctx.scene)
+    try:
+        mrml.write_inputs([t2, adc], ctx.folder)
+    except errors.InputError as error:
+        assert_one_line_error(error)
+        assert "non-linear" in str(error)
+    else:
+        raise AssertionError("an ADC under a non-linear transform was accepted")
+    assert node_ids(ctx.scene) == ids and not os.path.exists(os.path.join(ctx.folder, "input0.nrrd"))
+
+
+def engine_process(ctx, arguments, folder, launcher=()):
+    """Start the engine's command line as the module does: its standard input an open pipe (the engine
+    stops when it closes), output to files in `folder`. `launcher`: a command that runs it as a child."""
+    from . import background
+
+    environment = dict(os.environ, PYTHONPATH=background.python_path(os.environ.get("PYTHONPATH", "")))
+    outputs = [open(os.path.join(folder, name), "w+", encoding="utf-8") for name in ("stdout.txt", "stderr.txt")]
+    process = subprocess.Popen(list(launcher) + [ctx.python] + arguments, stdin=subprocess.PIPE,
+                               stdout=outputs[0], stderr=outputs[1], env=environment)
+    return process, outputs
+
+
+def run_engine_process(ctx, arguments, folder):
+    """(exit code, stdout, stderr) of one engine run in another process, as the module runs it."""
+    process, outputs = engine_process(ctx, arguments, folder)
+    try:
+        returncode = process.wait(timeout=600)
+    finally:
+        process.stdin.close()
+    texts = []
+    for stream in outputs:
+        stream.seek(0)
+        texts.append(stream.read())
+        stream.close()
+    return (returncode, *texts)
+
+
+def live_processes_mentioning(text):
+    """PIDs of running (not zombie) processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as stream:
+                command = stream.read().decode("utf-8", "replace")
+            with open(f"/proc/{name}/stat", encoding="utf-8") as stream:
+                state = stream.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in command and state not in ("Z", "X"):
+            found.append(int(name))
+    return found
+
+
+def test_cancel_ends_the_engine_process(ctx):
+    """Cancel as the module does it (close the engine's standard input, kill the process started) while the
+    engine runs under a launcher: within 2 s no engine process is left, and no result file is written."""
+    import time
+
+    from . import background
+
+    if not os.path.isdir("/proc/self"):
+        raise unittest.SkipTest("needs /proc to list processes (Linux)")
+    workspace = background.Workspace()
+    try:
+        path = write_phantom_ct(os.path.join(workspace.folder, "large_ct.nrrd"), size=(320, 320, 240),
+                                spacing=(1.0, 1.0, 1.0))
+        arguments = background.segment_arguments("liver", [path], workspace.output, device="cpu",
+                                                 models_dir=ctx.models_dir)
+        process, outputs = engine_process(ctx, arguments, workspace.folder, ctx.launcher)
+        try:
+            deadline = time.monotonic() + 300
+            while "Preprocessing" not in open(outputs[0].name, encoding="utf-8").read():
+                assert process.poll() is None and time.monotonic() < deadline, "the engine did not start"
+                time.sleep(0.05)
+            engines = [pid for pid in live_processes_mentioning(workspace.output) if pid != process.pid]
+            assert engines, "no engine process found under the launcher"
+            process.stdin.close()
+            process.kill()
+            process.wait()
+            stopped = time.monotonic()
+            while live_processes_mentioning(workspace.output) and time.monotonic() - stopped < 2.0:
+                time.sleep(0.05)
+            left = live_processes_mentioning(workspace.output)
+            assert not left, f"engine processes still running 2 s after cancel: {left}"
+        finally:
+            for stream in outputs:
+                stream.close()
+            if process.poll() is None:
+                process.kill()
+        assert not os.path.exists(workspace.output)
+    finally:
+        workspace.remove()
 
 
 def test_background_process_path(ctx):
@@ -624,12 +844,11 @@ def test_background_process_path(ctx):
     workspace = background.Workspace()
     try:
         inputs = mrml.write_inputs([ct], workspace.folder)
-        environment = dict(os.environ, PYTHONPATH=background.python_path(os.environ.get("PYTHONPATH", "")))
-        command = [ctx.python] + background.segment_arguments("spleen", inputs, workspace.output, device="cpu",
-                                                              models_dir=ctx.models_dir)
-        process = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-        assert process.returncode == 0, background.error_message(process.stderr, process.returncode)
-        progress = [background.parse_progress(line) for line in process.stdout.splitlines()]
+        arguments = background.segment_arguments("spleen", inputs, workspace.output, device="cpu",
+                                                 models_dir=ctx.models_dir)
+        returncode, stdout, stderr = run_engine_process(ctx, arguments, workspace.folder)
+        assert returncode == 0, background.error_message(stderr, returncode)
+        progress = [background.parse_progress(line) for line in stdout.splitlines()]
         fractions = [item[0] for item in progress if item is not None]
         assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
         from_process = mrml.import_label_file(workspace.output, ct, "spleen", models_dir=ctx.models_dir)
@@ -695,6 +914,6 @@ def test_adc_guess_prefers_same_study(ctx):
     assert mrml.guess_adc_volume(ctx.scene, t2) is mine
 
 
-TESTS = [name for name in list(globals()) if name.startswith("test_")]
-
 TRAINED_MODEL_TESTS = ["test_oblique_input_with_trained_model"]  # meaningful with the shipped models only
+
+TESTS = [name for name in list(globals()) if name.startswith("test_") and name not in TRAINED_MODEL_TESTS]

@@ -137,11 +137,18 @@ def test_run_measured_reports_each_process_own_peak_memory(tmp_path):
     assert failed_code == 3
 
 
-def test_markdown_table_splits_the_wall_time_and_flags_missed_targets():
+def test_markdown_table_splits_the_wall_time_compares_precisions_and_flags_missed_targets():
     timings = {"read": 1.0, "load": 2.0, "preprocess": 3.0, "network": 10.0, "postprocess": 4.0, "write": 0.5}
-    rows = [{"task": "liver", "wall_s": 25.0, "peak_rss_bytes": 2.0e9, "timings_s": timings},
-            {"task": "spleen", "wall_s": 31.0, "peak_rss_bytes": 1.0e9, "timings_s": timings}]
+    rows = [{"task": "liver", "asked": "fp32", "precision": "fp32", "wall_s": 17.0, "peak_rss_bytes": 1.4e9,
+             "timings_s": timings},
+            {"task": "liver", "asked": "auto", "precision": "bf16", "wall_s": 8.5, "peak_rss_bytes": 1.0e9,
+             "timings_s": dict(timings, network=1.5)},
+            {"task": "spleen", "asked": "auto", "precision": "fp32", "wall_s": 13.0, "peak_rss_bytes": 1.0e9,
+             "timings_s": timings}]
     lines = bench_cli.markdown_table(rows).splitlines()
-    assert lines[0].startswith("| Task | read | load | preprocess | network | postprocess | write | start-up |")
-    assert lines[2] == "| liver | 1.0 | 2.0 | 3.0 | 10.0 | 4.0 | 0.5 | 4.5 | 25.0 | 2.00 | yes |"
-    assert lines[3].endswith("| 31.0 | 1.00 | **no** |")
+    assert lines[0].startswith("| Task | precision (used) | read | load | preprocess | network | postprocess | write |")
+    assert lines[2] == ("| liver | fp32 (fp32) | 1.0 | 2.0 | 3.0 | 10.0 | 4.0 | 0.5 | 0.0 | 17.0 | 1.00 | 1.40 | "
+                        "<= 18 s, 1.5 GB: yes |")
+    assert lines[3] == ("| liver | auto (bf16) | 1.0 | 2.0 | 3.0 | 1.5 | 4.0 | 0.5 | 0.0 | 8.5 | 0.50 | 1.00 | "
+                        "<= 12 s, 1.5 GB: yes |")
+    assert lines[4].endswith("| 13.0 |  | 1.00 | <= 12 s, 1.5 GB: **no** |")

@@ -7,6 +7,7 @@ and small random-weight models written by Training's export code (structure, not
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -24,10 +25,16 @@ def first_case(folder, key="image"):
     return os.path.normpath(os.path.join(folder, entry))
 
 
+# Runs its arguments as a child that inherits its standard input, and exits with the child's status: what the
+# CTK launcher (PythonSlicer) does with python-real in Slicer.
+LAUNCHER = (sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))")
+
+
 def make_context(session, new_scene, models_dir, folder):
     return selftests.Context(scene=session.scene, load_volume=session.load_volume, new_scene=new_scene,
                              models_dir=models_dir, folder=folder, ct_path=first_case(BTCV),
-                             ct_labels_path=first_case(BTCV, "label"), prostate_path=first_case(PROSTATE))
+                             ct_labels_path=first_case(BTCV, "label"), prostate_path=first_case(PROSTATE),
+                             launcher=LAUNCHER)
 
 
 @pytest.mark.parametrize("name", selftests.TESTS)
