@@ -134,6 +134,7 @@ class MSDSegmentParameterNode:
     keepLargestComponent: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     show3D: bool = False
+    allFrames: bool = False
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.1)] = 0.5
 
 
@@ -247,6 +248,8 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mirrorAxes = bool(card and any(stage.mirror_axes for stage in card.stages))
         self.ui.testTimeMirroringCheckBox.enabled = mirrorAxes
         self.ui.smoothingSliderWidget.enabled = bool(node and node.show3D)
+        inSequence = bool(node and node.inputVolume and self.logic.sequenceOf(node.inputVolume)[1] is not None)
+        self.ui.allFramesCheckBox.visible = inSequence and not needsAdc
         if node and needsAdc and node.inputVolume and not node.adcVolume:
             guess = self.logic.guessAdcVolume(node.inputVolume)
             if guess:
@@ -279,6 +282,11 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         card = self.cards[node.task]
         adc = node.adcVolume if len(card.channels) > 1 else None
         self.showVolumes(None)
+        batch = [volume for volume in self.ui.batchVolumesComboBox.checkedNodes() if volume is not node.inputVolume]
+        allFrames = node.allFrames and self.ui.allFramesCheckBox.visible
+        if adc is None and (allFrames or batch):  # the sequence's frames, else the input and the volumes checked
+            self.segmentInThisProcess([node.inputVolume] + ([] if allFrames else batch), allFrames)
+            return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self.logic.installDependencies(report=self.showInstalling)
             self.ui.statusLabel.text = ""
@@ -288,6 +296,49 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           keepLargest=node.keepLargestComponent, waitForCompletion=False,
                                           progress=self.onProgress, finished=self.onFinished)
             self.setRunning(True)
+
+    def segmentInThisProcess(self, volumes, allFrames) -> None:
+        """Several volumes, or every frame of the input's sequence, in Slicer's process: the progress bar shows
+        the whole batch and the status line the volume and its stage; Cancel stops the batch between network
+        windows (what finished stays, the unfinished one leaves nothing)."""
+        node = self._parameterNode
+        self.cancelRequested = False
+        self.run = self  # the Segment button now cancels (see cancel())
+        self.setRunning(True)
+        options = dict(device=node.device.value, precision=node.precision.value, tta=node.testTimeMirroring,
+                       keepLargest=node.keepLargestComponent, progress=self.onBatchProgress,
+                       cancel=lambda: self.cancelRequested)
+        failures, results = [], []
+        try:
+            self.logic.installDependencies(report=self.showInstalling)
+            if allFrames:
+                results = [self.logic.segmentSequence(volumes[0], node.task, **options)]
+            else:
+                results = self.logic.segmentMany(volumes, node.task, **options,
+                                                 onError=lambda index, error: failures.append(
+                                                     f"{volumes[index].GetName()}: {mrml.describe_error(error)}"))
+        except Exception as error:
+            failures.append(mrml.describe_error(error))
+        finally:
+            self.run = None
+            self.setRunning(False)
+        done = [result for result in results if result is not None]
+        for result in done:
+            self.logic.showSurfaces(result, node.show3D, node.surfaceSmoothing)
+        if done:
+            self.showVolumes(done[-1])
+        stopped = " Cancelled: the rest was not segmented." if self.cancelRequested else ""
+        self.ui.statusLabel.text = f"Done: {len(done)} of {len(results) or len(volumes)} segmented.{stopped}" + \
+            "".join(f"\nFailed: {failure}" for failure in failures)
+        if failures and not self.cancelRequested:
+            slicer.util.errorDisplay("Some volumes could not be segmented.", detailedText="\n".join(failures))
+
+    def cancel(self) -> None:
+        self.cancelRequested = True
+
+    def onBatchProgress(self, fraction, text) -> None:
+        self.onProgress(fraction, text)
+        slicer.app.processEvents()  # keeps the Cancel button alive between network windows
 
     def showInstalling(self, text) -> None:
         """Say what is being installed: pip blocks the GUI for minutes on the first run."""
@@ -533,6 +584,33 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
     def showSurfaces(segmentationNode, show=True, smoothing=0.5):
         """Build (with this smoothing factor, 0-1) or remove the segments' 3-D surfaces."""
         mrml.show_surfaces(segmentationNode, show, smoothing)
+
+    def segmentMany(self, volumeNodes, task="liver", device="auto", tta=False, keepLargest=True, progress=None,
+                    cancel=None, onError=None, modelsDir=None, precision="auto"):
+        """Segment each volume on its own (for the prostate each item is [T2, ADC]); returns the segmentation
+        nodes in input order, None where a volume failed or was not reached.
+
+        A bad volume fails alone: onError(index, error) gets its one-line reason (default: a logged warning),
+        and the others complete. cancel() -> bool stops the batch: finished results stay, the unfinished one
+        leaves nothing. progress(fraction of the batch, text naming the volume and its stage)."""
+        self.installDependencies()
+        return mrml.segment_many(volumeNodes, task, device=device, tta=tta, keep_largest=keepLargest,
+                                 progress=progress, cancel=cancel, on_error=onError, models_dir=modelsDir,
+                                 precision=precision)
+
+    def segmentSequence(self, volumeNode, task="liver", device="auto", tta=False, keepLargest=True,
+                        progress=None, cancel=None, modelsDir=None, precision="auto"):
+        """Segment every frame of the sequence that volumeNode shows into a segmentation sequence played by the
+        same sequence browser; returns the segmentation node that shows the current frame. A bad frame or a
+        cancel leaves the scene as it was."""
+        self.installDependencies()
+        return mrml.segment_sequence(volumeNode, task, device=device, tta=tta, keep_largest=keepLargest,
+                                     progress=progress, cancel=cancel, models_dir=modelsDir, precision=precision)
+
+    @staticmethod
+    def sequenceOf(volumeNode):
+        """(sequence browser, sequence) that play volumeNode, or (None, None)."""
+        return mrml.sequence_of(volumeNode)
 
     @staticmethod
     def guessAdcVolume(t2VolumeNode):

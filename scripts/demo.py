@@ -200,9 +200,12 @@ def render_overlay(ct, spacing, columns, legend, path, title, dpi=150):
                                      (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom")):
                 axis.text(x, y, text, transform=axis.transAxes, color="yellow", fontsize=7, ha=h, va=v)
     handles = [Patch(facecolor=np.asarray(colour) / 255.0, edgecolor="black", label=text) for text, colour in legend]
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False, fontsize=9)
+    columns_of_legend = min(len(handles), 3 * len(columns))  # what fits under the figure's width
+    legend_rows = -(-len(handles) // columns_of_legend)
+    figure.legend(handles=handles, loc="lower center", ncol=columns_of_legend, frameon=False, fontsize=9)
     figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(left=0.05, right=0.99, top=1 - 0.55 / figure_height, bottom=0.5 / figure_height)
+    figure.subplots_adjust(left=0.05, right=0.99, top=1 - 0.55 / figure_height,
+                           bottom=(0.3 + 0.22 * legend_rows) / figure_height)
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return index
@@ -257,6 +260,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--models-dir", help="model cards and weights (default: the bundled models)")
     parser.add_argument("--readme-image", help="also write a compact copy of the overlay here (< 300 KB)")
+    parser.add_argument("--readme-abdomen-image", help="also write a compact copy of the abdomen task's overlay here")
     return parser.parse_args(argv)
 
 
@@ -274,6 +278,34 @@ def main(argv=None):
     except (DemoError, example_data.DataError, MSDSegmentError) as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 2
+
+
+def run_combined(args, ct_path, ct, spacing, models_dir, single_layers):
+    """The abdomen task (the three tasks in one run and one segmentation) on the same CT: its overlay, its time
+    and whether its labels are the single tasks' (it must give exactly their voxels)."""
+    import SimpleITK as sitk
+
+    summary = run_task("abdomen", ct_path, args.out, args.device, args.models_dir)
+    card = modelcard.find_card("abdomen", models_dir)
+    labels, _ = oriented(sitk.ReadImage(summary["output"]))
+    expected = np.zeros_like(labels)
+    for part in card.parts:  # the overlap order: the first task keeps a voxel two of them label
+        single = single_layers[DEMO_TASKS.index(part.card.task)]
+        for value, combined in part.values.items():
+            expected[(single == value) & (expected == 0)] = combined
+    same = bool(np.array_equal(labels, expected))
+    print(f"  abdomen (one run): {', '.join(f'{name} {ml:.1f} mL' for name, ml in summary['volumes_ml'].items())} "
+          f"({summary['wall_s']:.1f} s); the single tasks' voxels: {'yes' if same else 'NO'}")
+    path = os.path.join(args.out, "abdomen.png")
+    render_overlay(ct, spacing, [("MSDSegment, abdomen task (one run)", [labels],
+                                  [{label.value: label.color for label in card.trained_labels}])],
+                   [(label.name, label.color) for label in card.trained_labels], path,
+                   f"Abdomen task on {example_data.SMALL_CT}, {args.device}, {summary['wall_s']:.1f} s")
+    if args.readme_abdomen_image:
+        compact_png(path, args.readme_abdomen_image)
+    return {"output": os.path.basename(summary["output"]), "volumes_ml": summary["volumes_ml"],
+            "wall_s": summary["wall_s"], "timings_s": summary["timings_s"], "warnings": summary["warnings"],
+            "same_voxels_as_single_tasks": same}
 
 
 def run_demo(args, models_dir):
@@ -325,6 +357,8 @@ def run_demo(args, models_dir):
         legend, overlay_path, f"MSDSegment on {example_data.SMALL_CT} (TotalSegmentator's test CT), {args.device}")
     if args.readme_image:
         compact_png(overlay_path, args.readme_image)
+
+    results["abdomen"] = run_combined(args, ct_path, ct, spacing, models_dir, layers)
 
     volumes = {"input": example_data.SMALL_CT, "input_size": list(ct_image.GetSize()),
                "input_spacing_mm": list(ct_image.GetSpacing()), "device": args.device, "tasks": results,

@@ -152,6 +152,25 @@ def exit_when_stdin_closes():
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
+def segment_batch(args, say):
+    """Each input on its own into --output-dir: a bad one is reported (its one-line reason) and skipped, the
+    others are segmented and kept; the exit status says whether any failed."""
+    if not os.path.isdir(args.output_dir):
+        raise MSDSegmentError(f"Output folder does not exist: {args.output_dir}")
+    failed = []
+    for path in args.inputs:
+        try:
+            segment_case([path], os.path.join(args.output_dir, case_name(path) + ".nii.gz"), args, say)
+        except (MSDSegmentError, MemoryError) as error:
+            failed.append(path)
+            print(f"{PROG}: error: {path}: {error or 'out of memory'}", file=sys.stderr)
+    if failed:
+        print(f"{PROG}: error: {len(failed)} of {len(args.inputs)} inputs failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "exit_when_stdin_closes", False):
@@ -163,12 +182,8 @@ def main(argv=None):
         say = (lambda text: None) if args.quiet else print
         if args.output:
             segment_case(args.inputs, args.output, args, say)
-        else:
-            if not os.path.isdir(args.output_dir):
-                raise MSDSegmentError(f"Output folder does not exist: {args.output_dir}")
-            for path in args.inputs:
-                segment_case([path], os.path.join(args.output_dir, case_name(path) + ".nii.gz"), args, say)
-        return 0
+            return 0
+        return segment_batch(args, say)
     except MSDSegmentError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -70,11 +70,32 @@ def itk_reason(error):
     return text[:240]
 
 
+def nifti_has_nan(path):
+    """Whether a floating-point NIfTI file stores NaN voxels. ITK's NIfTI reader turns them into 0 without a
+    word, so they are looked for in the file itself (with nibabel, where it is installed)."""
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return False
+    try:
+        import nibabel
+    except ImportError:  # Slicer's Python: the module hands the engine NRRD files, which keep NaN
+        return False
+    try:
+        image = nibabel.load(path)
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return False  # integer voxels cannot be NaN
+        return bool(np.isnan(np.asanyarray(image.dataobj)).any())
+    except Exception:  # a file nibabel cannot read: ITK's reader says what is wrong with it
+        return False
+
+
 def read_image(path):
     if not os.path.exists(path):
         raise InputError(f"Input not found: {path}")
     try:
         _check_fits_in_memory(path)
+        if nifti_has_nan(path):
+            raise InputError(f"{path} contains NaN voxels (a NIfTI reader would turn them into 0 and segment "
+                             "made-up values): replace them first")
         return _reader(path).Execute()
     except RuntimeError as error:
         raise InputError(f"Cannot read image {path}: {itk_reason(error)}") from None

@@ -52,7 +52,7 @@ def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=
         if cancel is not None and cancel():
             raise Cancelled()
         with autocast(device, precision):
-            logits = network(windows)
+            logits = network(windows.contiguous(memory_format=torch.channels_last_3d))
         done[0] += windows.shape[0]
         if progress is not None:
             progress(min(done[0] / total, 1.0))

@@ -9,6 +9,7 @@ tasks may share one weights file (one abdominal cascade serves the liver, spleen
 and each task picks the classes it needs by name.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from .errors import ModelError
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models")
-TASKS = ("liver", "spleen", "pancreas", "prostate")
+TASKS = ("liver", "spleen", "pancreas", "abdomen", "prostate")
 
 
 @dataclass
@@ -83,6 +84,9 @@ class ModelCard:
     # "tolerance", "cases", "data"}), measured by `python -m Training precision`. `auto` uses a reduced
     # precision only where it is measured here within the tolerance of fp32 for every label.
     precision: dict = field(default_factory=dict)
+    # A combined task (e.g. abdomen): the single tasks it runs, each with its label values in this card, in the
+    # order that decides a voxel two of them claim (the first keeps it). Empty for a single task.
+    parts: list = field(default_factory=list)
 
     @property
     def trained_labels(self):
@@ -99,7 +103,9 @@ class ModelCard:
 
     def auto_precisions(self):
         """The reduced precisions (bf16, fp16) measured to change no label's mean validation Dice by more than
-        the recorded tolerance against fp32."""
+        the recorded tolerance against fp32 (for a combined task: in every task it combines)."""
+        if self.parts:
+            return [name for name in ("bf16", "fp16") if all(name in part.card.auto_precisions() for part in self.parts)]
         reference = self.precision.get("fp32", {})
         tolerance = self.precision.get("tolerance", 0.0)
 
@@ -116,27 +122,90 @@ class ModelCard:
         return lines + ([f"not trained yet: {', '.join(untrained)}"] if untrained else [])
 
 
-def load_card(path):
-    folder = os.path.dirname(os.path.abspath(path))
+@dataclass
+class Part:
+    """One single task of a combined task, and where its label values go in the combined label map."""
+    card: ModelCard
+    values: dict                   # the single task's label value -> the combined card's
+
+
+def combined_card(data, path, cards):
+    """A task that runs several single tasks at once (their shared stages once) and merges their labels.
+
+    `data`: {"task", "title", "description", "combines": [{"task", "values": {label name: value}}], "overlap":
+    [task, ...]}. Names, colours, codes, notes and validation figures come from the single tasks' cards."""
+    parts, labels, stages = {}, [], []
+    for entry in data["combines"]:
+        if entry["task"] not in cards:
+            raise ModelError(f"Model card {path} combines task '{entry['task']}', which has no model card")
+        card = cards[entry["task"]]
+        by_name = {label.name: label for label in card.trained_labels}
+        values = {}
+        for name, value in entry["values"].items():
+            if name not in by_name:
+                raise ModelError(f"Model card {path}: task '{card.task}' has no trained label '{name}'")
+            labels.append(dataclasses.replace(by_name[name], value=int(value)))
+            values[by_name[name].value] = int(value)
+        parts[card.task] = Part(card, values)
+        stages += [stage for stage in card.stages if stage.weights not in {s.weights for s in stages}]
+    first = next(iter(parts.values())).card
+    if any((part.card.modality, part.card.channels) != (first.modality, first.channels) for part in parts.values()):
+        raise ModelError(f"Model card {path} combines tasks with different inputs")
+    if sorted(data["overlap"]) != sorted(parts):
+        raise ModelError(f"Model card {path}: 'overlap' must order exactly the combined tasks {sorted(parts)}")
+    dice = {label.name: part.card.validation.get("dice", {}).get(label.name) for part in parts.values()
+            for label in part.card.trained_labels}
+    validation = {"dice": {name: value for name, value in dice.items() if value is not None},
+                  "data": "; ".join(f"{task}: {part.card.validation.get('data', 'not measured')}"
+                                    for task, part in parts.items())}
+    return ModelCard(task=data["task"], title=data["title"], description=data["description"],
+                     modality=first.modality, channels=first.channels, labels=sorted(labels, key=lambda l: l.value),
+                     stages=stages, training={"data": first.training.get("data", "")},
+                     postprocessing={"overlap": data["overlap"], "overlap_rule": data.get("overlap_rule", "")},
+                     validation=validation, licence=first.licence, path=os.path.abspath(path),
+                     parts=[parts[task] for task in data["overlap"]])
+
+
+def read_json(path):
     try:
         with open(path, encoding="utf-8") as stream:
-            data = json.load(stream)
+            return json.load(stream)
+    except FileNotFoundError:
+        raise ModelError(f"Model card not found: {path}") from None
+    except ValueError as error:
+        raise ModelError(f"Model card {path} is invalid: {error}") from None
+
+
+def load_card(path, cards=None):
+    """A model card; a combined task's card needs the catalogue of single-task cards it combines (`cards`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        data = read_json(path)
+        if "combines" in data:
+            return combined_card(data, path, cards or {})
         labels = [Label(**label) for label in data.pop("labels")]
         stages = [Stage(folder=folder, **stage) for stage in data.pop("stages")]
         return ModelCard(labels=labels, stages=stages, path=os.path.abspath(path), **data)
-    except FileNotFoundError:
-        raise ModelError(f"Model card not found: {path}") from None
     except (ValueError, TypeError, KeyError) as error:
         raise ModelError(f"Model card {path} is invalid: {error}") from None
 
 
 def catalogue(models_dir=MODELS_DIR):
     """All model cards in a folder, keyed by task id, in the catalogue's task order."""
-    cards = {}
+    cards, combined = {}, {}
     if os.path.isdir(models_dir):
         for name in sorted(os.listdir(models_dir)):
             if name.endswith(".json"):
-                card = load_card(os.path.join(models_dir, name))
+                path = os.path.join(models_dir, name)
+                data = read_json(path)
+                if "combines" in data:
+                    combined[path] = [entry.get("task") for entry in data["combines"]]
+                else:
+                    card = load_card(path)
+                    cards[card.task] = card
+        for path, tasks in combined.items():
+            if all(task in cards for task in tasks):  # a combined task is offered only with all its parts
+                card = load_card(path, cards)
                 cards[card.task] = card
     order = {task: index for index, task in enumerate(TASKS)}
     return dict(sorted(cards.items(), key=lambda item: order.get(item[0], len(order))))

@@ -195,6 +195,18 @@ def place_beside(node, reference_node):
         hierarchy.CreateItem(parent, node)
 
 
+def checked_label_map(labels, input_node, card):
+    """The engine's label map as a vtkOrientedImageData on the input's grid, after checking that it fits the
+    input and holds only the card's label values."""
+    check_volume(input_node)
+    check_on_grid(labels, input_node)
+    unknown = sorted(set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+                     - {0} - {label.value for label in card.trained_labels})
+    if unknown:
+        raise InputError(f"The result holds label values {unknown} that the {card.task} model card does not define")
+    return label_map_image(labels, input_node)
+
+
 def import_labels(labels, input_node, card, output_node=None):
     """Turn an engine label map (on the input's grid) into a segmentation node.
 
@@ -202,13 +214,7 @@ def import_labels(labels, input_node, card, output_node=None):
     given, is emptied and refilled (same node ID); otherwise a node named after the input is created.
     Nothing is added to the scene if the label map does not fit the input.
     """
-    check_volume(input_node)
-    check_on_grid(labels, input_node)
-    unknown = sorted(set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
-                     - {0} - {label.value for label in card.trained_labels})
-    if unknown:
-        raise InputError(f"The result holds label values {unknown} that the {card.task} model card does not define")
-    image = label_map_image(labels, input_node)
+    image = checked_label_map(labels, input_node, card)
     scene = input_node.GetScene()
     created = output_node is None
     if created:
@@ -267,6 +273,97 @@ def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, ke
     for warning in result.warnings:
         logging.warning(warning)
     return import_labels(result.labels, nodes[0], result.card, output_node)
+
+
+def segment_many(inputs, task, *, progress=None, cancel=None, on_error=None, **options):
+    """Segment each input (a volume node, or [T2, ADC] for the prostate) on its own, in this process.
+
+    Returns the segmentation nodes in input order, None where an input failed or was not reached. A bad input
+    fails alone: on_error(index, error) gets its one-line reason (default: a logged warning) and the others go
+    on. cancel() stops the whole batch; the results already finished stay, the unfinished one leaves nothing.
+    progress(fraction of the batch, text naming the volume)."""
+    from .errors import Cancelled
+
+    results = [None] * len(inputs)
+    for index, item in enumerate(inputs):
+        name = (item[0] if isinstance(item, (list, tuple)) else item)
+        label = f"{name.GetName() if name is not None else 'no volume'} ({index + 1} of {len(inputs)})"
+
+        def report(fraction, text, index=index, label=label):
+            if progress is not None:
+                progress((index + fraction) / len(inputs), f"{label}: {text}")
+
+        try:
+            results[index] = segment(item, task, progress=report, cancel=cancel, **options)
+        except Cancelled:
+            break
+        except MSDSegmentError as error:
+            (on_error or (lambda i, e: logging.warning(f"MSDSegment: {label}: {e}")))(index, error)
+    return results
+
+
+def sequence_of(volume_node):
+    """(browser, sequence) of the sequence browser that plays `volume_node` as a proxy node, or (None, None)."""
+    scene = volume_node.GetScene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
+        sequence = browser.GetSequenceNode(volume_node)
+        if sequence is not None:
+            return browser, sequence
+    return None, None
+
+
+def frame_segmentation(labels, frame_node, card):
+    """A segmentation node outside any scene (a sequence's frame) holding the labels on the frame's grid."""
+    image = checked_label_map(labels, frame_node, card)
+    node = slicer.vtkMRMLSegmentationNode()
+    node.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(image))
+    fill_segmentation(node, image, card)
+    return node
+
+
+def segment_sequence(volume_node, task, *, progress=None, cancel=None, **options):
+    """Segment every frame of the sequence that `volume_node` shows, and record the results as a segmentation
+    sequence played by the same browser. Returns the segmentation node that shows the current frame.
+
+    Nothing is added to the scene until every frame is done: a bad frame or a cancel leaves it as it was."""
+    from .engine import segment as run_engine
+
+    check_volume(volume_node)
+    browser, sequence = sequence_of(volume_node)
+    if sequence is None:
+        raise InputError(f"'{volume_node.GetName()}' is not a frame of a sequence (no sequence browser plays it)")
+    frames = sequence.GetNumberOfDataNodes()
+    results = slicer.vtkMRMLSequenceNode()
+    results.SetIndexName(sequence.GetIndexName())
+    results.SetIndexUnit(sequence.GetIndexUnit())
+    results.SetIndexType(sequence.GetIndexType())
+    for index in range(frames):
+        frame = sequence.GetNthDataNode(index)
+
+        def report(fraction, text, index=index):
+            if progress is not None:
+                progress((index + fraction) / frames, f"frame {index + 1} of {frames}: {text}")
+
+        result = run_engine([volume_to_image(frame, f"frame {index + 1}")], task, progress=report, cancel=cancel,
+                            **options)
+        for warning in result.warnings:
+            logging.warning(f"MSDSegment: frame {index + 1}: {warning}")
+        results.SetDataNodeAtValue(frame_segmentation(result.labels, frame, result.card),
+                                   sequence.GetNthIndexValue(index))
+    results.SetName(f"{segmentation_name(volume_node, task)} sequence")
+    scene = volume_node.GetScene()
+    scene.AddNode(results)
+    slicer.modules.sequences.logic().AddSynchronizedNode(results, None, browser)
+    browser.SetSaveChanges(results, True)  # edits in the Segment Editor are kept in the frame they were made in
+    proxy = browser.GetProxyNode(results)
+    proxy.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    if proxy.GetDisplayNode() is None:
+        proxy.CreateDefaultDisplayNodes()
+    place_beside(proxy, volume_node)
+    return proxy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,18 +2,25 @@
 tumours kept only where they touch their organ and exceed a minimum volume."""
 
 import numpy as np
-from scipy import ndimage
+
+# scipy.ndimage is imported where it is used: the engine imports it in its loader thread, beside PyTorch,
+# instead of on the command line's start-up path.
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
 def bounding_box(mask, margin=1):
-    coords = np.argwhere(mask)
-    if len(coords) == 0:
-        return None
-    lower = np.maximum(coords.min(axis=0) - margin, 0)
-    upper = np.minimum(coords.max(axis=0) + margin + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
+    """Slices of the smallest box holding every true voxel, grown by `margin` voxels (one number, or one per
+    axis) within the array; None if no voxel is true."""
+    margins = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
+    lower, upper = [], []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(present) == 0:
+            return None
+        lower.append(max(int(present[0]) - int(margins[axis]), 0))
+        upper.append(min(int(present[-1]) + int(margins[axis]) + 1, mask.shape[axis]))
+    return tuple(slice(a, b) for a, b in zip(lower, upper))
 
 
 def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0):
@@ -23,6 +30,8 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0):
     breaks into pieces (a thin pancreas, the two horns of the peripheral zone) then outweighs a single
     larger false blob elsewhere. With gap 0 this is the largest connected component.
     """
+    from scipy import ndimage
+
     mask = labels == value
     spacing = np.asarray(spacing_mm, dtype=float)
     reach = np.ceil(gap_mm / spacing).astype(int)
@@ -46,6 +55,8 @@ def filter_tumours(labels, tumour, organ, min_voxels):
     A speck too small to keep that touches the organ becomes organ (no hole in it); one away from
     the organ becomes background.
     """
+    from scipy import ndimage
+
     box = bounding_box(labels == tumour, margin=2)
     if box is None:
         return

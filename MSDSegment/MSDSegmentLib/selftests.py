@@ -540,6 +540,137 @@ def test_segment_with_model_replaces_output(ctx):
         == [label.name for label in card(ctx, "liver").trained_labels]
 
 
+def constant_volume(ctx, name):
+    """A volume node the engine refuses (every voxel the same)."""
+    import vtk
+
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(30, 30, 20)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    image.GetPointData().GetScalars().Fill(40)
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def segmentation_nodes(scene):
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+
+
+def test_a_batch_with_a_bad_volume_in_the_middle(ctx):
+    """Each volume of a batch is segmented on its own: the bad one fails with its one-line reason and adds
+    nothing, the others complete, and the results come back in input order."""
+    from . import mrml
+
+    first = ctx.load_volume(cropped_ct(ctx), "CT 1")
+    bad = constant_volume(ctx, "blank")
+    last = ctx.load_volume(cropped_ct(ctx), "CT 3")
+    errors, reports = {}, []
+    results = mrml.segment_many([first, bad, last], "spleen", device="cpu", models_dir=ctx.models_dir,
+                                on_error=lambda index, error: errors.setdefault(index, error),
+                                progress=lambda fraction, text: reports.append((fraction, text)))
+    assert results[1] is None and list(errors) == [1]
+    assert_one_line_error(errors[1])
+    assert [node.GetName() for node in results if node] == ["CT 1 spleen segmentation", "CT 3 spleen segmentation"]
+    assert segmentation_nodes(ctx.scene) == [results[0], results[2]]
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(text.startswith("CT 3 (3 of 3): ") for _, text in reports)
+
+
+def test_cancel_stops_a_batch_and_keeps_what_finished(ctx):
+    from . import mrml
+
+    volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(3)]
+    finished = []
+    results = mrml.segment_many(volumes, "spleen", device="cpu", models_dir=ctx.models_dir,
+                                progress=lambda fraction, text: finished.append(fraction),
+                                cancel=lambda: bool(finished) and finished[-1] > 0.4)
+    assert results[0] is not None and results[1:] == [None, None]
+    assert segmentation_nodes(ctx.scene) == [results[0]]
+
+
+def sequence_of_ct_frames(ctx, frames):
+    """A sequence of `frames` volumes (the real CT crop, each frame shifted by a few voxels) with its browser;
+    returns the proxy volume node that shows the current frame."""
+    image = sitk.ReadImage(cropped_ct(ctx))
+    sequence = ctx.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "CT sequence")
+    for index in range(frames):
+        if frames > 2 and index == 1 and ctx.cache.get("bad frame"):
+            node = constant_volume(ctx, "blank frame")
+        else:
+            path = os.path.join(ctx.folder, f"frame{index}.nrrd")
+            moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 3 * index, axis=2))
+            moved.CopyInformation(image)
+            sitk.WriteImage(moved, path)
+            node = ctx.load_volume(path, f"frame {index}")
+        sequence.SetDataNodeAtValue(node, str(index))
+        ctx.scene.RemoveNode(node)
+    browser = ctx.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "CT browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    import slicer
+    slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
+    return browser.GetProxyNode(sequence), sequence, browser
+
+
+def test_every_frame_of_a_sequence_is_segmented_into_a_segmentation_sequence(ctx):
+    """The frames are segmented one by one, as each would be alone, into a segmentation sequence that the same
+    browser plays beside the volume; the segmentation shown follows the frame shown."""
+    from . import mrml
+
+    proxy, sequence, browser = sequence_of_ct_frames(ctx, 3)
+    shown = mrml.segment_sequence(proxy, "spleen", device="cpu", models_dir=ctx.models_dir)
+    results = browser.GetSequenceNode(shown)
+    assert results is not None and results.GetNumberOfDataNodes() == 3
+    assert [results.GetNthIndexValue(i) for i in range(3)] == ["0", "1", "2"]
+    spleen = card(ctx, "spleen")
+    found = []
+    for index in range(3):
+        frame = sequence.GetNthDataNode(index)
+        alone = segment_frame_alone(ctx, frame)
+        found.append(int(alone.sum()))
+        result = results.GetNthDataNode(index)
+        assert [result.GetSegmentation().GetNthSegment(i).GetName()
+                for i in range(result.GetSegmentation().GetNumberOfSegments())] == [l.name for l in spleen.trained_labels]
+        matrix, size = geometry_of(frame)
+        assert np.array_equal(mask_on_grid(result, "Segment_1", matrix, size), alone)
+    assert len(set(found)) > 1, f"the frames' labels do not differ ({found} voxels): the check is void"
+    browser.SetSelectedItemNumber(2)
+    matrix, size = geometry_of(sequence.GetNthDataNode(2))
+    assert np.array_equal(mask_on_grid(shown, "Segment_1", matrix, size), segment_frame_alone(ctx, sequence.GetNthDataNode(2)))
+
+
+def segment_frame_alone(ctx, frame):
+    from .engine import segment as run_engine
+    from . import mrml
+
+    labels = run_engine([mrml.volume_to_image(frame)], "spleen", device="cpu", models_dir=ctx.models_dir).labels
+    return sitk.GetArrayFromImage(labels) == 1
+
+
+def test_a_bad_frame_leaves_the_scene_as_it_was(ctx):
+    from . import errors, mrml
+
+    ctx.cache["bad frame"] = True
+    proxy, _, _ = sequence_of_ct_frames(ctx, 3)
+    ids = node_ids(ctx.scene)
+    try:
+        mrml.segment_sequence(proxy, "spleen", device="cpu", models_dir=ctx.models_dir)
+    except errors.InputError as error:
+        assert_one_line_error(error)
+    else:
+        raise AssertionError("a constant frame was segmented")
+    assert node_ids(ctx.scene) == ids
+    single = ctx.load_volume(cropped_ct(ctx), "not in a sequence")
+    try:
+        mrml.segment_sequence(single, "spleen", device="cpu", models_dir=ctx.models_dir)
+    except errors.InputError as error:
+        assert "not a frame of a sequence" in str(error)
+    else:
+        raise AssertionError("a volume outside any sequence was accepted")
+
+
 def test_default_input_is_never_a_label_map(ctx):
     """The panel's default input is the first scalar volume that is not a label map."""
     from . import mrml

@@ -20,6 +20,7 @@ class SlicerSession:
         ("SubjectHierarchy", "vtkSlicerSubjectHierarchyModuleLogic"),
         ("Volumes", "vtkSlicerVolumesLogic"),
         ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+        ("Sequences", "vtkSlicerSequencesLogic"),
     )
 
     def __init__(self):

@@ -91,6 +91,43 @@ def test_output_dir_segments_each_input(tmp_path, tiny_models_dir, capsys):
     assert files_in(out_dir) == ["case0.json", "case0.nii.gz", "case1.json", "case1.nii.gz"]
 
 
+def test_one_bad_file_in_a_batch_fails_alone(tmp_path, tiny_models_dir, capsys):
+    """A NIfTI with NaN voxels (which ITK would read as 0) in the middle of a batch: it gets its one-line
+    reason and no output, the others are segmented and kept, and the exit status reports the failure."""
+    inputs = []
+    for index in range(3):
+        path = str(tmp_path / f"case{index}.nii.gz")
+        inputs.append(path)
+        if index == 1:
+            voxels = sitk.GetArrayFromImage(synthetic_ct(seed=index)).transpose(2, 1, 0).astype(np.float32)
+            voxels[10, 10, 5] = np.nan
+            nib.save(nib.Nifti1Image(voxels, np.diag([3.0, 3.0, 5.0, 1.0])), path)
+        else:
+            sitk.WriteImage(synthetic_ct(seed=index), path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output-dir", str(out_dir),
+                        "--quiet"] + inputs, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"msdsegment: error: {inputs[1]}: ") and "NaN" in lines[0]
+    assert lines[1] == f"msdsegment: error: 1 of 3 inputs failed: {inputs[1]}"
+    assert files_in(out_dir) == ["case0.json", "case0.nii.gz", "case2.json", "case2.nii.gz"]
+
+
+def test_nan_in_a_nifti_file_is_refused(tmp_path, tiny_models_dir, capsys):
+    path = str(tmp_path / "nan.nii")
+    voxels = sitk.GetArrayFromImage(synthetic_ct()).transpose(2, 1, 0).astype(np.float32)
+    voxels[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), path)
+    assert np.isnan(nib.load(path).get_fdata()).any() and not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(path))).any()
+    output = str(tmp_path / "out.nii.gz")
+    code, _, err = run(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output", output, path],
+                       capsys)
+    assert_one_line_error(code, err, "contains NaN voxels")
+    assert files_in(tmp_path) == ["nan.nii"]
+
+
 def test_prostate_from_one_4d_file_or_t2_and_adc_files(tmp_path, tiny_models_dir, capsys):
     four_d = str(tmp_path / "mr.nii.gz")
     sitk.WriteImage(synthetic_mr(), four_d)
@@ -135,7 +172,7 @@ def test_tasks_lists_the_catalogue_with_figures(tiny_models_dir, capsys):
     code, out, _ = run(["tasks", "--models-dir", tiny_models_dir], capsys)
     assert code == 0
     assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == \
-        ["liver", "spleen", "pancreas", "prostate"]
+        ["liver", "spleen", "pancreas", "abdomen", "prostate"]
     assert "not yet measured" in out
     assert "Liver tumour: learnt from synthetic lesions only" in out
 

@@ -158,7 +158,7 @@ def test_missing_weights_are_named(models_copy):
 
 
 def test_unknown_task_lists_the_catalogue(tiny_models_dir):
-    with pytest.raises(ModelError, match="available: liver, spleen, pancreas, prostate"):
+    with pytest.raises(ModelError, match="available: liver, spleen, pancreas, abdomen, prostate"):
         segment([synthetic_ct()], "kidney", models_dir=tiny_models_dir)
 
 

@@ -34,6 +34,8 @@ EXPECTED_WIDGETS = {
     "keepLargestCheckBox": ("QCheckBox", None),
     "outputSegmentationSelector": ("qMRMLNodeComboBox", ["vtkMRMLSegmentationNode"]),
     "show3DCheckBox": ("QCheckBox", None),
+    "allFramesCheckBox": ("QCheckBox", None),
+    "batchVolumesComboBox": ("qMRMLCheckableNodeComboBox", ["vtkMRMLScalarVolumeNode"]),
     "smoothingSliderWidget": ("ctkSliderWidget", None),
     "segmentButton": ("QPushButton", None),
     "progressBar": ("QProgressBar", None),
