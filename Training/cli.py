@@ -1,4 +1,4 @@
-"""python -m Training {train, evaluate, precision, export} — see Training/README.md."""
+"""python -m Training {train, evaluate, precision, dicom-masks, export} — see Training/README.md."""
 
 import argparse
 import sys
@@ -69,6 +69,19 @@ def build_parser():
     precision.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     precision.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    dicom = commands.add_parser("dicom-masks", help="DICOM series with a DICOM mask series per structure "
+                                "(3D-IRCADb's layout) -> an MSD-layout dataset for evaluate")
+    dicom.add_argument("cases", nargs="+", metavar="CASE_FOLDER",
+                       help="one folder per case, holding PATIENT_DICOM/ and MASKS_DICOM/<structure>/ (or .zip)")
+    dicom.add_argument("--out", required=True, help="the MSD-layout folder to write")
+    dicom.add_argument("--structure", action="append", required=True, metavar="PATTERN=LABEL",
+                       help="mask folder name pattern and the label it becomes, e.g. 'livertumor*=liver tumour'; "
+                            "repeat it; a later one wins where masks overlap")
+    dicom.add_argument("--ids", help="comma-separated case ids (default: the folder names)")
+    dicom.add_argument("--name", default="DICOM masks", help="the dataset's name in dataset.json")
+    dicom.add_argument("--description", help="for dataset.json (source, citation)")
+    dicom.add_argument("--licence", help="for dataset.json")
+
     export = commands.add_parser("export", help="write weights and model cards into the extension")
     add_common(export)
     export.add_argument("--checkpoint", help="weights (.pt) or a training checkpoint (.ckpt) to export "
@@ -92,6 +105,9 @@ def main(argv=None):
         elif args.command == "precision":
             from .precision import run_precision
             run_precision(args)
+        elif args.command == "dicom-masks":
+            from .dicom_masks import run_conversion
+            run_conversion(args)
         elif args.command == "export":
             from .export import run_export
             run_export(args)

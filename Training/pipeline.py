@@ -8,7 +8,7 @@ from .cache import build_cache
 from .dataset import fold_split, read_dataset
 from .models import MODELS, label_mapping, parse_label_map
 from .plan import fingerprint, load_json, make_plan, save_json
-from .train import train
+from .train import Distributed, train
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +65,21 @@ def prepare(args, log=print):
 
 
 def run_training(args):
-    plan, cache, case_ids = prepare(args)
-    training_ids, validation_ids = fold_split(case_ids, args.fold)
-    run_dir = os.path.join(args.out, args.model, f"fold{args.fold}")
-    os.makedirs(run_dir, exist_ok=True)
-    save_json({"training": training_ids, "validation": validation_ids}, os.path.join(run_dir, "split.json"))
-    best = train(plan, cache, training_ids, validation_ids, run_dir, args)
-    print(f"best validation Dice {best['dice']} at step {best['step']}")
+    dist = Distributed(want_cuda=args.device != "cpu")
+    try:
+        # Under torchrun rank 0 plans and caches first; the other ranks then find both done and read them.
+        if not dist.main:
+            dist.barrier()
+        plan, cache, case_ids = prepare(args, log=print if dist.main else (lambda text: None))
+        if dist.main:
+            dist.barrier()
+        training_ids, validation_ids = fold_split(case_ids, args.fold)
+        run_dir = os.path.join(args.out, args.model, f"fold{args.fold}")
+        os.makedirs(run_dir, exist_ok=True)
+        if dist.main:
+            save_json({"training": training_ids, "validation": validation_ids}, os.path.join(run_dir, "split.json"))
+        best = train(plan, cache, training_ids, validation_ids, run_dir, args, dist=dist)
+    finally:
+        dist.close()
+    if dist.main:
+        print(f"best validation Dice {best['dice']} at step {best['step']}")

@@ -81,6 +81,19 @@ class Distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def replica_difference(self, network):
+        """The largest difference between this rank's weights and rank 0's (0 in a single process): DDP keeps
+        the replicas equal, and a resumed run that broke that would train a different network on each rank."""
+        if self.world == 1:
+            return 0.0
+        largest = torch.zeros(1, device=self.device)
+        for tensor in network.state_dict().values():
+            reference = tensor.detach().clone()
+            torch.distributed.broadcast(reference, src=0)
+            largest = torch.maximum(largest, (tensor.detach().float() - reference.float()).abs().max().reshape(1))
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        return float(largest.item())
+
     def close(self):
         if self.world > 1:
             torch.distributed.destroy_process_group()
@@ -168,9 +181,10 @@ def plot_curves(run_dir, classes):
     plt.close(figure)
 
 
-def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=print):
-    """Train until `args.steps` (or `args.time_limit` minutes), validating every `args.val_every` steps."""
-    dist = Distributed(want_cuda=args.device != "cpu")
+def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=print, dist=None):
+    """Train until `args.steps` (or `args.time_limit` minutes), validating every `args.val_every` steps.
+    `dist`: the process group (torchrun's ranks; a single process by default); closing it is the caller's."""
+    dist = dist or Distributed(want_cuda=args.device != "cpu")
     torch.manual_seed(args.seed + dist.rank)
     classes = len(plan["classes"])
     train_cases = [load_case(cache_dir, case_id, classes) for case_id in training_ids]
@@ -255,5 +269,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             break
     if progress:
         progress.close()
-    dist.close()
+    if dist.world > 1:
+        difference = dist.replica_difference(network)
+        log(f"{dist.world} ranks at step {step}: largest weight difference from rank 0 {difference:g}")
     return best

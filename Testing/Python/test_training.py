@@ -636,3 +636,93 @@ def test_a_briefly_trained_cascade_outputs_organ_and_tumour(tmp_path):
     assert set(np.unique(prediction).tolist()) == {0, 1, 2}
     tumour = prediction == 2
     assert 2 * (tumour & (reference == 2)).sum() / (tumour.sum() + (reference == 2).sum()) > 0.3
+
+
+def torchrun(data, out, *extra):
+    """Two ranks on the CPU (gloo over the loopback interface), as `torchrun --nproc_per_node=2` on GPUs."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "Training",
+               "train", "--model", "abdomen", "--data", data, "--out", out, *TINY, "--batch-size", "1",
+               "--val-every", "1000", "--device", "cpu", "--quiet", *extra]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPOSITORY, os.path.join(REPOSITORY, "MSDSegment")]),
+                       OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_ranks_train_identical_weights_and_a_resumed_run_continues(synthetic_data, tmp_path):
+    """The multi-GPU path (DDP) with two CPU ranks: rank 0 plans and caches while the other waits, both train,
+    their weights end identical, and a run stopped by its time limit resumes from its step."""
+    out = str(tmp_path)
+    log = torchrun(synthetic_data, out, "--steps", "3", "--time-limit", "1e-9")
+    checkpoint = os.path.join(out, "abdomen", "fold0", "last.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["step"] == 1
+    assert "2 ranks at step 1: largest weight difference from rank 0 0\n" in log
+    log = torchrun(synthetic_data, out, "--steps", "3", "--resume")
+    assert "resumed from step 1" in log
+    assert "2 ranks at step 3: largest weight difference from rank 0 0\n" in log
+    assert torch.load(checkpoint, weights_only=False)["step"] == 3
+    with open(os.path.join(out, "abdomen", "plan.json"), encoding="utf-8") as stream:
+        assert json.load(stream)["patch_size"] == [16, 16, 16]
+
+
+def write_dicom_series(volume, folder, spacing=(0.8, 0.8, 1.6), origin=(-100.0, -120.0, 40.0)):
+    """A DICOM series, one file per slice, of an (x, y, z) int16 array (as a scanner or 3D-IRCADb stores it)."""
+    os.makedirs(folder, exist_ok=True)
+    image = sitk.GetImageFromArray(volume.transpose(2, 1, 0))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")  # files without an extension, as 3D-IRCADb names them
+    series = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(folder)) % 10**12)
+    for index in range(image.GetDepth()):
+        item = image[:, :, index]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", series), ("0020|0013", str(index + 1)),
+                           ("0020|0032", "\\".join(f"{c:.4f}" for c in image.TransformIndexToPhysicalPoint((0, 0, index)))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", f"{spacing[2]:.4f}"),
+                           ("0008|0018", f"{series}.{index + 1}")):
+            item.SetMetaData(tag, value)
+        writer.SetFileName(os.path.join(folder, f"image_{index}"))
+        writer.Execute(item)
+
+
+def test_dicom_masks_become_an_msd_dataset_that_evaluate_reads(tmp_path):
+    """A small DICOM CT with DICOM masks per structure (one case with a folder of masks, one with them zipped):
+    the CT comes back with its grid and HU untouched, the masks as labels (a tumour inside the liver wins where
+    it is given later), unmatched masks are reported, and dataset.json names the labels."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    for case_id, zipped in (("case_a", False), ("case_b", True)):
+        ct = rng.integers(-1024, 1500, (24, 20, 8)).astype(np.int16)
+        liver = np.zeros(ct.shape, np.int16)
+        liver[2:14, 3:12, 1:6] = 255
+        tumour = np.zeros(ct.shape, np.int16)
+        tumour[5:8, 5:8, 2:4] = 255
+        bone = np.zeros(ct.shape, np.int16)
+        bone[20:23, 2:5, :] = 255
+        folder = tmp_path / case_id
+        write_dicom_series(ct, str(folder / "PATIENT_DICOM"))
+        for name, mask in (("liver", liver), ("livertumor1", tumour), ("bone", bone)):
+            write_dicom_series(mask, str(folder / "MASKS_DICOM" / name))
+        if zipped:
+            shutil.make_archive(str(folder / "MASKS_DICOM"), "zip", str(folder), "MASKS_DICOM")
+            shutil.rmtree(folder / "MASKS_DICOM")
+        cases[case_id] = (ct, liver, tumour)
+    out = tmp_path / "dataset"
+    argv = ["dicom-masks", str(tmp_path / "case_a"), str(tmp_path / "case_b"), "--out", str(out),
+            "--structure", "liver=liver", "--structure", "livertumor*=liver tumour", "--name", "test"]
+    assert cli.main(argv) == 0
+    meta, read = read_dataset(str(out))
+    assert meta["labels"] == {"0": "background", "1": "liver", "2": "liver tumour"}
+    assert [case["id"] for case in read] == ["case_a", "case_b"]
+    for case in read:
+        ct, liver, tumour = cases[case["id"]]
+        image, labels = sitk.ReadImage(case["image"]), sitk.ReadImage(case["label"])
+        assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), ct)
+        np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.8, 1.6), atol=1e-4)
+        np.testing.assert_allclose(image.GetOrigin(), (-100.0, -120.0, 40.0), atol=1e-3)
+        expected = np.where(tumour > 0, 2, np.where(liver > 0, 1, 0))
+        assert np.array_equal(sitk.GetArrayFromImage(labels).transpose(2, 1, 0), expected)
+        assert labels.GetOrigin() == image.GetOrigin() and labels.GetSpacing() == image.GetSpacing()
+    assert cli.main(["dicom-masks", str(tmp_path / "case_a"), "--out", str(out), "--structure", "liver"]) == 2

@@ -1,0 +1,121 @@
+"""`python -m Training dicom-masks`: cases stored as a DICOM series with one DICOM mask series per structure
+(3D-IRCADb's layout: PATIENT_DICOM/ and MASKS_DICOM/<structure>/, either folder possibly zipped) -> an MSD-layout
+dataset (imagesTr/, labelsTr/, dataset.json) that `evaluate` reads.
+
+Each case is read at its full resolution and HU range: unlike the BTCV copies, nothing is clipped or resampled.
+Structures map to labels through name patterns given in order; a voxel in several structures gets the label
+of the last pattern that matches (so `livertumor*` given after `liver` keeps the tumours inside the liver).
+"""
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+import numpy as np
+import SimpleITK as sitk
+
+from MSDSegmentLib.errors import InputError
+from MSDSegmentLib.imageio import atomic_output, read_image
+
+GEOMETRY_TOLERANCE = 1e-3  # mm: a mask must lie on its CT's grid
+
+
+def parse_structures(pairs):
+    """["liver=liver", "livertumor*=liver tumour"] -> [(pattern, label name)], in the order given."""
+    structures = []
+    for pair in pairs:
+        pattern, _, name = pair.partition("=")
+        if not pattern.strip() or not name.strip():
+            raise InputError(f"--structure wants PATTERN=LABEL NAME, got {pair!r}")
+        structures.append((pattern.strip().lower(), name.strip()))
+    return structures
+
+
+def label_values(structures):
+    """Label name -> value, 1, 2, ... in the order the names first appear."""
+    values = {}
+    for _, name in structures:
+        values.setdefault(name, len(values) + 1)
+    return values
+
+
+def folder_or_zip(case_folder, name, scratch):
+    """The folder `name` of a case, or the folder extracted from `name`.zip into `scratch`."""
+    folder = os.path.join(case_folder, name)
+    if os.path.isdir(folder):
+        return folder
+    archive = folder + ".zip"
+    if not os.path.isfile(archive):
+        raise InputError(f"{case_folder} has neither {name}/ nor {name}.zip")
+    with zipfile.ZipFile(archive) as stream:
+        stream.extractall(scratch)
+    extracted = os.path.join(scratch, name)
+    if not os.path.isdir(extracted):
+        raise InputError(f"{archive} does not hold a folder {name}/")
+    return extracted
+
+
+def same_grid(image, reference):
+    corners = [[0, 0, 0], [n - 1 for n in reference.GetSize()]]
+    return image.GetSize() == reference.GetSize() and all(
+        np.allclose(image.TransformIndexToPhysicalPoint(c), reference.TransformIndexToPhysicalPoint(c),
+                    atol=GEOMETRY_TOLERANCE) for c in corners)
+
+
+def case_labels(image, masks_folder, structures, values):
+    """The label map of one case on its CT's grid, and the mask folders no pattern matched."""
+    labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    names = sorted(entry for entry in os.listdir(masks_folder) if os.path.isdir(os.path.join(masks_folder, entry)))
+    unmatched = [name for name in names if not any(fnmatch.fnmatch(name.lower(), p) for p, _ in structures)]
+    for pattern, label in structures:
+        for name in names:
+            if not fnmatch.fnmatch(name.lower(), pattern):
+                continue
+            mask = read_image(os.path.join(masks_folder, name))
+            if not same_grid(mask, image):
+                raise InputError(f"The mask {name} of {masks_folder} is not on its CT's grid")
+            labels[sitk.GetArrayViewFromImage(mask) > 0] = values[label]
+    return labels, unmatched
+
+
+def convert_case(case_folder, case_id, out, structures, values, image_name="PATIENT_DICOM",
+                 masks_name="MASKS_DICOM"):
+    """Write imagesTr/<id>.nii.gz and labelsTr/<id>.nii.gz for one case; returns the mask folders left out."""
+    scratch = tempfile.mkdtemp(prefix="msdsegment-dicom-")
+    try:
+        image = read_image(folder_or_zip(case_folder, image_name, scratch))
+        labels, unmatched = case_labels(image, folder_or_zip(case_folder, masks_name, scratch), structures, values)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(image)
+    for folder, item in (("imagesTr", image), ("labelsTr", label_image)):
+        path = os.path.join(out, folder, f"{case_id}.nii.gz")
+        with atomic_output(path, ".nii.gz") as temporary:
+            sitk.WriteImage(item, temporary, useCompression=True)
+    return unmatched
+
+
+def run_conversion(args, log=print):
+    structures = parse_structures(args.structure)
+    values = label_values(structures)
+    ids = args.ids.split(",") if args.ids else [os.path.basename(os.path.normpath(c)) for c in args.cases]
+    if len(ids) != len(args.cases) or len(set(ids)) != len(ids):
+        raise InputError("--ids must give one distinct id per case folder")
+    for folder in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+    training = []
+    for case_folder, case_id in zip(args.cases, ids):
+        unmatched = convert_case(case_folder, case_id, args.out, structures, values)
+        log(f"{case_id}: converted" + (f"; masks left out: {', '.join(unmatched)}" if unmatched else ""))
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    meta = {"name": args.name, "description": args.description or "", "licence": args.licence or "",
+            "modality": {"0": "CT"}, "labels": {"0": "background", **{str(v): n for n, v in values.items()}},
+            "numTraining": len(training), "training": training, "test": []}
+    with atomic_output(os.path.join(args.out, "dataset.json"), ".json") as temporary, \
+            open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(meta, stream, indent=2)
+    log(f"wrote {len(training)} case(s) and dataset.json into {args.out}")
