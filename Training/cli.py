@@ -69,6 +69,14 @@ def build_parser():
     precision.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     precision.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    locations = commands.add_parser("locations", help="where each organ of a task lies relative to the liver, "
+                                    "learnt from the training labels, written into its card")
+    locations.add_argument("--task", required=True)
+    locations.add_argument("--data", required=True, help="MSD-layout folder with labels")
+    locations.add_argument("--fold", type=int, help="learn from this fold's training cases only")
+    locations.add_argument("--relative-to", default="liver", help="the organ the others are placed against")
+    locations.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+
     dicom = commands.add_parser("dicom-masks", help="DICOM series with a DICOM mask series per structure "
                                 "(3D-IRCADb's layout) -> an MSD-layout dataset for evaluate")
     dicom.add_argument("cases", nargs="+", metavar="CASE_FOLDER",
@@ -105,6 +113,9 @@ def main(argv=None):
         elif args.command == "precision":
             from .precision import run_precision
             run_precision(args)
+        elif args.command == "locations":
+            from .locations import run_locations
+            run_locations(args)
         elif args.command == "dicom-masks":
             from .dicom_masks import run_conversion
             run_conversion(args)

@@ -87,6 +87,13 @@ def task_labels(task_id, plan):
     return labels
 
 
+def with_locations(labels, card):
+    """Where the organs lie (`python -m Training locations`) does not depend on the weights: a re-exported card
+    keeps what the card there had learnt."""
+    known = {label["name"]: label["location"] for label in card.get("labels", []) if label.get("location")}
+    return [dict(label, location=known[label["name"]]) if label["name"] in known else label for label in labels]
+
+
 def card_for(task_id, plan, stages, labels, training, metrics):
     task = TASKS[task_id]
     dataset = plan["dataset"]["name"]
@@ -127,7 +134,7 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
                 labels, last_training = task_labels(task_id, plan), training
             else:  # the labels and training record are the last stage's: re-exporting a coarse stage keeps them
                 labels, last_training = existing["labels"], existing["training"]
-            cards[path] = card_for(task_id, plan, stages, labels, last_training, metrics)
+            cards[path] = card_for(task_id, plan, stages, with_locations(labels, existing), last_training, metrics)
     # Every card is checked before anything is written.
     save_weights(checkpoint, weights_path)
     stage["sha256"] = sha256_of(weights_path)  # the stage entry every card shares

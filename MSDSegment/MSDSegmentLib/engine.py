@@ -269,6 +269,22 @@ class Cascade:
             probabilities, canonical, region = self.done[key]
         return probabilities, canonical
 
+    def organ_centroid(self, card, organ):
+        """The physical centroid (mm, LPS) of the largest piece of `organ` as the finest of the card's stages
+        that segments it found it, or None (no such stage, or nothing found)."""
+        for number in reversed(range(len(card.stages))):
+            stage = card.stages[number]
+            key = tuple(repr(earlier) for earlier in card.stages[:number + 1])
+            if organ not in stage.classes or key not in self.done:
+                continue
+            probabilities, canonical, _ = self.done[key]
+            found = (channel_argmax(probabilities) == stage.classes.index(organ)).astype(np.uint8)
+            keep_largest_cluster(found, 1, canonical.GetSpacing())
+            if not found.any():
+                return None
+            return np.array(canonical.TransformContinuousIndexToPhysicalPoint(np.argwhere(found).mean(axis=0).tolist()))
+        return None
+
     def run_stage(self, number, stage, card, region, previous, start, share, report):
         if self.cancel is not None and self.cancel():
             raise Cancelled()
@@ -294,6 +310,28 @@ class Cascade:
         return probabilities, canonical
 
 
+def plausibility(cascade, card, target, box):
+    """{label value: index centroid in `box` -> whether a piece there lies where the organ lies}: within the
+    card's `location` (Mahalanobis distance to the offset learnt from the training labels) of the organ it is
+    placed relative to, as the cascade found that organ."""
+    checks = {}
+    for label in card.trained_labels:
+        location = label.location
+        anchor = cascade.organ_centroid(card, location["relative_to"]) if location else None
+        if anchor is None:
+            continue
+        inverse = np.linalg.inv(np.asarray(location["covariance_mm2"], dtype=float))
+        mean = np.asarray(location["mean_mm"], dtype=float)
+        start = np.array([part.start for part in box], dtype=float)
+
+        def plausible(index, inverse=inverse, mean=mean, anchor=anchor, limit=location["max_distance"]):
+            offset = np.array(target.TransformContinuousIndexToPhysicalPoint((start + index).tolist())) - anchor - mean
+            return float(np.sqrt(offset @ inverse @ offset)) <= limit
+
+        checks[label.value] = plausible
+    return checks
+
+
 def task_labels(cascade, card, target, keep_largest, report):
     """A single task's label map on the input grid (its own values), post-processed, and the index box outside
     which it is all background (None if it is empty)."""
@@ -304,7 +342,8 @@ def task_labels(cascade, card, target, keep_largest, report):
                                             [label.value for label in card.trained_labels], cascade.cancel)
     report(0.9, "Post-processing")
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
-        postprocess(label_array[box], card, target.GetSpacing(), keep_largest)
+        postprocess(label_array[box], card, target.GetSpacing(), keep_largest,
+                    plausibility(cascade, card, target, box))
     return label_array, box
 
 

@@ -33,6 +33,10 @@ class Label:
     trained: bool = True
     note: str = ""                 # what a user must know about this label (how it was learnt, its limits)
     component_gap_mm: float = 0.0  # for an organ: pieces closer than this are kept together (post-processing)
+    # For an organ: where it lies relative to another organ, learnt from the training labels (`python -m Training
+    # locations`): {"relative_to": organ class, "mean_mm", "covariance_mm2", "max_distance", ...}. Post-processing
+    # keeps the largest piece that lies within max_distance (Mahalanobis) of there, not a larger one elsewhere.
+    location: dict = field(default_factory=dict)
 
     @property
     def color_float(self):

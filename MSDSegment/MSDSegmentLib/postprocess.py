@@ -23,12 +23,14 @@ def bounding_box(mask, margin=1):
     return tuple(slice(a, b) for a, b in zip(lower, upper))
 
 
-def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0):
+def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     """Keep only the largest cluster of `value`'s components (in place; the rest becomes background).
 
     Components less than `gap_mm` apart form one cluster, weighed by their voxels: an organ the network
     breaks into pieces (a thin pancreas, the two horns of the peripheral zone) then outweighs a single
-    larger false blob elsewhere. With gap 0 this is the largest connected component.
+    larger false blob elsewhere. With gap 0 this is the largest connected component. With `plausible`
+    (index centroid -> bool: does a piece there lie where the organ lies?) the largest plausible cluster is
+    kept, and the largest one only where none is plausible.
     """
     from scipy import ndimage
 
@@ -46,7 +48,14 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0):
     if count <= 1:
         return
     sizes = np.bincount(clusters[mask], minlength=count + 1)
-    crop[mask & (clusters != int(np.argmax(sizes)))] = 0
+    sizes[0] = 0
+    chosen = int(np.argmax(sizes))
+    if plausible is not None:
+        centroids = ndimage.center_of_mass(mask, clusters, range(1, count + 1))
+        offset = np.array([part.start for part in box])
+        candidates = [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c]]
+        chosen = next((c for c in candidates if plausible(offset + centroids[c - 1])), chosen)
+    crop[mask & (clusters != chosen)] = 0
 
 
 def filter_tumours(labels, tumour, organ, min_voxels):
@@ -77,13 +86,15 @@ def min_tumour_voxels(card, voxel_ml):
     return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
 
 
-def postprocess(labels, card, spacing_mm, keep_largest=True):
-    """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place)."""
+def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None):
+    """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
+    `plausibility`: {label value: index centroid -> bool} for the organs whose place is known."""
     settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
         if label.kind == "organ" and keep_largest and settings.get("keep_largest", True):
-            keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm)
+            keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm,
+                                 (plausibility or {}).get(label.value))
     for label in card.trained_labels:
         if label.kind == "tumour":
             organ = next(o.value for o in card.labels if o.name == label.organ)

@@ -68,3 +68,45 @@ def test_postprocess_applies_the_card_rules_with_the_voxel_volume():
     postprocess(labels, card(), spacing_mm=(10.0, 10.0, 10.0))
     assert labels[26, 26, 26] == 0
     assert (labels[8:10, 8:10, 8:10] == 2).all()
+
+
+def test_the_piece_where_the_organ_lies_is_kept_against_a_larger_decoy_far_from_it():
+    """A spleen where the shipped card says it lies (beside the liver) and a larger false 'spleen' 200 mm
+    below it: the largest-piece rule keeps the decoy, the card's location keeps the spleen."""
+    import types
+
+    import SimpleITK as sitk
+
+    from MSDSegmentLib import engine, modelcard
+
+    card = modelcard.find_card("spleen")
+    location = card.trained_labels[0].location
+    assert location["relative_to"] == "liver" and location["cases"] >= 15
+    target = sitk.Image([200, 200, 160], sitk.sitkUInt8)
+    target.SetSpacing((2.0, 2.0, 2.5))
+    target.SetOrigin((-200.0, -200.0, -300.0))
+    liver_mm = np.array([-60.0, -20.0, 0.0])
+    labels = np.zeros(target.GetSize(), np.uint8)
+
+    def blob(centre_mm, radius_mm):
+        index = np.round(target.TransformPhysicalPointToContinuousIndex(centre_mm.tolist())).astype(int)
+        reach = np.ceil(radius_mm / np.array(target.GetSpacing())).astype(int)
+        x, y, z = np.ogrid[tuple(slice(i - r, i + r + 1) for i, r in zip(index, reach))]
+        inside = ((x - index[0]) * 2.0) ** 2 + ((y - index[1]) * 2.0) ** 2 + ((z - index[2]) * 2.5) ** 2 <= radius_mm ** 2
+        labels[tuple(slice(i - r, i + r + 1) for i, r in zip(index, reach))][inside] = 1
+
+    spleen_mm = liver_mm + np.asarray(location["mean_mm"])
+    blob(spleen_mm, 25.0)
+    blob(spleen_mm + np.array([-40.0, -20.0, -200.0]), 32.0)  # larger, in the lower abdomen
+    box = tuple(slice(0, n) for n in labels.shape)
+    cascade = types.SimpleNamespace(organ_centroid=lambda card_, organ: liver_mm if organ == "liver" else None)
+    old, new = labels.copy(), labels.copy()
+    postprocess(old, card, target.GetSpacing())
+    postprocess(new, card, target.GetSpacing(), plausibility=engine.plausibility(cascade, card, target, box))
+    spleen_index = np.round(target.TransformPhysicalPointToContinuousIndex(spleen_mm.tolist())).astype(int)
+    assert old[tuple(spleen_index)] == 0 and old.sum() > 0  # the decoy won by size
+    assert new[tuple(spleen_index)] == 1 and new.sum() < old.sum()  # the spleen won by place
+    nowhere = types.SimpleNamespace(organ_centroid=lambda card_, organ: None)  # no liver found: the old rule
+    fallback = labels.copy()
+    postprocess(fallback, card, target.GetSpacing(), plausibility=engine.plausibility(nowhere, card, target, box))
+    assert np.array_equal(fallback, old)

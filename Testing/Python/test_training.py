@@ -726,3 +726,21 @@ def test_dicom_masks_become_an_msd_dataset_that_evaluate_reads(tmp_path):
         assert np.array_equal(sitk.GetArrayFromImage(labels).transpose(2, 1, 0), expected)
         assert labels.GetOrigin() == image.GetOrigin() and labels.GetSpacing() == image.GetSpacing()
     assert cli.main(["dicom-masks", str(tmp_path / "case_a"), "--out", str(out), "--structure", "liver"]) == 2
+
+
+def test_locations_are_learnt_from_the_training_labels_into_the_card(trained, tmp_path):
+    models = str(tmp_path / "models")
+    shutil.copytree(trained["models"], models)
+    assert cli.main(["locations", "--task", "pancreas", "--data", trained["data"], "--models-dir", models]) == 0
+    card = modelcard.find_card("pancreas", models)
+    location = card.trained_labels[0].location
+    assert location["relative_to"] == "liver" and location["cases"] == 5
+    # The synthetic pancreas lies 10 voxels (20 mm) right of the liver's centre in x and 7 voxels (14 mm) in y.
+    np.testing.assert_allclose(location["mean_mm"][:2], [20.0, -14.0], atol=4.0)
+    assert location["max_distance"] >= 4.0
+    image = read_channels([os.path.join(trained["data"], "imagesTr", "synth_00.nii.gz")])
+    assert segment(image, "pancreas", models_dir=models, device="cpu").labels.GetSize() == image[0].GetSize()
+    assert cli.main(["locations", "--task", "pancreas", "--data", trained["data"], "--models-dir", models,
+                     "--relative-to", "kidney"]) == 2
+    assert cli.main(["export", "--model", "abdomen", "--out", trained["out"], "--models-dir", models]) == 0
+    assert modelcard.find_card("pancreas", models).trained_labels[0].location == location  # kept on re-export
