@@ -388,6 +388,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showVolumes(self, segmentationNode) -> None:
         """Fill the volumes table from a result; None empties it (a run started or failed)."""
         rows = self.logic.segmentVolumes(segmentationNode) if segmentationNode is not None else []
+        quality = mrml.segment_quality(segmentationNode) if segmentationNode is not None else {}
         table = self.ui.volumesTable
         table.setRowCount(len(rows))
         for row, (name, color, volumeMl) in enumerate(rows):
@@ -395,8 +396,15 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             nameItem.setData(qt.Qt.DecorationRole, qt.QColor.fromRgbF(*color))
             volumeItem = qt.QTableWidgetItem(f"{volumeMl:.1f}")
             volumeItem.setTextAlignment(qt.Qt.AlignRight | qt.Qt.AlignVCenter)
+            entry = quality.get(name, {})
+            qualityItem = qt.QTableWidgetItem(mrml.quality_text(entry))
+            qualityItem.setToolTip("How far to trust this segment, from the network's confidence and where the "
+                                   "organ lies (calibrated on cases the model did not train on)")
+            if entry.get("check"):
+                qualityItem.setForeground(qt.QBrush(qt.QColor("darkorange")))
             table.setItem(row, 0, nameItem)
             table.setItem(row, 1, volumeItem)
+            table.setItem(row, 2, qualityItem)
 
 
 class BackgroundSegmentation:

@@ -77,6 +77,14 @@ def build_parser():
     locations.add_argument("--relative-to", default="liver", help="the organ the others are placed against")
     locations.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
 
+    quality = commands.add_parser("quality", help="calibrate the quality flag from evaluate --csv files of cases "
+                                  "the models did not train on, into the cards")
+    quality.add_argument("--csv", nargs="+", required=True, help="per-case CSV files written by evaluate")
+    quality.add_argument("--task", nargs="+", required=True, help="the cards to write the calibration into")
+    quality.add_argument("--good-dice", type=float, default=0.8, help="segments below this Dice should be flagged")
+    quality.add_argument("--data-text", default="", help="what the CSV files measured, for the cards")
+    quality.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+
     dicom = commands.add_parser("dicom-masks", help="DICOM series with a DICOM mask series per structure "
                                 "(3D-IRCADb's layout) -> an MSD-layout dataset for evaluate")
     dicom.add_argument("cases", nargs="+", metavar="CASE_FOLDER",
@@ -116,6 +124,9 @@ def main(argv=None):
         elif args.command == "locations":
             from .locations import run_locations
             run_locations(args)
+        elif args.command == "quality":
+            from .quality import run_quality
+            run_quality(args)
         elif args.command == "dicom-masks":
             from .dicom_masks import run_conversion
             run_conversion(args)

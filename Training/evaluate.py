@@ -33,7 +33,8 @@ from .models import MODELS, label_mapping, parse_label_map
 from .tasks import TASKS
 
 COLUMNS = ["case", "label", "value", "dice", "hd95_mm", "reference_ml", "predicted_ml", "volume_error_ml",
-           "volume_error_percent", "lesions", "detected_lesions", "false_positive_lesions"]
+           "volume_error_percent", "lesions", "detected_lesions", "false_positive_lesions", "confidence",
+           "location_distance", "check"]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -313,8 +314,11 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
     rows = []
     for label in labels:
         predicted, referenced = prediction == label.value, reference == label.value
+        quality = result.quality.get(label.value, {})
         row = {"case": case["id"], "label": label.name, "value": label.value,
-               **label_metrics(predicted, referenced, grid.GetSpacing())}
+               **label_metrics(predicted, referenced, grid.GetSpacing()),
+               "confidence": quality.get("confidence"), "location_distance": quality.get("location_distance"),
+               "check": quality.get("check")}
         if tumour and label is tumour[0]:
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml)))

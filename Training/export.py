@@ -88,10 +88,11 @@ def task_labels(task_id, plan):
 
 
 def with_locations(labels, card):
-    """Where the organs lie (`python -m Training locations`) does not depend on the weights: a re-exported card
-    keeps what the card there had learnt."""
-    known = {label["name"]: label["location"] for label in card.get("labels", []) if label.get("location")}
-    return [dict(label, location=known[label["name"]]) if label["name"] in known else label for label in labels]
+    """Where the organs lie and their volumes (`python -m Training locations`) do not depend on the weights: a
+    re-exported card keeps what the card there had learnt."""
+    known = {label["name"]: {key: label[key] for key in ("location", "volume_ml") if label.get(key)}
+             for label in card.get("labels", [])}
+    return [dict(label, **known.get(label["name"], {})) for label in labels]
 
 
 def card_for(task_id, plan, stages, labels, training, metrics):

@@ -26,6 +26,17 @@ def centroid_mm(image, mask):
     return np.array(image.TransformContinuousIndexToPhysicalPoint(np.argwhere(mask).mean(axis=0)[::-1].tolist()))
 
 
+def volumes_ml(cases, value):
+    """The organ's volume in every case that labels it."""
+    found = []
+    for case in cases:
+        image = read_image(case["label"])
+        count = int(np.count_nonzero(sitk.GetArrayViewFromImage(image) == value))
+        if count:
+            found.append(count * float(np.prod(image.GetSpacing())) / 1000.0)
+    return found
+
+
 def offsets(cases, organ_value, reference_value):
     """(organ centroid - reference centroid) in mm for every case where both are labelled."""
     found = []
@@ -66,10 +77,15 @@ def run_locations(args, log=print):
     selection = f"fold {args.fold} training cases" if args.fold is not None else "all labelled cases"
     data_text = f"{meta.get('name', args.data)}, {selection}"
     for entry in data["labels"]:
-        if entry["kind"] != "organ" or entry["source_class"] == args.relative_to:
+        if entry["kind"] != "organ":
             continue
         if entry["source_class"] not in values:
             raise InputError(f"{args.data} has no label named '{entry['source_class']}'")
+        volumes = volumes_ml(cases, values[entry["source_class"]])
+        entry["volume_ml"] = [round(min(volumes), 1), round(max(volumes), 1)]
+        log(f"{args.task}: {entry['name']} {entry['volume_ml'][0]}-{entry['volume_ml'][1]} mL in {len(volumes)} cases")
+        if entry["source_class"] == args.relative_to:
+            continue
         found = offsets(cases, values[entry["source_class"]], values[args.relative_to])
         if len(found) < 5:
             raise InputError(f"Only {len(found)} case(s) label both {entry['source_class']} and {args.relative_to}")

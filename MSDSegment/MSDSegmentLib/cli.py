@@ -111,6 +111,7 @@ def segment_case(inputs, output, args, say):
         "precision": result.precision,
         "volumes_ml": {result.card.label(v).name: round(ml, 3) for v, ml in result.volumes_ml.items()},
         "label_values": {result.card.label(v).name: v for v in result.volumes_ml},
+        "quality": {result.card.label(v).name: entry for v, entry in result.quality.items()},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "warnings": result.warnings,
     }

@@ -28,6 +28,8 @@ class SegmentationResult:
     device: str = "cpu"
     warnings: list = field(default_factory=list)
     precision: str = "fp32"
+    # {label value: {"confidence", "location_distance", "check", "reasons"}}: how far to trust each segment
+    quality: dict = field(default_factory=dict)
 
 
 def pick_device(device):
@@ -310,11 +312,11 @@ class Cascade:
         return probabilities, canonical
 
 
-def plausibility(cascade, card, target, box):
-    """{label value: index centroid in `box` -> whether a piece there lies where the organ lies}: within the
-    card's `location` (Mahalanobis distance to the offset learnt from the training labels) of the organ it is
-    placed relative to, as the cascade found that organ."""
-    checks = {}
+def location_distances(cascade, card, target, box):
+    """{label value: index centroid in `box` -> Mahalanobis distance from where the organ lies}, by the card's
+    `location` (the offset learnt from the training labels) from the organ it is placed relative to, as the
+    cascade found that organ."""
+    distances = {}
     for label in card.trained_labels:
         location = label.location
         anchor = cascade.organ_centroid(card, location["relative_to"]) if location else None
@@ -324,38 +326,84 @@ def plausibility(cascade, card, target, box):
         mean = np.asarray(location["mean_mm"], dtype=float)
         start = np.array([part.start for part in box], dtype=float)
 
-        def plausible(index, inverse=inverse, mean=mean, anchor=anchor, limit=location["max_distance"]):
+        def distance(index, inverse=inverse, mean=mean, anchor=anchor):
             offset = np.array(target.TransformContinuousIndexToPhysicalPoint((start + index).tolist())) - anchor - mean
-            return float(np.sqrt(offset @ inverse @ offset)) <= limit
+            return float(np.sqrt(offset @ inverse @ offset))
 
-        checks[label.value] = plausible
-    return checks
+        distances[label.value] = distance
+    return distances
+
+
+def plausible_pieces(card, distances):
+    """{label value: index centroid -> whether a piece there lies where the organ lies (within the card's
+    largest Mahalanobis distance)}, from location_distances."""
+    limits = {label.value: label.location.get("max_distance") for label in card.trained_labels}
+    return {value: (lambda index, distance=distance, limit=limits[value]: distance(index) <= limit)
+            for value, distance in distances.items()}
+
+
+def plausibility(cascade, card, target, box):
+    return plausible_pieces(card, location_distances(cascade, card, target, box))
+
+
+def segment_quality(card, probabilities, label_array, box, distances, voxel_ml):
+    """How far to trust each segment. confidence: the mean probability of the label over the voxels the network
+    gave it (on its own grid); location_distance: Mahalanobis distance of the segment's centroid from where the
+    organ lies. A segment is to be checked when its confidence is below the card's calibrated minimum, when it
+    lies away from where its organ lies, when an organ's volume is less than half the smallest or more than twice
+    the largest in the training labels, or when an organ is not found at all."""
+    winners = channel_argmax(probabilities)
+    minimum = card.quality.get("min_confidence", 0.0)
+    quality = {}
+    for index, label in enumerate(card.trained_labels, start=1):
+        region = winners == index
+        confidence = round(float(probabilities[index][region].mean()), 4) if region.any() else None
+        found = np.argwhere(label_array[box] == label.value) if box is not None else np.empty((0, 3))
+        distance = None
+        if len(found) and label.value in distances:
+            distance = round(distances[label.value](found.mean(axis=0)), 3)
+        reasons = []
+        if not len(found) and label.kind == "organ":
+            reasons.append("not found")
+        if len(found) and confidence is not None and confidence < minimum:  # an empty segment shows nothing
+            reasons.append(f"low confidence ({confidence:.2f} < {minimum:.2f})")
+        if distance is not None and distance > label.location["max_distance"]:
+            reasons.append(f"not where the {label.name.lower()} lies (distance {distance:.1f})")
+        volume = len(found) * voxel_ml
+        if len(found) and label.volume_ml and not 0.5 * label.volume_ml[0] <= volume <= 2 * label.volume_ml[1]:
+            reasons.append(f"volume {volume:.0f} mL, outside what training saw ({label.volume_ml[0]:.0f}-"
+                           f"{label.volume_ml[1]:.0f} mL)")
+        quality[label.value] = {"confidence": confidence, "location_distance": distance, "check": bool(reasons),
+                                "reasons": reasons}
+    return quality
 
 
 def task_labels(cascade, card, target, keep_largest, report):
-    """A single task's label map on the input grid (its own values), post-processed, and the index box outside
-    which it is all background (None if it is empty)."""
+    """A single task's label map on the input grid (its own values), post-processed, the index box outside
+    which it is all background (None if it is empty) and each label's quality (segment_quality)."""
     probabilities, canonical = cascade.last_stage(card, report)
     report(0.8, "Resampling to the input grid")
     probabilities = task_probabilities(probabilities, card.stages[-1], card)
     label_array, box = labels_on_input_grid(probabilities, canonical, target,
                                             [label.value for label in card.trained_labels], cascade.cancel)
     report(0.9, "Post-processing")
+    distances = location_distances(cascade, card, target, box) if box is not None else {}
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
-        postprocess(label_array[box], card, target.GetSpacing(), keep_largest,
-                    plausibility(cascade, card, target, box))
-    return label_array, box
+        postprocess(label_array[box], card, target.GetSpacing(), keep_largest, plausible_pieces(card, distances))
+    voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
+    return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml)
 
 
 def combined_labels(cascade, card, target, keep_largest, report):
     """A combined task's label map: each single task's labels, exactly as that task gives them, moved to the
     combined card's values; a voxel two tasks label goes to the task listed first (the card's overlap order)."""
-    combined, boxes = np.zeros(target.GetSize(), np.uint8), []
+    combined, boxes, quality = np.zeros(target.GetSize(), np.uint8), [], {}
     for index, part in enumerate(card.parts):
         def part_report(fraction, text, index=index):
             report((index + fraction) / len(card.parts), f"{part.card.title.split(':')[0]}: {text}")
 
-        label_array, box = task_labels(cascade, part.card, target, keep_largest, part_report)
+        label_array, box, part_quality = task_labels(cascade, part.card, target, keep_largest, part_report)
+        quality.update({part.values[value]: entry for value, entry in part_quality.items()})
         if box is None:
             continue
         values = np.zeros(256, np.uint8)
@@ -366,9 +414,9 @@ def combined_labels(cascade, card, target, keep_largest, report):
         region[unclaimed] = values[label_array[box][unclaimed]]
         boxes.append(box)
     if not boxes:
-        return combined, None
+        return combined, None, quality
     return combined, tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
-                           for axis in range(3))
+                           for axis in range(3)), quality
 
 
 def segment(channels, task, *, device="auto", tta=False, keep_largest=True, progress=None, cancel=None,
@@ -394,7 +442,7 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     started = time.perf_counter()
     target = channels[0]
     labelling = combined_labels if card.parts else task_labels
-    label_array, box = labelling(cascade, card, target, keep_largest, report)
+    label_array, box, quality = labelling(cascade, card, target, keep_largest, report)
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())
@@ -403,4 +451,5 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     volumes = {label.value: float(counts[label.value] * voxel_ml) for label in card.trained_labels}
     labels = from_array(label_array, target)
     report(1.0, "Done")
-    return SegmentationResult(labels, card, volumes, timings, cascade.device, warnings, cascade.precision)
+    return SegmentationResult(labels, card, volumes, timings, cascade.device, warnings, cascade.precision,
+                              dict(sorted(quality.items())))

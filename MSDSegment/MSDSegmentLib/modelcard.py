@@ -37,6 +37,7 @@ class Label:
     # locations`): {"relative_to": organ class, "mean_mm", "covariance_mm2", "max_distance", ...}. Post-processing
     # keeps the largest piece that lies within max_distance (Mahalanobis) of there, not a larger one elsewhere.
     location: dict = field(default_factory=dict)
+    volume_ml: list = field(default_factory=list)  # for an organ: [smallest, largest] in the training labels
 
     @property
     def color_float(self):
@@ -91,6 +92,8 @@ class ModelCard:
     # A combined task (e.g. abdomen): the single tasks it runs, each with its label values in this card, in the
     # order that decides a voxel two of them claim (the first keeps it). Empty for a single task.
     parts: list = field(default_factory=list)
+    # The quality flag's calibration ({"min_confidence", "calibration"}), written by `python -m Training quality`.
+    quality: dict = field(default_factory=dict)
 
     @property
     def trained_labels(self):

@@ -10,6 +10,7 @@ The engine returns labels on exactly the first input's grid; they are imported o
 IJK-to-RAS matrix, so the segmentation's voxels coincide with the input's.
 """
 
+import json
 import logging
 import os
 
@@ -27,6 +28,7 @@ from .terminology import entry_string
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 BINARY_LABELMAP = "Binary labelmap"
 SMOOTHING_PARAMETER = "Smoothing factor"  # of the binary label map to closed surface conversion
+QUALITY_TAG = "MSDSegment.Quality"  # a segment's quality entry (JSON): saved with it in .seg.nrrd
 GEOMETRY_TOLERANCE_MM = 1e-3      # a result file must lie on its input's grid to this precision
 ADC_NAME_HINTS = ("adc", "apparent diffusion")
 
@@ -169,14 +171,18 @@ def segment_id(label):
     return f"Segment_{label.value}"  # as in the .seg.nrrd files the command line writes
 
 
-def fill_segmentation(segmentation_node, image, card):
+def fill_segmentation(segmentation_node, image, card, quality=None):
+    """One segment per trained label of the card; `quality` ({label value: entry}) goes into each segment's tag."""
     segmentation = segmentation_node.GetSegmentation()
     was_modifying = segmentation_node.StartModify()
     try:
         segmentation.RemoveAllSegments()
         segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
         for label in card.trained_labels:
-            segmentation.AddSegment(new_segment(label, image), segment_id(label))
+            segment = new_segment(label, image)
+            if quality and label.value in quality:
+                segment.SetTag(QUALITY_TAG, json.dumps(quality[label.value]))
+            segmentation.AddSegment(segment, segment_id(label))
     finally:
         segmentation_node.EndModify(was_modifying)
 
@@ -207,7 +213,7 @@ def checked_label_map(labels, input_node, card):
     return label_map_image(labels, input_node)
 
 
-def import_labels(labels, input_node, card, output_node=None):
+def import_labels(labels, input_node, card, output_node=None, quality=None):
     """Turn an engine label map (on the input's grid) into a segmentation node.
 
     One segment per trained label of the card, named, coloured and coded from it. `output_node`, if
@@ -226,7 +232,7 @@ def import_labels(labels, input_node, card, output_node=None):
         # while the segmentation is still outside the input's transform would shift it by that transform.
         output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())  # same frame as the input
         output_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
-        fill_segmentation(output_node, image, card)
+        fill_segmentation(output_node, image, card, quality)
         if output_node.GetDisplayNode() is None:
             output_node.CreateDefaultDisplayNodes()
         place_beside(output_node, input_node)
@@ -254,7 +260,14 @@ def remove_node(node):
 def import_label_file(path, input_node, task, output_node=None, models_dir=None):
     """Import a label map file written by the command line for `input_node` (the background-process path)."""
     card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
-    return import_labels(read_image(path), input_node, card, output_node)
+    quality = {}
+    try:  # the command line's summary beside the labels holds each segment's quality, by name
+        with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as stream:
+            by_name = json.load(stream).get("quality", {})
+        quality = {label.value: by_name[label.name] for label in card.trained_labels if label.name in by_name}
+    except (OSError, ValueError):
+        pass
+    return import_labels(read_image(path), input_node, card, output_node, quality)
 
 
 def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, keep_largest=True,
@@ -272,7 +285,7 @@ def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, ke
                         cancel=cancel, models_dir=models_dir, precision=precision)
     for warning in result.warnings:
         logging.warning(warning)
-    return import_labels(result.labels, nodes[0], result.card, output_node)
+    return import_labels(result.labels, nodes[0], result.card, output_node, result.quality)
 
 
 def segment_many(inputs, task, *, progress=None, cancel=None, on_error=None, **options):
@@ -313,14 +326,14 @@ def sequence_of(volume_node):
     return None, None
 
 
-def frame_segmentation(labels, frame_node, card):
+def frame_segmentation(labels, frame_node, card, quality=None):
     """A segmentation node outside any scene (a sequence's frame) holding the labels on the frame's grid."""
     image = checked_label_map(labels, frame_node, card)
     node = slicer.vtkMRMLSegmentationNode()
     node.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
         slicer.vtkSegmentationConverter.SerializeImageGeometry(image))
-    fill_segmentation(node, image, card)
+    fill_segmentation(node, image, card, quality)
     return node
 
 
@@ -351,7 +364,7 @@ def segment_sequence(volume_node, task, *, progress=None, cancel=None, **options
                             **options)
         for warning in result.warnings:
             logging.warning(f"MSDSegment: frame {index + 1}: {warning}")
-        results.SetDataNodeAtValue(frame_segmentation(result.labels, frame, result.card),
+        results.SetDataNodeAtValue(frame_segmentation(result.labels, frame, result.card, result.quality),
                                    sequence.GetNthIndexValue(index))
     results.SetName(f"{segmentation_name(volume_node, task)} sequence")
     scene = volume_node.GetScene()
@@ -398,6 +411,28 @@ def segment_volumes_ml(segmentation_node):
         segment = segmentation.GetNthSegment(index)
         rows.append((segment.GetName(), tuple(segment.GetColor()), count * voxel_mm3 / 1000.0))
     return rows
+
+
+def segment_quality(segmentation_node):
+    """{segment name: quality entry} for the segments that carry one (see the engine's segment_quality)."""
+    segmentation = segmentation_node.GetSegmentation()
+    found = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = vtk.reference("")
+        if segment.GetTag(QUALITY_TAG, value):
+            found[segment.GetName()] = json.loads(str(value))
+    return found
+
+
+def quality_text(entry):
+    """What the panel's table says of a segment: 'check this segment: why', or its confidence."""
+    if not entry:
+        return ""
+    if entry.get("check"):
+        return "check this segment: " + "; ".join(entry.get("reasons", []))
+    confidence = entry.get("confidence")
+    return f"confidence {confidence:.2f}" if confidence is not None else ""
 
 
 def default_input_volume(scene):

@@ -73,7 +73,7 @@ def test_voxels_two_tasks_claim_go_to_the_first_task_of_the_overlap_order(tiny_m
         reach = {"pancreas": 10, "spleen": 20, "liver": 40}[card.task]
         labels[:reach] = 1
         labels[:3] = 2 if len(card.trained_labels) > 1 else 1
-        return labels, tuple(slice(0, n) for n in size)
+        return labels, tuple(slice(0, n) for n in size), {}
 
     monkeypatch.setattr(engine, "task_labels", fake_labels)
     result = segment([image], "abdomen", models_dir=tiny_models_dir, device="cpu")
