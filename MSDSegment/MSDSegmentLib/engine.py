@@ -442,7 +442,10 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     started = time.perf_counter()
     target = channels[0]
     labelling = combined_labels if card.parts else task_labels
-    label_array, box, quality = labelling(cascade, card, target, keep_largest, report)
+    try:
+        label_array, box, quality = labelling(cascade, card, target, keep_largest, report)
+    finally:  # a run that stops early (an error, a cancel) must not leave the loader importing at exit
+        cascade.loader.thread.join()
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())
