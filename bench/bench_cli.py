@@ -176,7 +176,10 @@ def measure_task(task, ct_path, work_dir, device, cores, models_dir=None, precis
 # ---------------------------------------------------------------------------------------------- report
 
 def within_targets(row):
-    return row["wall_s"] <= TARGET_SECONDS[row["asked"]] and row["peak_rss_bytes"] <= TARGET_GB * 1e9
+    """Time and memory targets of a single task; the combined task's time is held to COMBINED_TARGET instead
+    (combined_lines), as it runs four networks."""
+    fast = row["task"] == "abdomen" or row["wall_s"] <= TARGET_SECONDS[row["asked"]]
+    return fast and row["peak_rss_bytes"] <= TARGET_GB * 1e9
 
 
 def markdown_table(rows):
@@ -189,7 +192,9 @@ def markdown_table(rows):
         stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
         startup = max(row["wall_s"] - sum(stages), 0.0)
         ratio = f"{row['wall_s'] / fp32[row['task']]:.2f}" if row["task"] in fp32 else ""
-        target = f"<= {TARGET_SECONDS[row['asked']]:.0f} s, {TARGET_GB} GB: " + ("yes" if within_targets(row) else "**no**")
+        seconds = f"<= {COMBINED_TARGET} x slowest single task" if row["task"] == "abdomen" \
+            else f"<= {TARGET_SECONDS[row['asked']]:.0f} s"
+        target = f"{seconds}, {TARGET_GB} GB: " + ("yes" if within_targets(row) else "**no**")
         cells = [row["task"], f"{row['asked']} ({row['precision']})", *(f"{s:.1f}" for s in stages), f"{startup:.1f}",
                  f"{row['wall_s']:.1f}", ratio, f"{row['peak_rss_bytes'] / 1e9:.2f}", target]
         lines.append("| " + " | ".join(cells) + " |")
@@ -310,6 +315,7 @@ def main(argv=None):
     os.replace(temporary, args.out)
     print(f"Wrote {args.out}")
     missed = [f"{row['task']} {row['asked']}" for row in rows if not within_targets(row)]
+    missed += [line for line in combined_lines(rows) if "**no**" in line]
     if missed:
         print(f"Targets missed by: {', '.join(missed)}")
         return 1

@@ -1,5 +1,5 @@
-import sys
+"""`python -m MSDSegmentLib ...`: the engine's command line (see cli.py)."""
 
-from .cli import main
+from .cli import run
 
-sys.exit(main())
+run()

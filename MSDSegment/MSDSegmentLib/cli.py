@@ -85,12 +85,17 @@ class Reporter:
 
 
 def segment_case(inputs, output, args, say):
-    from .engine import segment
+    from .engine import discard_preloads, preload, segment
     from .imageio import read_channels, write_labels
 
     label_suffix(output)  # refuse an unsupported output format before any work
+    preload(args.task, args.device, args.precision, args.models_dir)  # while the input is read
     started = time.perf_counter()
-    channels = read_channels(inputs)
+    try:
+        channels = read_channels(inputs)
+    except BaseException:
+        discard_preloads()
+        raise
     read_seconds = time.perf_counter() - started
     reporter = Reporter(args.quiet, args.progress_lines)
     try:
@@ -170,6 +175,15 @@ def segment_batch(args, say):
               file=sys.stderr)
         return 2
     return 0
+
+
+def run():
+    """The command line's entry point: main(), then an immediate exit. Every output is written and closed by
+    then, and tearing down PyTorch and the interpreter's objects would add about 0.7 s to each run."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv=None):

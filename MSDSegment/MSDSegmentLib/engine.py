@@ -240,6 +240,26 @@ class NetworkLoader:
         return self.device, self.precision
 
 
+_preloaded = {}  # (task, device, precision, models folder) -> a NetworkLoader started by preload()
+
+
+def discard_preloads():
+    """Wait for and forget preloaded networks no segment() will use (the input could not be read)."""
+    while _preloaded:
+        _preloaded.popitem()[1].thread.join()
+
+
+def preload(task, device="auto", precision="auto", models_dir=None):
+    """Start loading a task's networks now (PyTorch, MONAI and the weights, in a background thread), for a
+    segment() call that follows: the command line calls it before reading the input, which SimpleITK reads
+    without holding the GIL. A task that does not exist is left for segment() to report."""
+    try:
+        card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+    except MSDSegmentError:
+        return
+    _preloaded[(task, device, precision, models_dir)] = NetworkLoader(card, device, precision)
+
+
 class Cascade:
     """Runs cards' stages on one input, each stage once: a combined task's single tasks share their first
     stages (the same weights on the same region), which run for the first task and are reused for the others.
@@ -431,21 +451,24 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
             progress(float(fraction), stage_text)
 
     started = time.perf_counter()
-    card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
-    validate_channels(channels, card.channels)
-    if card.modality == "CT" and not looks_like_ct(channels[0]):
-        warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
-    report(0.0, "Loading model")
-    cascade = Cascade(channels, NetworkLoader(card, device, precision), tta, cancel)
-    checks = time.perf_counter() - started
-
-    started = time.perf_counter()
-    target = channels[0]
-    labelling = combined_labels if card.parts else task_labels
+    loader = _preloaded.pop((task, device, precision, models_dir), None)
     try:
+        card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+        validate_channels(channels, card.channels)
+        if card.modality == "CT" and not looks_like_ct(channels[0]):
+            warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
+        report(0.0, "Loading model")
+        loader = loader or NetworkLoader(card, device, precision)
+        cascade = Cascade(channels, loader, tta, cancel)
+        checks = time.perf_counter() - started
+
+        started = time.perf_counter()
+        target = channels[0]
+        labelling = combined_labels if card.parts else task_labels
         label_array, box, quality = labelling(cascade, card, target, keep_largest, report)
     finally:  # a run that stops early (an error, a cancel) must not leave the loader importing at exit
-        cascade.loader.thread.join()
+        if loader is not None:
+            loader.thread.join()
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())

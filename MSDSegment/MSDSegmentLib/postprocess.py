@@ -51,10 +51,13 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     sizes[0] = 0
     chosen = int(np.argmax(sizes))
     if plausible is not None:
-        centroids = ndimage.center_of_mass(mask, clusters, range(1, count + 1))
-        offset = np.array([part.start for part in box])
+        # Centroids from the organ's voxels only (ndimage.center_of_mass would sweep the whole box per axis).
+        voxels = np.nonzero(mask)
+        ids = clusters[voxels]
+        centroids = np.stack([np.bincount(ids, weights=axis, minlength=count + 1) for axis in voxels], axis=1)
+        centroids = centroids / np.maximum(sizes, 1)[:, None] + np.array([part.start for part in box])
         candidates = [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c]]
-        chosen = next((c for c in candidates if plausible(offset + centroids[c - 1])), chosen)
+        chosen = next((c for c in candidates if plausible(centroids[c])), chosen)
     crop[mask & (clusters != chosen)] = 0
 
 

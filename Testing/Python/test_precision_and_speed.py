@@ -117,3 +117,16 @@ def test_block_averaging_then_gaussian_is_the_gaussian_on_the_network_grid():
     difference = np.abs(new - old) / value_range
     assert difference.mean() < 0.004 and np.percentile(difference, 99) < 0.025, \
         (difference.mean(), np.percentile(difference, 99))
+
+
+def test_networks_preloaded_while_the_input_is_read_serve_one_run(tiny_models_dir):
+    key = ("spleen", "cpu", "fp32", tiny_models_dir)
+    engine.preload(*key)
+    assert key in engine._preloaded
+    result = segment([synthetic_ct()], "spleen", device="cpu", precision="fp32", models_dir=tiny_models_dir)
+    assert result.precision == "fp32" and not engine._preloaded
+    engine.preload(*key)
+    engine.discard_preloads()  # the input could not be read: nothing is left loading
+    assert not engine._preloaded
+    engine.preload("no such task", "cpu", "fp32", tiny_models_dir)  # left for segment() to report
+    assert not engine._preloaded
