@@ -75,17 +75,39 @@ def label_metrics(prediction, reference, spacing):
             "volume_error_ml": error_ml, "volume_error_percent": error_percent}
 
 
-def lesion_metrics(prediction, reference, min_voxels=0):
+# Lesion sizes a radiologist tells apart: below RECIST's measurable size, small measurable, medium, large.
+LESION_SIZES_ML = (("under 0.5 mL", 0.0, 0.5), ("0.5-2 mL", 0.5, 2.0), ("2-10 mL", 2.0, 10.0),
+                   ("10 mL and over", 10.0, math.inf))
+
+
+def size_class(volume_ml):
+    return next(name for name, low, high in LESION_SIZES_ML if low <= volume_ml < high)
+
+
+def lesion_metrics(prediction, reference, min_voxels=0, voxel_ml=None):
     """Lesion-wise counts of one tumour label: reference lesions (connected components, 26-connected) of at
     least `min_voxels` (smaller ones are below what post-processing keeps), those a predicted tumour overlaps
-    (detected), and predicted components overlapping no reference lesion (false positives)."""
+    (detected), and predicted components overlapping no reference lesion (false positives). With `voxel_ml`,
+    also `by_size`: every reference lesion, detected or not, and every false positive, by its volume."""
     reference_components, count = ndimage.label(reference, FULL_CONNECTIVITY)
     sizes = np.bincount(reference_components.ravel())
     scored = [index for index in range(1, count + 1) if sizes[index] >= min_voxels]
     predicted_components, predicted = ndimage.label(prediction, FULL_CONNECTIVITY)
-    detected = len(set(np.unique(reference_components[prediction]).tolist()) & set(scored))
-    true_positive = len(np.setdiff1d(np.unique(predicted_components[reference]), [0]))
-    return {"lesions": len(scored), "detected_lesions": detected, "false_positive_lesions": predicted - true_positive}
+    hit = set(np.unique(reference_components[prediction]).tolist()) - {0}
+    true_positives = set(np.unique(predicted_components[reference]).tolist()) - {0}
+    metrics = {"lesions": len(scored), "detected_lesions": len(hit & set(scored)),
+               "false_positive_lesions": predicted - len(true_positives)}
+    if voxel_ml:
+        by_size = {name: {"lesions": 0, "detected": 0, "false_positives": 0} for name, _, _ in LESION_SIZES_ML}
+        for index in range(1, count + 1):
+            counts = by_size[size_class(sizes[index] * voxel_ml)]
+            counts["lesions"] += 1
+            counts["detected"] += index in hit
+        predicted_sizes = np.bincount(predicted_components.ravel())
+        for index in set(range(1, predicted + 1)) - true_positives:
+            by_size[size_class(predicted_sizes[index] * voxel_ml)]["false_positives"] += 1
+        metrics["by_size"] = by_size
+    return metrics
 
 
 def finite_mean(values):
@@ -115,6 +137,13 @@ def summarise(rows, labels):
                 lesions=lesions, lesion_sensitivity=sum(r["detected_lesions"] for r in mine) / lesions if lesions
                 else math.nan, false_positive_lesions_per_volume=float(np.mean([r["false_positive_lesions"]
                                                                                   for r in mine])))
+        if mine and "by_size" in mine[0]:
+            summary[label.name]["lesions_by_size"] = {
+                name: {"lesions": sum(r["by_size"][name]["lesions"] for r in mine),
+                       "detected": sum(r["by_size"][name]["detected"] for r in mine),
+                       "false_positives_per_volume": round(float(np.mean([r["by_size"][name]["false_positives"]
+                                                                          for r in mine])), 3)}
+                for name, _, _ in LESION_SIZES_ML}
     return summary
 
 
@@ -218,8 +247,12 @@ def paint_lesions(image, reference, tumour, case_id, seed):
 def lesion_text(row):
     if "lesions" not in row:
         return ""
-    return (f"  lesions {row['lesions']}, detected {row['detected_lesions']}, "
+    text = (f"  lesions {row['lesions']}, detected {row['detected_lesions']}, "
             f"false positives {row['false_positive_lesions']}")
+    if "by_size" in row:
+        text += " (by size: " + "; ".join(f"{name} {c['detected']}/{c['lesions']} found, {c['false_positives']} false"
+                                          for name, c in row["by_size"].items()) + ")"
+    return text
 
 
 def number(value, digits=3):
@@ -270,6 +303,9 @@ def validation_entry(summary, case_ids, data_text, device):
         values = metric(key)
         if values:
             entry[key] = values
+    by_size = {name: means["lesions_by_size"] for name, means in summary.items() if "lesions_by_size" in means}
+    if by_size:
+        entry["lesions_by_size"] = by_size
     undefined = {name: means["hd95_undefined"] for name, means in summary.items() if means["hd95_undefined"]}
     if undefined:
         entry["hd95_undefined_cases"] = undefined
@@ -319,9 +355,9 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
                **label_metrics(predicted, referenced, grid.GetSpacing()),
                "confidence": quality.get("confidence"), "location_distance": quality.get("location_distance"),
                "check": quality.get("check")}
-        if tumour and label is tumour[0]:
+        if label.kind == "tumour":  # real tumour labels, or synthetic lesions painted in
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
-            row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml)))
+            row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml), voxel_ml))
         rows.append(row)
     return rows, result.device
 
@@ -372,9 +408,13 @@ def run_evaluation(args, log=print):
     for name, means in summary.items():
         log(table_line("mean", name, means))
         if "lesions" in means:
-            log(f"{'':<16} {name}: {means['lesions']} synthetic lesions, sensitivity "
+            log(f"{'':<16} {name}: {means['lesions']} {'synthetic ' if tumour else ''}lesions, sensitivity "
                 f"{number(means['lesion_sensitivity'])}, false-positive lesions per volume "
                 f"{number(means['false_positive_lesions_per_volume'], 2)}")
+        if "lesions_by_size" in means:
+            log(f"{'':<16} {name} by size: " + "; ".join(
+                f"{size} {c['detected']} of {c['lesions']} found, {c['false_positives_per_volume']} false per volume"
+                for size, c in means["lesions_by_size"].items()))
         if means["hd95_undefined"]:
             log(f"{'':<16} {name}: HD95 undefined (organ missed, or found where the reference has none) in "
                 f"{means['hd95_undefined']} case(s), left out of its mean")

@@ -615,6 +615,28 @@ def test_lesion_wise_counts():
         {"lesions": 2, "detected_lesions": 1, "false_positive_lesions": 1}
 
 
+def test_lesions_are_counted_by_size():
+    """At 1 mm voxels (0.001 mL): reference lesions of 0.3, 1.0, 5.8 and 27 mL, the 1.0 and 27 mL ones hit, and
+    false positives of 0.008 and 3.4 mL: each counted in its size class."""
+    from Training.evaluate import LESION_SIZES_ML, lesion_metrics
+    reference = np.zeros((70, 70, 70), bool)
+    prediction = np.zeros_like(reference)
+    reference[0:10, 0:10, 0:3] = True       # 0.3 mL, missed
+    reference[20:30, 0:10, 0:10] = True     # 1.0 mL, found
+    prediction[22:24, 2:4, 2:4] = True
+    reference[40:58, 0:18, 0:18] = True     # 5.8 mL, missed
+    reference[0:30, 30:60, 30:60] = True    # 27 mL, found
+    prediction[10:12, 40:42, 40:42] = True
+    prediction[60:62, 60:62, 60:62] = True  # 0.008 mL, false
+    prediction[40:55, 40:55, 50:65] = True  # 3.4 mL, false
+    by_size = lesion_metrics(prediction, reference, voxel_ml=0.001)["by_size"]
+    assert list(by_size) == [name for name, _, _ in LESION_SIZES_ML]
+    assert by_size == {"under 0.5 mL": {"lesions": 1, "detected": 0, "false_positives": 1},
+                       "0.5-2 mL": {"lesions": 1, "detected": 1, "false_positives": 0},
+                       "2-10 mL": {"lesions": 1, "detected": 0, "false_positives": 1},
+                       "10 mL and over": {"lesions": 1, "detected": 1, "false_positives": 0}}
+
+
 # ---------------------------------------------------------------------------------------- tumour classes
 
 def test_a_briefly_trained_cascade_outputs_organ_and_tumour(tmp_path):
