@@ -58,7 +58,8 @@ def draw_icon(path, size=128, scale=4):
 
 
 # Plain Qt stand-ins for Slicer's custom widgets, so that QUiLoader can build the panel.
-STAND_INS = {"qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBox"}
+STAND_INS = {"qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBox",
+             "qMRMLCheckableNodeComboBox": "QComboBox", "ctkSliderWidget": "QDoubleSpinBox"}
 SLICER_ONLY_PROPERTIES = {"nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled",
                           "renameEnabled", "noneDisplay", "SlicerParameterName"}
 
@@ -94,6 +95,7 @@ def draw_panel(path, models_dir=None, result_json=None):
     from PySide6.QtWidgets import QApplication, QTableWidgetItem, QWidget
 
     from MSDSegmentLib import modelcard
+    from MSDSegmentLib.mrml import quality_text
 
     application = QApplication.instance() or QApplication(sys.argv)
     data = QByteArray(plain_qt_ui(UI))  # kept referenced while Qt reads it
@@ -112,16 +114,22 @@ def draw_panel(path, models_dir=None, result_json=None):
     child("inputVolumeSelector").addItem("CT abdomen")
     child("outputSegmentationSelector").addItem("CT abdomen liver segmentation")
     child("deviceComboBox").addItems(["Auto (GPU if available)", "GPU (CUDA)", "CPU"])
-    for name in ("adcVolumeLabel", "adcVolumeSelector", "progressBar"):
+    child("precisionComboBox").addItems(["Auto (fastest that keeps the model's accuracy)", "fp32 (full)",
+                                         "bf16 (CPUs with AMX or AVX-512 BF16)", "fp16 (GPU)"])
+    child("batchVolumesComboBox").addItem("(none checked)")
+    child("smoothingSliderWidget").setValue(0.5)
+    child("smoothingSliderWidget").setEnabled(False)
+    for name in ("adcVolumeLabel", "adcVolumeSelector", "allFramesCheckBox", "progressBar"):
         child(name).hide()
     child("segmentButton").setEnabled(True)
     child("statusLabel").setText("Done.")
     table = child("volumesTable")
     labels = card.trained_labels if card else []
-    volumes = {}
+    volumes, quality = {}, {}
     if result_json:
         with open(result_json, encoding="utf-8") as stream:
-            volumes = json.load(stream)["volumes_ml"]
+            summary = json.load(stream)
+        volumes, quality = summary["volumes_ml"], summary.get("quality", {})
     table.setRowCount(len(labels))
     for row, label in enumerate(labels):
         item = QTableWidgetItem(label.name)
@@ -129,6 +137,10 @@ def draw_panel(path, models_dir=None, result_json=None):
         table.setItem(row, 0, item)
         volume = volumes.get(label.name)
         table.setItem(row, 1, QTableWidgetItem("-" if volume is None else f"{volume:.1f}"))
+        check = QTableWidgetItem(quality_text(quality.get(label.name)))
+        if quality.get(label.name, {}).get("check"):
+            check.setForeground(QColor("darkorange"))
+        table.setItem(row, 2, check)
     table.setFixedHeight(28 + 30 * max(1, len(labels)))
     panel.resize(480, panel.sizeHint().height())
     os.makedirs(os.path.dirname(path), exist_ok=True)
