@@ -37,9 +37,9 @@ def save_weights(checkpoint, path):
     os.replace(temporary, path)
 
 
-# Tumour components smaller than this are dropped (made organ). 0.5 mL is a sphere of 10 mm diameter:
-# RECIST's smallest measurable lesion, and about 40 voxels of the fine stage's 2 x 2 x 3 mm grid; smaller
-# components are one or two of its voxels thick, below what the network resolves.
+# Tumour components smaller than this are dropped (made organ), unless the task sets its own (Training/tasks.py,
+# chosen by measurement). 0.5 mL is a sphere of 10 mm diameter: RECIST's smallest measurable lesion, and about 40
+# voxels of the fine stage's 2 x 2 x 3 mm grid; smaller components are one or two of its voxels thick.
 MIN_TUMOUR_ML = 0.5
 
 
@@ -101,7 +101,7 @@ def card_for(task_id, plan, stages, labels, training, metrics):
     return {
         "task": task_id, "title": task["title"], "description": task["description"],
         "modality": plan["modality"], "channels": plan["channels"], "labels": labels, "stages": stages,
-        "postprocessing": {"keep_largest": True, "min_tumour_ml": MIN_TUMOUR_ML},
+        "postprocessing": {"keep_largest": True, "min_tumour_ml": task.get("min_tumour_ml", MIN_TUMOUR_ML)},
         "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset)},
         "validation": metrics.get(task_id, {"note": "not yet measured"}),
         "licence": "Model weights: Apache-2.0. Training data: " + DATA_CREDITS.get(dataset, {}).get("licence", "see source"),
