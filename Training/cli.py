@@ -1,6 +1,7 @@
-"""python -m Training {train, evaluate, precision, dicom-masks, export} — see Training/README.md."""
+"""python -m Training {train, evaluate, precision, locations, quality, dicom-masks, export}: see Training/README.md."""
 
 import argparse
+import importlib
 import sys
 
 from MSDSegmentLib.errors import MSDSegmentError
@@ -109,30 +110,18 @@ def build_parser():
     return parser
 
 
+# Each command's module and function, imported only when that command runs (torch and MONAI are heavy).
+COMMANDS = {"train": ("pipeline", "run_training"), "evaluate": ("evaluate", "run_evaluation"),
+            "precision": ("precision", "run_precision"), "locations": ("locations", "run_locations"),
+            "quality": ("quality", "run_quality"), "dicom-masks": ("dicom_masks", "run_conversion"),
+            "export": ("export", "run_export")}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            from .pipeline import run_training
-            run_training(args)
-        elif args.command == "evaluate":
-            from .evaluate import run_evaluation
-            run_evaluation(args)
-        elif args.command == "precision":
-            from .precision import run_precision
-            run_precision(args)
-        elif args.command == "locations":
-            from .locations import run_locations
-            run_locations(args)
-        elif args.command == "quality":
-            from .quality import run_quality
-            run_quality(args)
-        elif args.command == "dicom-masks":
-            from .dicom_masks import run_conversion
-            run_conversion(args)
-        elif args.command == "export":
-            from .export import run_export
-            run_export(args)
+        module, function = COMMANDS[args.command]
+        getattr(importlib.import_module(f".{module}", __package__), function)(args)
     except (MSDSegmentError, LabelMappingError) as error:
         print(f"python -m Training {args.command}: error: {error}", file=sys.stderr)
         return 2
