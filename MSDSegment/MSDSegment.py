@@ -388,7 +388,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showVolumes(self, segmentationNode) -> None:
         """Fill the volumes table from a result; None empties it (a run started or failed)."""
         rows = self.logic.segmentVolumes(segmentationNode) if segmentationNode is not None else []
-        quality = mrml.segment_quality(segmentationNode) if segmentationNode is not None else {}
+        quality = mrml.quality_from_tags(segmentationNode) if segmentationNode is not None else {}
         table = self.ui.volumesTable
         table.setRowCount(len(rows))
         for row, (name, color, volumeMl) in enumerate(rows):

@@ -26,27 +26,21 @@ def centroid_mm(image, mask):
     return np.array(image.TransformContinuousIndexToPhysicalPoint(np.argwhere(mask).mean(axis=0)[::-1].tolist()))
 
 
-def volumes_ml(cases, value):
-    """The organ's volume in every case that labels it."""
-    found = []
-    for case in cases:
-        image = read_image(case["label"])
-        count = int(np.count_nonzero(sitk.GetArrayViewFromImage(image) == value))
-        if count:
-            found.append(count * float(np.prod(image.GetSpacing())) / 1000.0)
-    return found
-
-
-def offsets(cases, organ_value, reference_value):
-    """(organ centroid - reference centroid) in mm for every case where both are labelled."""
-    found = []
+def measure(cases, values):
+    """Each case's label map read once: [{label value: (volume in mL, physical centroid in mm)}] for the given
+    values the case labels."""
+    measured = []
     for case in cases:
         image = read_image(case["label"])
         array = sitk.GetArrayViewFromImage(image)
-        organ, reference = array == organ_value, array == reference_value
-        if organ.any() and reference.any():
-            found.append(centroid_mm(image, organ) - centroid_mm(image, reference))
-    return np.array(found)
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        organs = {}
+        for value in values:
+            mask = array == value
+            if mask.any():
+                organs[value] = (int(np.count_nonzero(mask)) * voxel_ml, centroid_mm(image, mask))
+        measured.append(organs)
+    return measured
 
 
 def location_entry(found, relative_to, data_text):
@@ -76,17 +70,21 @@ def run_locations(args, log=print):
         data = json.load(stream)
     selection = f"fold {args.fold} training cases" if args.fold is not None else "all labelled cases"
     data_text = f"{meta.get('name', args.data)}, {selection}"
-    for entry in data["labels"]:
-        if entry["kind"] != "organ":
-            continue
+    organs = [entry for entry in data["labels"] if entry["kind"] == "organ"]
+    for entry in organs:
         if entry["source_class"] not in values:
             raise InputError(f"{args.data} has no label named '{entry['source_class']}'")
-        volumes = volumes_ml(cases, values[entry["source_class"]])
+    reference = values[args.relative_to]
+    measured = measure(cases, {values[entry["source_class"]] for entry in organs} | {reference})
+    for entry in organs:
+        organ = values[entry["source_class"]]
+        volumes = [case[organ][0] for case in measured if organ in case]
         entry["volume_ml"] = [round(min(volumes), 1), round(max(volumes), 1)]
         log(f"{args.task}: {entry['name']} {entry['volume_ml'][0]}-{entry['volume_ml'][1]} mL in {len(volumes)} cases")
         if entry["source_class"] == args.relative_to:
             continue
-        found = offsets(cases, values[entry["source_class"]], values[args.relative_to])
+        found = np.array([case[organ][1] - case[reference][1] for case in measured
+                          if organ in case and reference in case])
         if len(found) < 5:
             raise InputError(f"Only {len(found)} case(s) label both {entry['source_class']} and {args.relative_to}")
         entry["location"] = location_entry(found, args.relative_to, f"{data_text} ({len(found)})")

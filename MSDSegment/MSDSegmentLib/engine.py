@@ -260,6 +260,11 @@ def preload(task, device="auto", precision="auto", models_dir=None):
     _preloaded[(task, device, precision, models_dir)] = NetworkLoader(card, device, precision)
 
 
+def stage_key(card, number):
+    """What a stage's result depends on: it and every stage before it (the same in every card that shares them)."""
+    return tuple(repr(stage) for stage in card.stages[:number + 1])
+
+
 class Cascade:
     """Runs cards' stages on one input, each stage once: a combined task's single tasks share their first
     stages (the same weights on the same region), which run for the first task and are reused for the others.
@@ -279,7 +284,7 @@ class Cascade:
         region, probabilities, canonical = None, None, None
         share = 0.75 / len(card.stages)  # of the progress bar, from 0.05 to 0.8
         for number, stage in enumerate(card.stages):
-            key = tuple(repr(earlier) for earlier in card.stages[:number + 1])
+            key = stage_key(card, number)
             if key not in self.done:
                 if number and stage.roi:
                     region = region_of_interest(probabilities, card.stages[number - 1], canonical, stage.roi) \
@@ -296,7 +301,7 @@ class Cascade:
         that segments it found it, or None (no such stage, or nothing found)."""
         for number in reversed(range(len(card.stages))):
             stage = card.stages[number]
-            key = tuple(repr(earlier) for earlier in card.stages[:number + 1])
+            key = stage_key(card, number)
             if organ not in stage.classes or key not in self.done:
                 continue
             probabilities, canonical, _ = self.done[key]

@@ -299,8 +299,8 @@ def segment_many(inputs, task, *, progress=None, cancel=None, on_error=None, **o
 
     results = [None] * len(inputs)
     for index, item in enumerate(inputs):
-        name = (item[0] if isinstance(item, (list, tuple)) else item)
-        label = f"{name.GetName() if name is not None else 'no volume'} ({index + 1} of {len(inputs)})"
+        first = item[0] if isinstance(item, (list, tuple)) else item  # the volume the result is named after
+        label = f"{first.GetName() if first is not None else 'no volume'} ({index + 1} of {len(inputs)})"
 
         def report(fraction, text, index=index, label=label):
             if progress is not None:
@@ -413,7 +413,7 @@ def segment_volumes_ml(segmentation_node):
     return rows
 
 
-def segment_quality(segmentation_node):
+def quality_from_tags(segmentation_node):
     """{segment name: quality entry} for the segments that carry one (see the engine's segment_quality)."""
     segmentation = segmentation_node.GetSegmentation()
     found = {}

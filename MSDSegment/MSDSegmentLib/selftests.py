@@ -996,8 +996,8 @@ def test_background_process_path(ctx):
     for name, ml in summary["volumes_ml"].items():
         assert abs(volumes[name] - ml) < 0.01
     # Each segment carries its quality (what the panel's table shows), by either path, and keeps it in .seg.nrrd.
-    quality = mrml.segment_quality(from_process)
-    assert set(quality) == {"Spleen"} and quality == mrml.segment_quality(in_process) == summary["quality"]
+    quality = mrml.quality_from_tags(from_process)
+    assert set(quality) == {"Spleen"} and quality == mrml.quality_from_tags(in_process) == summary["quality"]
 
 
 def test_prostate_t2_and_adc_on_another_grid(ctx):
