@@ -55,8 +55,19 @@ def body_box(normalised_channel, margin=2):
     return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
 
 
+def label_count(plan):
+    """Label values a cached label map may hold: the classes, plus one for merged classes (see merged_mapping)."""
+    return len(plan["classes"]) + bool(plan.get("merged_classes"))
+
+
+def merged_mapping(mapping, plan):
+    """A partly labelled case (a whole gland for PZ + TZ): every foreground label becomes the plan's merged value,
+    which the loss scores against the sum of the merged classes' probabilities."""
+    return {source: len(plan["classes"]) for source in mapping}
+
+
 def foreground_locations(label, classes, rng):
-    """Up to LOCATIONS_PER_CLASS voxel coordinates per foreground class, for oversampling."""
+    """Up to LOCATIONS_PER_CLASS voxel coordinates per foreground label value, for oversampling."""
     locations = {}
     for index in range(1, classes):
         coords = np.argwhere(label == index)
@@ -73,8 +84,9 @@ def build_cache(cases, plan, mapping, folder, log=print):
         path = os.path.join(folder, case["id"] + ".npz")
         if os.path.exists(path):
             continue
-        image, label = preprocess_case(case["image"], case["label"], plan, mapping)
-        locations = foreground_locations(label, len(plan["classes"]), rng)
+        case_mapping = merged_mapping(mapping, plan) if case.get("merged") else mapping
+        image, label = preprocess_case(case["image"], case["label"], plan, case_mapping)
+        locations = foreground_locations(label, label_count(plan), rng)
         temporary = path + ".tmp.npz"
         np.savez_compressed(temporary, image=image, label=label,
                             **{f"locations_{k}": v for k, v in locations.items()})

@@ -1,4 +1,5 @@
-"""python -m Training {train, evaluate, precision, locations, quality, dicom-masks, export}: see Training/README.md."""
+"""python -m Training {train, evaluate, precision, locations, quality, dicom-masks, pseudo-labels, lesion-stats,
+export}: see Training/README.md."""
 
 import argparse
 import importlib
@@ -9,11 +10,31 @@ from MSDSegmentLib.errors import MSDSegmentError
 from .models import MODELS, LabelMappingError
 
 
+def fold_argument(text):
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fold is 0-4 or 'all', not {text!r}") from None
+
+
+def spacing_argument(text):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"a grid spacing is three positive mm values such as 1.5,1.5,3, not {text!r}")
+    return values
+
+
 def add_common(parser):
     parser.add_argument("--model", required=True, choices=sorted(MODELS),
                         help="which network to train (abdomen serves the liver, spleen and pancreas tasks)")
     parser.add_argument("--data", help="MSD-layout dataset folder (default: the model's default data)")
-    parser.add_argument("--fold", type=int, default=0, help="validation fold of the fixed 5-fold split")
+    parser.add_argument("--fold", type=fold_argument, default=0,
+                        help="validation fold of the fixed 5-fold split (0-4), or 'all': train on every case")
     parser.add_argument("--out", default="runs", help="folder for plans, caches and runs")
     parser.add_argument("--label-map", help="dataset value:class pairs, e.g. 1:1,6:2,11:3 (default: by label name)")
 
@@ -86,10 +107,15 @@ def build_parser():
     quality.add_argument("--data-text", default="", help="what the CSV files measured, for the cards")
     quality.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
 
-    dicom = commands.add_parser("dicom-masks", help="DICOM series with a DICOM mask series per structure "
-                                "(3D-IRCADb's layout) -> an MSD-layout dataset for evaluate")
+    dicom = commands.add_parser("dicom-masks", help="DICOM series with a DICOM mask (a mask series or a SEG "
+                                "file) per structure -> an MSD-layout dataset for evaluate")
     dicom.add_argument("cases", nargs="+", metavar="CASE_FOLDER",
-                       help="one folder per case, holding PATIENT_DICOM/ and MASKS_DICOM/<structure>/ (or .zip)")
+                       help="one folder per case, holding the CT series and the masks (see --image-folder)")
+    dicom.add_argument("--image-folder", default="PATIENT_DICOM",
+                       help="the CT series' folder in each case folder (or its .zip; default PATIENT_DICOM)")
+    dicom.add_argument("--masks-folder", default="MASKS_DICOM",
+                       help="the folder of a case's masks: <structure>/ series or <structure>.dcm SEG files "
+                            "(or its .zip; '.' for the case folder itself; default MASKS_DICOM)")
     dicom.add_argument("--out", required=True, help="the MSD-layout folder to write")
     dicom.add_argument("--structure", action="append", required=True, metavar="PATTERN=LABEL",
                        help="mask folder name pattern and the label it becomes, e.g. 'livertumor*=liver tumour'; "
@@ -98,6 +124,27 @@ def build_parser():
     dicom.add_argument("--name", default="DICOM masks", help="the dataset's name in dataset.json")
     dicom.add_argument("--description", help="for dataset.json (source, citation)")
     dicom.add_argument("--licence", help="for dataset.json")
+
+    stats = commands.add_parser("lesion-stats", help="contrast, texture, edge and size of real tumours and of "
+                                "synthetic lesions, measured alike")
+    stats.add_argument("--real", nargs="+", help="MSD-layout folders with real tumour labels")
+    stats.add_argument("--synthetic-into", nargs="+", help="MSD-layout folders whose organs get synthetic lesions")
+    stats.add_argument("--organ", default="liver")
+    stats.add_argument("--tumour", default="liver tumour", help="the real tumour label's name")
+    stats.add_argument("--preset", default="liver", choices=["liver", "pancreas"])
+    stats.add_argument("--rounds", type=int, default=1, help="synthetic draws per case")
+    stats.add_argument("--spacings", type=spacing_argument, nargs="+", metavar="X,Y,Z",
+                       help="with --synthetic-into: instead, how many voxels and how much contrast lesions of "
+                            "--diameter-mm keep on these grids (mm), e.g. 1.5,1.5,3 2,2,3")
+    stats.add_argument("--diameter-mm", type=float, default=10.0)
+
+    pseudo = commands.add_parser("pseudo-labels", help="a task's shipped model on a dataset's unlabelled images "
+                                 "-> whole-structure labels, in a new dataset with the labelled cases")
+    pseudo.add_argument("--task", required=True)
+    pseudo.add_argument("--data", required=True, help="MSD-layout folder whose dataset.json lists 'test' images")
+    pseudo.add_argument("--out", required=True, help="the MSD-layout folder to write (train --data reads it)")
+    pseudo.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+    pseudo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     export = commands.add_parser("export", help="write weights and model cards into the extension")
     add_common(export)
@@ -114,6 +161,8 @@ def build_parser():
 COMMANDS = {"train": ("pipeline", "run_training"), "evaluate": ("evaluate", "run_evaluation"),
             "precision": ("precision", "run_precision"), "locations": ("locations", "run_locations"),
             "quality": ("quality", "run_quality"), "dicom-masks": ("dicom_masks", "run_conversion"),
+            "pseudo-labels": ("pseudo_labels", "run_pseudo_labels"),
+            "lesion-stats": ("lesion_statistics", "run_lesion_statistics"),
             "export": ("export", "run_export")}
 
 

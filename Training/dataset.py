@@ -18,7 +18,8 @@ def read_dataset(folder):
         image = os.path.normpath(os.path.join(folder, entry["image"]))
         label = os.path.normpath(os.path.join(folder, entry["label"]))
         case_id = os.path.basename(image).split(".")[0]
-        cases.append({"id": case_id, "image": image, "label": label})
+        # "merged": the label marks the union of the model's merged classes (a whole gland, a pseudo-label)
+        cases.append({"id": case_id, "image": image, "label": label, "merged": bool(entry.get("merged"))})
     return meta, cases
 
 
@@ -30,8 +31,11 @@ def map_labels(label_array, mapping):
 
 
 def fold_split(case_ids, fold, folds=5):
-    """Fixed, documented split: sorted case ids, every `folds`-th case (offset `fold`) is validation."""
+    """Fixed, documented split: sorted case ids, every `folds`-th case (offset `fold`) is validation;
+    fold "all": every case trains (the shipped weights, once a fold has chosen the settings)."""
     ordered = sorted(case_ids)
+    if fold == "all":
+        return ordered, []
     validation = [case for index, case in enumerate(ordered) if index % folds == fold]
     training = [case for case in ordered if case not in validation]
     return training, validation

@@ -1,6 +1,7 @@
-"""`python -m Training dicom-masks`: cases stored as a DICOM series with one DICOM mask series per structure
-(3D-IRCADb's layout: PATIENT_DICOM/ and MASKS_DICOM/<structure>/, either folder possibly zipped) -> an MSD-layout
-dataset (imagesTr/, labelsTr/, dataset.json) that `evaluate` reads.
+"""`python -m Training dicom-masks`: cases stored as a DICOM series with one DICOM mask per structure -> an
+MSD-layout dataset (imagesTr/, labelsTr/, dataset.json) that `evaluate` reads. A mask is either a DICOM series of
+its own (3D-IRCADb's layout: PATIENT_DICOM/ and MASKS_DICOM/<structure>/, either folder possibly zipped) or a
+DICOM Segmentation object (a SEG .dcm file, whose frames are placed on the CT by their slice positions).
 
 Each case is read at its full resolution and HU range: unlike the BTCV copies, nothing is clipped or resampled.
 Structures map to labels through name patterns given in order; a voxel in several structures gets the label
@@ -65,19 +66,66 @@ def same_grid(image, reference):
                     atol=GEOMETRY_TOLERANCE) for c in corners)
 
 
+def is_segmentation_object(path):
+    """A DICOM Segmentation (SEG) file: the DICM preamble and modality SEG."""
+    if not os.path.isfile(path):
+        return False
+    import pydicom
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True).get("Modality") == "SEG"
+    except (pydicom.errors.InvalidDicomError, OSError):
+        return False
+
+
+def segmentation_mask(path, image):
+    """A DICOM SEG's segments, united, as a boolean (z, y, x) array on `image`'s grid. Its frames must lie on
+    the CT's slices (the same rows, columns and in-plane geometry); each is placed by its position."""
+    import pydicom
+    seg = pydicom.dcmread(path)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    mask = np.zeros(sitk.GetArrayViewFromImage(image).shape, bool)
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        index = np.asarray(image.TransformPhysicalPointToContinuousIndex(position))
+        z = int(round(index[2]))
+        off_grid = np.abs(index - np.round(index)).max() > 0.05 or np.abs(index[:2]).max() > 0.05
+        if (seg.Rows, seg.Columns) != mask.shape[1:] or off_grid or not 0 <= z < mask.shape[0]:
+            raise InputError(f"The segmentation {os.path.basename(path)} has a frame off its CT's slices "
+                             f"(at {position} mm)")
+        mask[z] |= frame > 0
+    return mask
+
+
+def structure_masks(masks_folder):
+    """Structure name -> its mask's path: sub-folders (mask series) and DICOM SEG files (named without .dcm)."""
+    masks = {}
+    for entry in sorted(os.listdir(masks_folder)):
+        path = os.path.join(masks_folder, entry)
+        if os.path.isdir(path):
+            masks[entry] = path
+        elif is_segmentation_object(path):
+            masks[os.path.splitext(entry)[0]] = path
+    return masks
+
+
+def read_mask(path, image):
+    if os.path.isfile(path):
+        return segmentation_mask(path, image)
+    mask = read_image(path)
+    if not same_grid(mask, image):
+        raise InputError(f"The mask {path} is not on its CT's grid")
+    return sitk.GetArrayViewFromImage(mask) > 0
+
+
 def case_labels(image, masks_folder, structures, values):
-    """The label map of one case on its CT's grid, and the mask folders no pattern matched."""
+    """The label map of one case on its CT's grid, and the masks no pattern matched."""
     labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
-    names = sorted(entry for entry in os.listdir(masks_folder) if os.path.isdir(os.path.join(masks_folder, entry)))
-    unmatched = [name for name in names if not any(fnmatch.fnmatch(name.lower(), p) for p, _ in structures)]
+    masks = structure_masks(masks_folder)
+    unmatched = [name for name in masks if not any(fnmatch.fnmatch(name.lower(), p) for p, _ in structures)]
     for pattern, label in structures:
-        for name in names:
-            if not fnmatch.fnmatch(name.lower(), pattern):
-                continue
-            mask = read_image(os.path.join(masks_folder, name))
-            if not same_grid(mask, image):
-                raise InputError(f"The mask {name} of {masks_folder} is not on its CT's grid")
-            labels[sitk.GetArrayViewFromImage(mask) > 0] = values[label]
+        for name, path in masks.items():
+            if fnmatch.fnmatch(name.lower(), pattern):
+                labels[read_mask(path, image)] = values[label]
     return labels, unmatched
 
 
@@ -109,7 +157,8 @@ def run_conversion(args, log=print):
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     training = []
     for case_folder, case_id in zip(args.cases, ids):
-        unmatched = convert_case(case_folder, case_id, args.out, structures, values)
+        unmatched = convert_case(case_folder, case_id, args.out, structures, values, args.image_folder,
+                                 args.masks_folder)
         log(f"{case_id}: converted" + (f"; masks left out: {', '.join(unmatched)}" if unmatched else ""))
         training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
     meta = {"name": args.name, "description": args.description or "", "licence": args.licence or "",

@@ -335,9 +335,21 @@ def update_metrics_json(path, task, entry, key=None):
 
 # ------------------------------------------------------------------------------------------------- run
 
-def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0, precision="fp32"):
+def healthy_row(case_id, label, predicted, min_voxels, voxel_ml):
+    """A tumour label in an organ with no tumour (the dataset has no tumour label): Dice and distances are
+    undefined, and every predicted tumour is a false lesion, counted by size."""
+    undefined = dict.fromkeys(("dice", "hd95_mm", "reference_ml", "volume_error_ml", "volume_error_percent"),
+                              math.nan)
+    return {"case": case_id, "label": label.name, "value": label.value, **undefined,
+            "predicted_ml": float(predicted.sum()) * voxel_ml,
+            **lesion_metrics(predicted, np.zeros_like(predicted), min_voxels, voxel_ml)}
+
+
+def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0, precision="fp32",
+                  healthy=()):
     """Segment one case with the engine (with synthetic lesions painted in first if `tumour` is given);
-    one row of metrics per scored label, with lesion-wise counts for the tumour."""
+    one row of metrics per scored label, with lesion-wise counts for the tumour, and false lesions only for
+    the `healthy` tumour labels (no tumour in this dataset)."""
     channels = read_channels([case["image"]])
     grid = channels[0]
     reference = reference_on_grid(case["label"], grid, mapping)
@@ -359,6 +371,9 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml), voxel_ml))
         rows.append(row)
+    voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
+    rows += [healthy_row(case["id"], label, prediction == label.value, min_tumour_voxels(result.card, voxel_ml),
+                         voxel_ml) for label in healthy]
     return rows, result.device
 
 
@@ -378,6 +393,9 @@ def run_evaluation(args, log=print):
         if tumour is None:
             raise ModelError(f"Task '{args.task}' has no tumour class learnt from synthetic lesions")
         labels = [label for label in card.trained_labels if label in labels or label is tumour[0]]
+    # Without tumour labels (BTCV) the organs are healthy: any tumour found there is a false lesion.
+    healthy = [] if tumour or overrides else [label for label in card.trained_labels
+                                              if label.kind == "tumour" and label not in labels]
     case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     chosen = select_cases(cases, model["exclude"], case_ids, args.fold)
     skipped = [label.name for label in card.labels if label not in labels]
@@ -396,7 +414,7 @@ def run_evaluation(args, log=print):
     for case, round_ in itertools.product(chosen, rounds):
         started = time.perf_counter()
         case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
-                                          (args.synthetic_lesions or 0) + round_, precision)
+                                          (args.synthetic_lesions or 0) + round_, precision, healthy)
         if len(rounds) > 1:
             for row in case_rows:
                 row["case"] = f"{case['id']}/{round_}"
@@ -404,7 +422,7 @@ def run_evaluation(args, log=print):
         for row in case_rows:
             log(table_line(row["case"], row["label"], row) + lesion_text(row))
         log(f"{'':<16} ({time.perf_counter() - started:.1f} s on {device}, {precision})")
-    summary = summarise(rows, labels)
+    summary = summarise(rows, labels + healthy)
     for name, means in summary.items():
         log(table_line("mean", name, means))
         if "lesions" in means:
@@ -425,6 +443,9 @@ def run_evaluation(args, log=print):
     selection = (f"fold {args.fold} validation cases" if args.fold is not None
                  else "selected cases" if case_ids else "all labelled cases")
     data_text = f"{dataset}, {selection} ({len(chosen)})"
+    if healthy:
+        data_text += (f"; {', '.join(label.name.lower() for label in healthy)}: no tumour in these organs, "
+                      f"every one found is a false lesion")
     if tumour:
         data_text += (f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions}, "
                       f"{len(rounds)} round(s) of lesions per case)")

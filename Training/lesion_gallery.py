@@ -52,10 +52,15 @@ def view_box(organ_slice, centre, spacing):
     return slice(lower[0], upper[0]), slice(lower[1], upper[1])
 
 
-def describe(lesions):
+def describe(lesions, most=4):
+    """The largest lesions in a few words each (and how many more there are)."""
+    largest = sorted(lesions, key=lambda lesion: -lesion.radius_mm)
     parts = [f"r{lesion.radius_mm:.0f}mm {lesion.mode} {lesion.contrast_hu:+.0f}HU"
-             + (" rim" if lesion.rim else "") + (" mass" if lesion.mass_effect else "") for lesion in lesions]
-    return "; ".join(parts)
+             + ("" if lesion.shape == "ellipsoid" else f" {lesion.shape}") + (" rim" if lesion.rim else "")
+             + (" necrotic" if lesion.necrosis else "") + (" mass" if lesion.mass_effect else "")
+             for lesion in largest[:most]]
+    more = len(lesions) - most
+    return "; ".join(parts) + (f"; +{more} more" if more > 0 else "")
 
 
 def draw(rows, window, path):

@@ -9,14 +9,20 @@ caller converts a normalised training image to HU and back (CT normalisation is 
 `MSDSegmentLib.preprocessing.normalise`). Only the passed `numpy.random.Generator` is used, so a seed
 gives one result. Method, parameters and limits: docs/lesions.md.
 
+Per organ:
+  pattern    a few lesions of any size (1 to 5, radius log-uniform over the whole range), or, in some
+             livers, a metastatic seeding of many small ones (3 to 10 lesions 5-20 mm across that look alike);
 Per lesion:
   shape      an ellipsoid (volume-equivalent radius r drawn log-uniformly, random axis ratios and
-             orientation) warped by a smooth random displacement field;
+             orientation) warped by a smooth random displacement field; lobulated (a stronger, finer-grained
+             warp) or confluent (2 to 4 overlapping lobes);
   placement  a centre inside the organ, at least a margin from its edge and away from large vessels
              (voxels much brighter than the parenchyma), found on a coarse (~4 mm) grid of distance maps;
   intensity  mostly hypo-attenuating relative to the parenchyma, sometimes iso or hyper; texture of
              smoothed Gaussian noise scaled to the case's parenchyma statistics; optional enhancing rim;
-             blended with a sigmoid of the (approximate) signed distance to the lesion surface;
+             optional necrotic (fluid) centre in larger lesions; blended with a sigmoid of the (approximate)
+             signed distance to the lesion surface, as blurred as the scan's own resolution (from its noise
+             grain) plus a biological margin;
   mass effect  sometimes, the surrounding parenchyma is pushed outwards (zero at the organ edge, so the
              organ label stays valid).
 Each lesion is computed on a crop around it, never on the whole volume.
@@ -33,6 +39,9 @@ SHAPE_GRID = 24        # smooth fields (deformation, distance, mass effect) are 
 ALPHA_CUTOFF = 0.01    # blending weights below this are dropped, so the changed region stays compact
 WATER_HU = 0.0
 MODES = ("hypo", "iso", "hyper")
+SHAPES = ("ellipsoid", "lobulated", "confluent")
+# A sigmoid of scale s has the 10-90 % edge width of a Gaussian blur of sigma s / 0.58.
+SIGMOID_PER_GAUSSIAN_SIGMA = 0.58
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,16 @@ class LesionConfig:
 
     count_probabilities: tuple = (0.55, 0.2, 0.12, 0.08, 0.05)  # P(1 lesion), P(2), ... (multi-focal)
     radius_mm: tuple = (3.0, 40.0)           # volume-equivalent radius, drawn log-uniformly
+    # Metastatic seeding: livers with metastases often hold several lesions of 5-20 mm, from one primary,
+    # so they share their attenuation mode.
+    multifocal_probability: float = 0.35
+    multifocal_count: tuple = (3, 10)        # lesions in such an organ, inclusive
+    multifocal_radius_mm: tuple = (2.5, 10.0)  # 5-20 mm across, log-uniform
     max_axis_ratio: float = 1.6              # longest / shortest semi-axis at most
+    shape_probabilities: tuple = (0.5, 0.3, 0.2)  # ellipsoid, lobulated, confluent
     deformation: tuple = (0.05, 0.25)        # RMS of the elastic displacement, as a fraction of the radius
+    lobulation: tuple = (0.2, 0.35)          # ... of a lobulated lesion, whose bumps are a quarter radius wide
+    confluent_lobes: tuple = (2, 4)          # lobes of a confluent lesion (the main one included), inclusive
     mode_probabilities: tuple = (0.8, 0.1, 0.1)  # hypo-, iso-, hyper-attenuating
     hypo_contrast_hu: tuple = (20.0, 80.0)   # lesion mean this far below the parenchyma
     iso_contrast_hu: tuple = (8.0, 20.0)     # ... this far below or above (either sign): subtle, not invisible
@@ -53,7 +70,12 @@ class LesionConfig:
     rim_probability: float = 0.25
     rim_contrast_hu: tuple = (15.0, 45.0)    # rim mean above the parenchyma (enhancing rim)
     rim_width_mm: tuple = (2.0, 5.0)
-    edge_softness_mm: tuple = (0.5, 1.5)     # sigmoid scale of the boundary (at most radius / 3)
+    edge_softness_mm: tuple = (0.3, 1.2)     # biological blur of the boundary (sigmoid scale), added to the
+                                             # scan's own blur (from its noise grain); at most radius / 3
+    necrosis_probability: float = 0.25       # a fluid centre, in lesions of at least ...
+    necrosis_min_radius_mm: float = 8.0
+    necrosis_fraction: tuple = (0.3, 0.7)    # core radius, as a fraction of the lesion's
+    necrosis_hu: tuple = (0.0, 25.0)         # fluid to debris
     edge_margin_mm: float = 5.0              # lesion centres at least this deep inside the organ ...
     depth_fraction: float = 0.5              # ... and at least this fraction of the radius deep
     parenchyma_min_hu: float = 10.0          # darker organ voxels are fat or partial volume, not parenchyma
@@ -73,7 +95,8 @@ LIVER = LesionConfig()
 # Pancreas: mostly a single hypo-attenuating adenocarcinoma (PV phase: 20-60 HU below the gland);
 # a few hyper-attenuating (neuroendocrine) lesions; a thin organ, so a small edge margin.
 PANCREAS = LesionConfig(
-    count_probabilities=(0.85, 0.15), radius_mm=(5.0, 30.0), mode_probabilities=(0.85, 0.1, 0.05),
+    count_probabilities=(0.85, 0.15), radius_mm=(4.0, 30.0), multifocal_probability=0.0,
+    shape_probabilities=(0.6, 0.35, 0.05), necrosis_probability=0.1, mode_probabilities=(0.85, 0.1, 0.05),
     hypo_contrast_hu=(20.0, 60.0), hyper_contrast_hu=(20.0, 50.0), rim_probability=0.1,
     edge_margin_mm=2.0, depth_fraction=0.3, vessel_margin_mm=3.0, vessel_clearance_fraction=0.3)
 PRESETS = {"liver": LIVER, "pancreas": PANCREAS}
@@ -94,8 +117,11 @@ class Lesion:
     noise: float                  # fine-grain std, x parenchyma std
     heterogeneity: float          # coarse texture std, x parenchyma std
     heterogeneity_scale_mm: float
+    shape: str = "ellipsoid"      # one of SHAPES
+    lobes: tuple = ()             # confluent: ((offset mm (x, y, z), scale), ...) beside the main lobe
     rim: tuple = None             # (rim mean relative to parenchyma, width mm) or None
     mass_effect: float = 0.0      # outward push at the surface, fraction of the radius (0: none)
+    necrosis: tuple = None        # (core radius fraction, core HU) or None
     placement: str = "preferred"  # which placement rule the centre satisfied (see _PLACEMENT_RULES)
     voxels: int = 0               # voxels labelled (after clipping to the organ)
 
@@ -125,7 +151,7 @@ def synthesise_lesions_detailed(image_hu, organ_mask, spacing_mm, rng, config=LI
     # Nothing outside the organ changes, so all the work is done on views of its bounding box.
     box, statistics, grid = analysis.box, analysis.statistics, analysis.grid
     image_box, organ_box, mask_box = out[box], organ[box], lesion_mask[box]
-    lesions = _draw_lesions(grid, spacing, rng, config)
+    lesions = _draw_lesions(grid, spacing, statistics, rng, config)
     # Mass effect first (it moves the surroundings), then every lesion is painted at its own place.
     for lesion in lesions:
         if lesion.mass_effect > 0:
@@ -317,22 +343,60 @@ def _random_rotation(rng):
     return q
 
 
-def _draw_lesions(grid, spacing, rng, config):
-    probabilities = np.asarray(config.count_probabilities, float)
-    count = 1 + int(rng.choice(len(probabilities), p=probabilities / probabilities.sum()))
+def _choice(rng, options, probabilities):
+    probabilities = np.asarray(probabilities, float)
+    return options[int(rng.choice(len(probabilities), p=probabilities / probabilities.sum()))]
+
+
+def _draw_pattern(rng, config):
+    """(lesion count, radius range, shared attenuation mode or None) for one organ."""
+    if rng.random() < config.multifocal_probability:
+        low, high = config.multifocal_count
+        shared_mode = _choice(rng, MODES, config.mode_probabilities)
+        return int(rng.integers(low, high + 1)), config.multifocal_radius_mm, shared_mode
+    count = 1 + _choice(rng, range(len(config.count_probabilities)), config.count_probabilities)
+    return count, config.radius_mm, None
+
+
+def _scan_blur_mm(statistics, spacing):
+    """The scan's in-plane blur (Gaussian sigma, mm), taken to be the correlation length of its noise grain."""
+    return float(np.mean(np.asarray(statistics["grain_sigma"][:2]) * spacing[:2]))
+
+
+def _draw_shape(rng, radius, config):
+    """(shape, deformation, lobes) of one lesion."""
+    shape = _choice(rng, SHAPES, config.shape_probabilities)
+    if shape == "lobulated":
+        return shape, float(rng.uniform(*config.lobulation)), ()
+    lobes = ()
+    if shape == "confluent":
+        low, high = config.confluent_lobes
+        lobes = []
+        for _ in range(int(rng.integers(low, high + 1)) - 1):
+            direction = rng.standard_normal(3)
+            # Lobes bulge out of the main one.
+            offset = direction / np.linalg.norm(direction) * radius * rng.uniform(0.6, 1.1)
+            lobes.append((offset, float(rng.uniform(0.5, 0.9))))
+        lobes = tuple(lobes)
+    return shape, float(rng.uniform(*config.deformation)), lobes
+
+
+def _draw_lesions(grid, spacing, statistics, rng, config):
+    count, radius_range, shared_mode = _draw_pattern(rng, config)
+    scan_blur = SIGMOID_PER_GAUSSIAN_SIGMA * _scan_blur_mm(statistics, spacing)
     lesions, placed = [], []
     for _ in range(count):
-        radius = float(np.exp(rng.uniform(*np.log(config.radius_mm))))
+        radius = float(np.exp(rng.uniform(*np.log(radius_range))))
         # Axis ratios: log-uniform within the allowed ratio, then scaled so the volume is that of the sphere.
         half_log = np.log(config.max_axis_ratio) / 2
         ratios = np.exp(rng.uniform(-half_log, half_log, 3))
         semi_axes = radius * ratios / np.prod(ratios) ** (1 / 3)
         rotation = _random_rotation(rng)
+        shape, deformation, lobes = _draw_shape(rng, radius, config)
         coarse, rule = _choose_centre(grid, radius, placed, rng, config)
         centre = grid.to_fine(coarse, rng)
         placed.append((centre * spacing, radius))
-        modes = np.asarray(config.mode_probabilities, float)
-        mode = MODES[int(rng.choice(3, p=modes / modes.sum()))]
+        mode = shared_mode or _choice(rng, MODES, config.mode_probabilities)
         sign = {"hypo": -1.0, "iso": rng.choice([-1.0, 1.0]), "hyper": 1.0}[mode]
         contrast = sign * rng.uniform(*getattr(config, f"{mode}_contrast_hu"))
         rim = None
@@ -341,13 +405,17 @@ def _draw_lesions(grid, spacing, rng, config):
         mass_effect = 0.0
         if rng.random() < config.mass_effect_probability:
             mass_effect = float(rng.uniform(*config.mass_effect_strength))
+        necrosis = None
+        if radius >= config.necrosis_min_radius_mm and rng.random() < config.necrosis_probability:
+            necrosis = (float(rng.uniform(*config.necrosis_fraction)), float(rng.uniform(*config.necrosis_hu)))
+        softness = np.hypot(rng.uniform(*config.edge_softness_mm), scan_blur)
         lesions.append(Lesion(
             centre=tuple(int(c) for c in centre), radius_mm=radius, semi_axes_mm=semi_axes, rotation=rotation,
-            mode=mode, contrast_hu=float(contrast), deformation=float(rng.uniform(*config.deformation)),
-            softness_mm=float(min(rng.uniform(*config.edge_softness_mm), radius / 3)),
+            mode=mode, contrast_hu=float(contrast), deformation=deformation,
+            softness_mm=float(min(softness, radius / 3)), shape=shape, lobes=lobes,
             noise=float(rng.uniform(*config.noise_std)), heterogeneity=float(rng.uniform(*config.heterogeneity_std)),
             heterogeneity_scale_mm=float(rng.uniform(*config.heterogeneity_scale_mm)), rim=rim, mass_effect=mass_effect,
-            placement=rule))
+            necrosis=necrosis, placement=rule))
     return lesions
 
 
@@ -410,17 +478,28 @@ def _signed_distance(lesion, box, spacing, rng):
     axes, grid_shape = _coarse_points(box, lesion.centre, spacing)
     points = np.stack(np.broadcast_arrays(*axes), axis=-1)
     # Elastic deformation: the ellipsoid is evaluated at displaced positions (a smooth random field).
-    # Correlation length of half the radius: a few lobulations per lesion.
-    sigma = 0.5 * lesion.radius_mm / _point_spacing(box, grid_shape, spacing)
+    # Correlation length of half the radius gives a few broad lobulations; a lobulated lesion's bumps are finer.
+    correlation = (0.25 if lesion.shape == "lobulated" else 0.5) * lesion.radius_mm
+    sigma = correlation / _point_spacing(box, grid_shape, spacing)
     displacement = np.stack([_smooth_noise(rng, grid_shape, sigma) for _ in range(3)], axis=-1)
     points = points + displacement * lesion.deformation * lesion.radius_mm
-    # (q - 1) * radius is the exact distance for a sphere and close to it for mild ellipsoids.
+    # (q - 1) * radius is the exact distance for a sphere and close to it for mild ellipsoids; a confluent
+    # lesion is the union of its lobes (the smallest distance).
     distance = (_ellipsoid_radius(points, lesion) - 1.0) * lesion.radius_mm
+    for offset, scale in lesion.lobes:
+        lobe = (_ellipsoid_radius(points - offset, lesion) / scale - 1.0) * lesion.radius_mm * scale
+        distance = np.minimum(distance, lobe)
     return _upsample(distance.astype(np.float32), tuple(s.stop - s.start for s in box))
 
 
+def _extent_mm(lesion):
+    """How far from its centre a lesion's surface can reach (before deformation)."""
+    longest = lesion.semi_axes_mm.max()
+    return max([longest] + [np.linalg.norm(offset) + scale * longest for offset, scale in lesion.lobes])
+
+
 def _paint_lesion(out, lesion_mask, organ, lesion, statistics, spacing, rng, config):
-    reach = lesion.semi_axes_mm.max() * (1 + 3 * lesion.deformation) + 5 * lesion.softness_mm
+    reach = _extent_mm(lesion) + 3 * lesion.deformation * lesion.radius_mm + 5 * lesion.softness_mm
     box = _box(lesion.centre, reach, spacing, out.shape)
     shape = tuple(s.stop - s.start for s in box)
     distance = _signed_distance(lesion, box, spacing, rng)
@@ -445,6 +524,11 @@ def _paint_lesion(out, lesion_mask, organ, lesion, statistics, spacing, rng, con
         # A band just inside the blurred surface, so that it stays visible.
         band = np.exp(-0.5 * ((distance + lesion.softness_mm + width / 2) / (width / 2)) ** 2)
         value = value + band * (parenchyma + rim_contrast - mean)
+    if lesion.necrosis is not None:
+        # A fluid core, blurred like the lesion's edge; only the scan's grain remains inside it.
+        fraction, core_hu = lesion.necrosis
+        core = expit(-(distance + (1 - fraction) * lesion.radius_mm) / lesion.softness_mm)
+        value = value * (1 - core) + (core_hu + std * lesion.noise * fine) * core
 
     region = alpha > 0
     view = out[box]

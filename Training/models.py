@@ -37,8 +37,11 @@ MODELS = {
         "patch_size": [128, 128, 16],
         "filters": [8, 16, 32, 64, 128],
         "default_data": "../shared/data/Task05_Prostate",
-        # Upstream labelling quirk: the whole gland is labelled PZ and there is no TZ.
+        # Upstream labelling quirk: the whole gland is labelled PZ and there is no TZ: never validated, but it
+        # trains the gland's outline through a loss on PZ + TZ merged (as do pseudo-labelled cases).
         "exclude": ["prostate_18"],
+        "merged_classes": ["PZ", "TZ"],
+        "merged_cases": ["prostate_18"],
     },
 }
 

@@ -37,11 +37,16 @@ def check_plan_matches(plan, args, plan_path):
 
 
 def prepare(args, log=print):
-    """Plan and cache for a model and dataset; returns (plan, cache folder, case ids)."""
+    """Plan and cache for a model and dataset; returns (plan, cache folder, fully labelled case ids, partly
+    labelled case ids). Partly labelled cases (the model's `merged_cases`, or dataset entries marked "merged")
+    label the union of the model's `merged_classes`: they train, never validate."""
     model = model_config(args)
     data = dataset_folder(args, model)
     meta, cases = read_dataset(data)
-    cases = [case for case in cases if case["id"] not in model["exclude"]]
+    for case in cases:
+        case["merged"] = bool(model.get("merged_classes")) and (case["merged"] or
+                                                                 case["id"] in model.get("merged_cases", []))
+    cases = [case for case in cases if case["id"] not in model["exclude"] or case["merged"]]
     # Classes painted in by lesion synthesis may be absent from the dataset (BTCV has no tumours).
     mapping = label_mapping(model, meta["labels"], parse_label_map(args.label_map),
                             optional=tuple(model.get("synthetic_lesions", {})))
@@ -61,7 +66,8 @@ def prepare(args, log=print):
     log(f"plan: spacing {plan['spacing']} mm, patch {plan['patch_size']}, normalisation {plan['normalisation']}")
     cache = os.path.join(base, "cache")
     build_cache(cases, plan, mapping, cache, log)
-    return plan, cache, [case["id"] for case in cases]
+    return (plan, cache, [case["id"] for case in cases if not case["merged"]],
+            [case["id"] for case in cases if case["merged"]])
 
 
 def run_training(args):
@@ -70,10 +76,11 @@ def run_training(args):
         # Under torchrun rank 0 plans and caches first; the other ranks then find both done and read them.
         if not dist.main:
             dist.barrier()
-        plan, cache, case_ids = prepare(args, log=print if dist.main else (lambda text: None))
+        plan, cache, case_ids, partly_labelled = prepare(args, log=print if dist.main else (lambda text: None))
         if dist.main:
             dist.barrier()
         training_ids, validation_ids = fold_split(case_ids, args.fold)
+        training_ids += partly_labelled
         run_dir = os.path.join(args.out, args.model, f"fold{args.fold}")
         os.makedirs(run_dir, exist_ok=True)
         if dist.main:

@@ -3,6 +3,7 @@ and restored so that a resumed run draws exactly the batches an uninterrupted on
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.data import set_track_meta
 from monai.transforms import (CenterSpatialCropd, Compose, Rand3DElasticd, RandAdjustContrastd, RandAffined,
                               RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensityd,
@@ -108,17 +109,19 @@ class PatchSampler:
         return np.array([self.rng.integers(n) for n in case["label"].shape])
 
     def _lesion_centred(self, case):
-        """A crop centred on a voxel of a synthetic lesion painted into a copy of the whole case: painted
-        into a crop, a lesion (a few mL in an organ of 1-2 L) often lies at the patch edge or outside it."""
+        """A crop centred on a synthetic lesion painted into a copy of the whole case: painted into a crop,
+        a lesion (a few mL in an organ of 1-2 L) often lies at the patch edge or outside it. The lesion is
+        drawn uniformly among those painted, not by voxel, so that small ones are centred as often as large."""
         chosen = self.lesions.choose_organ(self._present_classes(case), self.rng)
         if chosen is None:
             return None
         organ, tumour = chosen
         image, label = case["image"].copy(), case["label"].copy()
         self.lesions(image, label, self.rng, probability=1.0, organs=[organ])
-        lesion = np.argwhere(label == tumour)
-        if not len(lesion):
+        components, count = ndimage.label(label == tumour)
+        if not count:
             return None
+        lesion = np.argwhere(components == self.rng.integers(1, count + 1))
         return crop(image, label, lesion[self.rng.integers(len(lesion))], self._context_size())
 
     def _context_size(self):

@@ -11,7 +11,7 @@ from monai.losses import GeneralizedDiceLoss
 from MSDSegmentLib.inference import predict_probabilities
 from MSDSegmentLib.network import build_network
 
-from .cache import load_case
+from .cache import label_count, load_case
 from .lesions import TrainingLesions
 from .sampling import PatchSampler
 
@@ -30,15 +30,41 @@ class PresentClassesDiceLoss(GeneralizedDiceLoss):
 
 
 class DiceCELoss(torch.nn.Module):
-    """Generalised Dice (Sudre et al. 2017) plus cross-entropy."""
+    """Generalised Dice (Sudre et al. 2017) plus cross-entropy.
 
-    def __init__(self):
+    merged: the class indices that a partly labelled case labels as one (PZ + TZ for a whole gland), with the
+    label value len(classes). In a sample holding that value the loss is the marginal loss (Shi et al.,
+    "Marginal loss and exclusion loss for partially supervised multi-organ segmentation", MedIA 2021): the
+    merged classes' probabilities are summed into one channel and scored against the union; how the union
+    splits between them is left to the fully labelled cases.
+    """
+
+    def __init__(self, merged=()):
         super().__init__()
         self.dice = PresentClassesDiceLoss(to_onehot_y=True, softmax=True)
+        self.merged_dice = PresentClassesDiceLoss(to_onehot_y=True, softmax=False)
         self.cross_entropy = torch.nn.CrossEntropyLoss()
+        self.merged = list(merged)
 
     def forward(self, logits, labels):
-        return self.dice(logits, labels) + self.cross_entropy(logits, labels[:, 0])
+        if not self.merged or not torch.any(labels == logits.shape[1]):
+            return self.dice(logits, labels) + self.cross_entropy(logits, labels[:, 0])
+        losses = [self.marginal(sample_logits[None], sample_labels[None])
+                  if torch.any(sample_labels == logits.shape[1]) else self.forward(sample_logits[None], sample_labels[None])
+                  for sample_logits, sample_labels in zip(logits, labels)]
+        return torch.stack(losses).mean()
+
+    def marginal(self, logits, labels):
+        classes = logits.shape[1]
+        kept = [c for c in range(classes) if c not in self.merged]
+        probabilities = torch.softmax(logits.float(), dim=1)
+        merged = torch.cat([probabilities[:, kept], probabilities[:, self.merged].sum(1, keepdim=True)], dim=1)
+        # Label value -> channel of `merged`: kept classes keep their order, merged classes and the union go last.
+        lookup = torch.full((classes + 1,), len(kept), dtype=torch.long, device=labels.device)
+        lookup[kept] = torch.arange(len(kept), device=labels.device)
+        target = lookup[labels]
+        log_probabilities = torch.log(merged.clamp_min(1e-7))
+        return self.merged_dice(merged, target) + torch.nn.functional.nll_loss(log_probabilities, target[:, 0])
 
 
 def dice_per_class(prediction, reference, classes):
@@ -187,7 +213,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
     dist = dist or Distributed(want_cuda=args.device != "cpu")
     torch.manual_seed(args.seed + dist.rank)
     classes = len(plan["classes"])
-    train_cases = [load_case(cache_dir, case_id, classes) for case_id in training_ids]
+    train_cases = [load_case(cache_dir, case_id, label_count(plan)) for case_id in training_ids]
     val_cases = [load_case(cache_dir, case_id, classes) for case_id in validation_ids] if dist.main else []
     val_cases = with_validation_lesions(val_cases, plan)
 
@@ -198,7 +224,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
     scaler = torch.amp.GradScaler("cuda") if dist.device.type == "cuda" else None
     sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank,
                            lesions=TrainingLesions(plan))
-    loss_function = DiceCELoss()
+    loss_function = DiceCELoss([plan["classes"].index(name) for name in plan.get("merged_classes", [])])
     step, best = 0, {"score": -1.0, "step": 0, "dice": []}
 
     last_path = os.path.join(run_dir, "last.ckpt")
@@ -252,7 +278,13 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             append_csv(os.path.join(run_dir, "train_log.csv"),
                        {"step": step, "loss": float(loss.item()), "lr": optimizer.param_groups[0]["lr"],
                         "seconds": round(time.time() - started, 1)})
-        if dist.main and (step % args.val_every == 0 or step == args.steps or out_of_time):
+        at_checkpoint = step % args.val_every == 0 or step == args.steps or out_of_time
+        if dist.main and at_checkpoint and not validation_ids:
+            # Trained on every case (fold "all"): nothing to choose by, the latest weights are the ones kept.
+            best = {"score": float("nan"), "step": step, "dice": []}
+            save_atomically(network.state_dict(), os.path.join(run_dir, "best_model.pt"))
+            save_atomically(checkpoint_state(step, network, optimizer, scaler, sampler, best, args), last_path)
+        elif dist.main and at_checkpoint:
             dice = validate(network, val_cases, plan, dist.device)
             score = float(np.nanmean(dice))  # a class absent from every validation case does not count
             row = {"step": step, **{f"dice_{n}": d for n, d in zip(plan["classes"][1:], dice)}, "mean": score}

@@ -34,7 +34,30 @@ def _dicom_files(folder):
         raise InputError(f"No DICOM series found in folder {folder}")
     # Several series in one folder: take the one with the most slices (the main volume).
     files = max((reader.GetGDCMSeriesFileNames(folder, uid) for uid in series), key=len)
-    return list(files)
+    return _main_stack(list(files))
+
+
+def _main_stack(files):
+    """The files of a series that make one volume: those with the most common slice orientation and size.
+    Scanners store reformats and localisers in the same series (a coronal image among axial slices); read
+    with the others they would make a volume of the wrong slice spacing."""
+    kinds = []
+    for path in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(path)
+        try:
+            header.ReadImageInformation()
+        except RuntimeError:
+            kinds.append(None)
+            continue
+        orientation = header.GetMetaData("0020|0037") if header.HasMetaDataKey("0020|0037") else ""
+        kinds.append((tuple(np.round([float(v) for v in orientation.split("\\") if v.strip()], 3)),
+                      header.GetSize()[:2]))
+    counts = {kind: kinds.count(kind) for kind in set(kinds) if kind is not None}
+    if len(counts) <= 1:
+        return files
+    main = max(counts, key=counts.get)
+    return [path for path, kind in zip(files, kinds) if kind == main]
 
 
 def _reader(path):

@@ -137,6 +137,7 @@ def test_lesion_volumes_follow_the_log_uniform_radius_distribution():
     organ = ellipsoid_organ((64, 64, 64), (46.0, 46.0, 46.0), spacing)
     low, high = 4.0, 16.0
     config = dataclasses.replace(LIVER, count_probabilities=(1.0,), radius_mm=(low, high),
+                                 multifocal_probability=0.0, shape_probabilities=(1.0, 0.0, 0.0),
                                  mass_effect_probability=0.0, depth_fraction=1.4)
     drawn, measured = [], []
     for seed in range(100):
@@ -347,3 +348,148 @@ def test_lesion_centred_organs_are_drawn_by_their_weight_among_those_present():
     assert abs(share - 0.75) < 0.03, share
     assert {lesions.choose_organ([1], rng) for _ in range(50)} == {(1, 2)}   # an absent organ is never chosen
     assert lesions.choose_organ([5], rng) is None
+
+
+# ------------------------------------------------------------------------------ variety of real metastases
+
+def lesion_volumes_ml(mask, spacing):
+    components, count = ndimage.label(mask)
+    return np.bincount(components.ravel())[1:] * np.prod(spacing) / 1000.0
+
+
+def test_the_liver_default_covers_every_lesion_size_class_with_many_small_ones():
+    # Liver-sized organ at 1.5 mm: lesions from under 0.5 mL (under 10 mm across) to over 10 mL, and most
+    # of them small (the measurable 0.5-2 mL ones a radiologist follows are common, not rare).
+    spacing = (1.5, 1.5, 2.5)
+    shape = (110, 100, 70)
+    image, _, _ = phantom(shape=shape, spacing=spacing)
+    organ = ellipsoid_organ(shape, (78.0, 70.0, 82.0), spacing)
+    analysis = analyse_organ(image, organ, spacing, LIVER)
+    volumes = np.concatenate([lesion_volumes_ml(synthesise_lesions(image, organ, spacing, np.random.default_rng(seed),
+                                                                   LIVER, analysis)[1], spacing)
+                              for seed in range(30)])
+    classes = np.digitize(volumes, [0.5, 2.0, 10.0])
+    counts = np.bincount(classes, minlength=4)
+    assert np.all(counts >= 5), f"lesions per size class (<0.5, 0.5-2, 2-10, >=10 mL): {counts}"
+    assert counts[:2].sum() > counts[3], "more small lesions (under 2 mL) than large ones"
+
+
+def test_metastatic_seeding_paints_several_small_lesions_of_one_kind(liver_phantom):
+    image, organ, _ = liver_phantom
+    seeded = dataclasses.replace(LIVER, multifocal_probability=1.0)
+    for seed in range(5):
+        _, _, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), seeded)
+        assert 3 <= len(lesions) <= 10
+        assert all(2.5 <= lesion.radius_mm <= 10.0 for lesion in lesions)
+        assert len({lesion.mode for lesion in lesions}) == 1, "metastases of one primary look alike"
+
+
+def test_confluent_and_lobulated_shapes():
+    shape = (100, 100, 80)
+    image, _, _ = phantom(shape=shape)
+    organ = ellipsoid_organ(shape, (72.0, 72.0, 78.0))
+    plain = dict(count_probabilities=(1.0,), multifocal_probability=0.0, radius_mm=(12.0, 12.0),
+                 mass_effect_probability=0.0, depth_fraction=1.5)
+    volumes = {}
+    for kind, probabilities in (("ellipsoid", (1.0, 0.0, 0.0)), ("lobulated", (0.0, 1.0, 0.0)),
+                                ("confluent", (0.0, 0.0, 1.0))):
+        config = dataclasses.replace(LIVER, shape_probabilities=probabilities, **plain)
+        volumes[kind] = []
+        for seed in range(6):
+            _, mask, (lesion,) = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), config)
+            assert lesion.shape == kind
+            volumes[kind].append(mask.sum())
+            if kind == "confluent":
+                assert 1 <= len(lesion.lobes) <= 3
+                assert ndimage.label(mask)[1] <= 2, "lobes overlap the main lesion (one mass, rarely a loose lobe)"
+            if kind == "lobulated":
+                assert LIVER.lobulation[0] <= lesion.deformation <= LIVER.lobulation[1]
+    assert np.mean(volumes["confluent"]) > 1.15 * np.mean(volumes["ellipsoid"]), "lobes add to the main mass"
+
+
+def test_necrotic_centres_are_fluid_and_stay_tumour(liver_phantom):
+    image, organ, _ = liver_phantom
+    config = dataclasses.replace(LIVER, count_probabilities=(1.0,), multifocal_probability=0.0, radius_mm=(15.0, 15.0),
+                                 mode_probabilities=(1.0, 0.0, 0.0), hypo_contrast_hu=(20.0, 20.0),
+                                 necrosis_probability=1.0, necrosis_fraction=(0.6, 0.6), rim_probability=0.0,
+                                 mass_effect_probability=0.0, shape_probabilities=(1.0, 0.0, 0.0),
+                                 deformation=(0.0, 0.0), depth_fraction=1.5)
+    for seed in range(3):
+        new, mask, (lesion,) = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), config)
+        _, core_hu = lesion.necrosis
+        grid = np.indices(mask.shape).transpose(1, 2, 3, 0) - np.array(lesion.centre)
+        radial = np.linalg.norm(grid * SPACING, axis=-1)
+        core, shell = radial < 0.3 * lesion.radius_mm, (radial > 0.75 * lesion.radius_mm) & mask
+        assert mask[core].all(), "the necrotic core is tumour in the label"
+        assert abs(new[core].mean() - core_hu) < 8 and new[shell].mean() > new[core].mean() + 30
+
+
+def grainy_phantom(sigma_voxels, seed=0):
+    """The liver phantom with noise of the same std but another grain (correlation length)."""
+    rng = np.random.default_rng(seed)
+    organ = ellipsoid_organ()
+    noise = ndimage.gaussian_filter(rng.standard_normal(organ.shape), sigma_voxels) if sigma_voxels else \
+        rng.standard_normal(organ.shape)
+    image = (PARENCHYMA_HU + PARENCHYMA_STD * noise / noise.std()).astype(np.float32)
+    image[~organ] = 40.0
+    return image, organ
+
+
+def test_lesion_edges_are_as_blurred_as_the_scan():
+    # A scan whose noise is smoother (a softer reconstruction kernel, a thicker in-plane resampling) blurs
+    # edges more: the lesions painted into it get softer edges too.
+    config = dataclasses.replace(LIVER, count_probabilities=(1.0,), multifocal_probability=0.0,
+                                 radius_mm=(15.0, 15.0), edge_softness_mm=(0.3, 0.3))
+    softness = {}
+    for sigma in (0.0, 1.5):
+        image, organ = grainy_phantom(sigma)
+        softness[sigma] = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(0),
+                                                      config)[2][0].softness_mm
+    assert softness[1.5] > 1.5 * softness[0.0]
+
+
+# --------------------------------------------------------------------- lesion statistics (real vs synthetic)
+
+def test_lesion_statistics_measure_contrast_texture_size_and_edge():
+    """A sphere of 12 mm radius, 40 HU darker than its organ, blurred by a Gaussian of 1.5 mm: its 10-90 % edge
+    is 2.56 sigma = 3.8 mm wide; its own noise equals the organ's."""
+    from Training.lesion_statistics import measure_lesions
+    spacing = (1.0, 1.0, 1.0)
+    shape = (70, 70, 70)
+    organ = ellipsoid_organ(shape, (33.0, 33.0, 33.0), spacing)
+    distance = np.sqrt(sum((g - 35) ** 2 for g in np.ogrid[:70, :70, :70]))
+    lesion = distance < 12.0
+    clean = np.where(organ, 120.0, 40.0) - 40.0 * lesion
+    noise = 10.0 * np.random.default_rng(0).standard_normal(shape)
+    label = np.where(lesion, 2, np.where(organ, 1, 0))
+    (sharp,) = measure_lesions(clean + noise, label, spacing, 1, 2)
+    assert sharp["volume_ml"] == pytest.approx(4 / 3 * np.pi * 12 ** 3 / 1000, rel=0.05)
+    assert sharp["contrast_hu"] == pytest.approx(-40.0, abs=2.0)
+    assert sharp["texture"] == pytest.approx(1.0, abs=0.2)
+    (row,) = measure_lesions(ndimage.gaussian_filter(clean, 1.5) + noise, label, spacing, 1, 2)
+    assert row["edge_mm"] == pytest.approx(2.56 * 1.5, abs=1.0)
+    assert -40 < row["contrast_hu"] < -30  # partial volume at the blurred edge takes some contrast
+    # An iso-attenuating lesion has no edge to measure.
+    (iso,) = measure_lesions(np.where(organ, 120.0, 40.0), label, spacing, 1, 2)
+    assert iso["edge_mm"] is None and iso["contrast_hu"] == 0
+
+
+def test_resolution_check_counts_voxels_and_contrast_of_small_lesions(btcv, tmp_path):
+    """10 mm lesions in a real BTCV liver resampled onto a fine and a coarse grid: the coarse one holds fewer
+    voxels of each lesion and keeps no more of its contrast."""
+    import json
+
+    from Training.lesion_statistics import resolution_rows
+    with open(os.path.join(btcv, "dataset.json")) as stream:
+        meta = json.load(stream)
+    entry = sorted(meta["training"], key=lambda e: e["image"])[0]
+    one = dict(meta, training=[{key: os.path.join(btcv, value) for key, value in entry.items()}])
+    with open(tmp_path / "dataset.json", "w") as stream:
+        json.dump(one, stream)
+    rows = resolution_rows(str(tmp_path), "liver", [[1.5, 1.5, 3.0], [3.0, 3.0, 6.0]], 10.0, rounds=2)
+    fine = [row for row in rows if row["spacing"] == (1.5, 1.5, 3.0)]
+    coarse = [row for row in rows if row["spacing"] == (3.0, 3.0, 6.0)]
+    assert len(fine) == len(coarse) == 2
+    for a, b in zip(fine, coarse):
+        assert a["voxels"] > 4 * b["voxels"] and a["retained"] > 0.7
+        assert a["retained"] >= b["retained"] - 0.05

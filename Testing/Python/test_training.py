@@ -351,6 +351,87 @@ def test_generalised_dice_loss_is_zero_for_a_perfect_prediction():
     assert float(DiceCELoss().dice(logits, labels)) == pytest.approx(0, abs=1e-5)
 
 
+def test_a_whole_gland_label_scores_the_sum_of_the_merged_zones_not_their_split():
+    """Marginal loss: a voxel labelled "PZ or TZ" (value 3 with classes background, PZ, TZ) is right whatever the
+    split between PZ and TZ; a sample without such voxels gets the ordinary loss."""
+    loss = DiceCELoss(merged=[1, 2])
+    labels = torch.tensor([0, 3, 3, 3]).reshape(1, 1, 4, 1, 1)
+    def logits(pz, tz):
+        background = [0.8, 0.1, 0.1, 0.1]
+        return torch.log(torch.tensor([background, pz, tz])).reshape(1, 3, 4, 1, 1)
+    all_pz = loss(logits([0.1, 0.9, 0.9, 0.9], [0.1, 0.0, 0.0, 0.0]), labels)
+    split = loss(logits([0.1, 0.3, 0.6, 0.45], [0.1, 0.6, 0.3, 0.45]), labels)
+    assert float(all_pz) == pytest.approx(float(split), abs=1e-5)
+    # By hand: merged channels [background, PZ + TZ] = [0.8, 0.2], [0.1, 0.9] x3 against [0, 1, 1, 1].
+    merged = torch.log(torch.tensor([[0.8, 0.1, 0.1, 0.1], [0.2, 0.9, 0.9, 0.9]])).reshape(1, 2, 4, 1, 1)
+    plain = DiceCELoss()
+    assert float(split) == pytest.approx(float(plain(merged, torch.tensor([0, 1, 1, 1]).reshape(1, 1, 4, 1, 1))), abs=1e-5)
+    # Less gland probability where the gland is: a larger loss.
+    assert float(loss(logits([0.1, 0.2, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]), labels)) > float(split) + 0.1
+    # In a batch, a fully labelled sample keeps the ordinary loss.
+    full = torch.tensor([0, 1, 2, 2]).reshape(1, 1, 4, 1, 1)
+    other = logits([0.1, 0.8, 0.1, 0.2], [0.1, 0.1, 0.8, 0.7])
+    batch = loss(torch.cat([other, other]), torch.cat([full, labels]))
+    assert float(batch) == pytest.approx((float(plain(other, full)) + float(loss(other, labels))) / 2, abs=1e-5)
+
+
+def test_fold_all_trains_on_every_case_and_exports(trained, tmp_path):
+    out = str(tmp_path)
+    train(trained["data"], out, "--steps", "2", "--fold", "all")
+    with open(os.path.join(out, "abdomen", "foldall", "split.json")) as stream:
+        split = json.load(stream)
+    assert split == {"training": [f"synth_{i:02d}" for i in range(5)], "validation": []}
+    models = str(tmp_path / "models")
+    assert cli.main(["export", "--model", "abdomen", "--out", out, "--fold", "all", "--models-dir", models]) == 0
+    card = modelcard.find_card("spleen", models)
+    assert card.training["validation_cases"] == [] and len(card.training["training_cases"]) == 5
+    assert card.training["steps"] == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--model", "abdomen", "--fold", "some"])
+
+
+def test_the_whole_gland_case_trains_through_the_merged_loss(prostate_data, tmp_path):
+    """prostate_18 (the whole gland labelled PZ upstream) is cached as the merged value, trains, and never
+    validates; the other cases keep PZ and TZ."""
+    out = str(tmp_path)
+    argv = ["train", "--model", "prostate", "--data", prostate_data, "--out", out, "--patch-size", "32", "32", "8",
+            "--filters", "4", "8", "16", "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "prostate", "fold0", "split.json")) as stream:
+        split = json.load(stream)
+    assert "prostate_18" in split["training"] and "prostate_18" not in split["validation"]
+    with np.load(os.path.join(out, "prostate", "cache", "prostate_18.npz")) as data:
+        assert set(np.unique(data["label"])) == {0, 3} and len(data["locations_3"])
+    with np.load(os.path.join(out, "prostate", "cache", "prostate_10.npz")) as data:
+        assert set(np.unique(data["label"])) == {0, 1, 2}
+
+
+def test_pseudo_labels_join_the_labelled_cases_as_merged(trained, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    os.makedirs(data / "imagesTs")
+    image, _ = synthetic_case(11)
+    sitk.WriteImage(image, str(data / "imagesTs" / "synth_11.nii.gz"))
+    with open(data / "dataset.json") as stream:
+        meta = json.load(stream)
+    meta["test"] = ["./imagesTs/synth_11.nii.gz"]
+    with open(data / "dataset.json", "w") as stream:
+        json.dump(meta, stream)
+    out = str(tmp_path / "pseudo")
+    assert cli.main(["pseudo-labels", "--task", "spleen", "--data", str(data), "--out", out,
+                     "--models-dir", trained["models"], "--device", "cpu"]) == 0
+    derived, cases = read_dataset(out)
+    assert derived["name"] == meta["name"] and derived["labels"] == meta["labels"]
+    assert [case["id"] for case in cases] == [f"synth_{i:02d}" for i in range(5)] + ["synth_11"]
+    assert [case["merged"] for case in cases] == [False] * 5 + [True]
+    expected = segment(read_channels([str(data / "imagesTs" / "synth_11.nii.gz")]), "spleen", device="cpu",
+                       models_dir=trained["models"], precision="fp32")
+    pseudo = sitk.GetArrayFromImage(sitk.ReadImage(cases[-1]["label"]))
+    assert np.array_equal(pseudo, (sitk.GetArrayFromImage(expected.labels) > 0).astype(np.uint8))
+    assert "synth_11:" in capsys.readouterr().out
+    assert cli.main(["pseudo-labels", "--task", "spleen", "--data", trained["data"], "--out", out]) == 2
+
+
 # ------------------------------------------------------------------------------------------ label mapping
 
 def task_card(task, model=None):
@@ -583,7 +664,9 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     assert "Liver tumour" in out and "synthetic lesions, sensitivity" in out
     with open(metrics_json) as stream:
         liver = json.load(stream)["liver"]
-    assert set(liver["dice"]) == {"Liver"}                      # clean cases: no tumour to score
+    assert set(liver["dice"]) == {"Liver"}                      # clean cases: no tumour to score ...
+    assert liver["false_positive_lesions_per_volume"]["Liver tumour"] >= 0   # ... but false lesions to count
+    assert "liver tumour: no tumour in these organs" in liver["data"]
     painted = liver["synthetic_lesions"]
     assert set(painted["dice"]) == {"Liver", "Liver tumour"}
     assert painted["lesions"]["Liver tumour"] >= 2              # at least one per case
@@ -635,6 +718,19 @@ def test_lesions_are_counted_by_size():
                        "0.5-2 mL": {"lesions": 1, "detected": 1, "false_positives": 0},
                        "2-10 mL": {"lesions": 1, "detected": 0, "false_positives": 1},
                        "10 mL and over": {"lesions": 1, "detected": 1, "false_positives": 0}}
+
+
+def test_every_tumour_found_in_a_healthy_organ_is_a_false_lesion_counted_by_size():
+    from MSDSegmentLib.modelcard import Label
+    from Training.evaluate import healthy_row
+    tumour = Label(2, "Liver tumour", [0, 255, 0], "liver tumour", kind="tumour", organ="Liver")
+    predicted = np.zeros((40, 40, 40), bool)
+    predicted[0:10, 0:10, 0:10] = True      # 1.0 mL at 1 mm voxels
+    predicted[20:35, 20:35, 20:35] = True   # 3.4 mL
+    row = healthy_row("btcv_00", tumour, predicted, min_voxels=10, voxel_ml=0.001)
+    assert math.isnan(row["dice"]) and row["predicted_ml"] == pytest.approx(4.375)
+    assert row["lesions"] == 0 and row["false_positive_lesions"] == 2
+    assert row["by_size"]["0.5-2 mL"]["false_positives"] == 1 and row["by_size"]["2-10 mL"]["false_positives"] == 1
 
 
 # ---------------------------------------------------------------------------------------- tumour classes
@@ -748,6 +844,83 @@ def test_dicom_masks_become_an_msd_dataset_that_evaluate_reads(tmp_path):
         assert np.array_equal(sitk.GetArrayFromImage(labels).transpose(2, 1, 0), expected)
         assert labels.GetOrigin() == image.GetOrigin() and labels.GetSpacing() == image.GetSpacing()
     assert cli.main(["dicom-masks", str(tmp_path / "case_a"), "--out", str(out), "--structure", "liver"]) == 2
+
+
+def write_segmentation_object(mask, path, spacing=(0.8, 0.8, 1.6), origin=(-100.0, -120.0, 40.0)):
+    """A DICOM SEG (BINARY, one segment) of an (x, y, z) mask: frames only where the mask is, each placed by
+    its ImagePositionPatient (as a SEG from Slicer or a clinical workstation stores it)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    slices = [z for z in range(mask.shape[2]) if mask[:, :, z].any()]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg = Dataset()
+    seg.file_meta = meta
+    seg.SOPClassUID, seg.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    seg.Modality, seg.SegmentationType = "SEG", "BINARY"
+    seg.Rows, seg.Columns, seg.NumberOfFrames = mask.shape[1], mask.shape[0], len(slices)
+    seg.SamplesPerPixel, seg.PhotometricInterpretation = 1, "MONOCHROME2"
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = 1, 1, 0, 0
+    frames = []
+    for z in slices:
+        group, plane = Dataset(), Dataset()
+        plane.ImagePositionPatient = [origin[0], origin[1], origin[2] + z * spacing[2]]
+        group.PlanePositionSequence = Sequence([plane])
+        frames.append(group)
+    seg.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    seg.PixelData = pack_bits(np.stack([mask[:, :, z].T for z in slices]).astype(np.uint8))
+    pydicom.dcmwrite(path, seg, enforce_file_format=True)
+
+
+def test_dicom_segmentation_objects_are_read_as_masks(tmp_path):
+    """Masks stored as DICOM SEG files beside the CT series (--masks-folder .): each frame lands on the CT
+    slice at its position; a SEG off the CT's slices is refused in one line."""
+    rng = np.random.default_rng(1)
+    ct = rng.integers(-1024, 1500, (24, 20, 8)).astype(np.int16)
+    liver = np.zeros(ct.shape, bool)
+    liver[2:14, 3:12, 1:6] = True
+    tumour = np.zeros(ct.shape, bool)
+    tumour[5:8, 5:9, 3:5] = True
+    case = tmp_path / "0697"
+    write_dicom_series(ct, str(case / "31_EQP_Ax5.00mm"))
+    write_segmentation_object(liver, str(case / "31_EQP_ManualROI_Liver.dcm"))
+    write_segmentation_object(tumour, str(case / "31_EQP_ManualROI_Tumor.dcm"))
+    out = tmp_path / "dataset"
+    argv = ["dicom-masks", str(case), "--image-folder", "31_EQP_Ax5.00mm", "--masks-folder", ".", "--out", str(out),
+            "--structure", "*liver=liver", "--structure", "*tumor=liver tumour"]
+    assert cli.main(argv) == 0
+    _, (read,) = read_dataset(str(out))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(read["label"])).transpose(2, 1, 0)
+    assert np.array_equal(labels, np.where(tumour, 2, np.where(liver, 1, 0)))
+    write_segmentation_object(tumour, str(case / "31_EQP_ManualROI_Tumor.dcm"), origin=(-100.0, -120.0, 40.8))
+    assert cli.main(argv) == 2
+
+
+def test_a_reformatted_image_in_a_ct_series_is_left_out(tmp_path):
+    """Scanners store a coronal reformat in the same series as the axial slices: read with them it would give
+    the volume a wrong slice spacing, so the engine reads only the slices of the main orientation."""
+    from MSDSegmentLib.imageio import read_image
+    folder = tmp_path / "series"
+    ct = np.random.default_rng(2).integers(-1000, 1000, (16, 16, 6)).astype(np.int16)
+    write_dicom_series(ct, str(folder))
+    reformat = sitk.GetImageFromArray(np.zeros((1, 16, 16), np.int16))
+    for tag, value in (("0008|0060", "CT"), ("0020|000e", sitk.ReadImage(str(folder / "image_0")).GetMetaData("0020|000e")),
+                       ("0020|0013", "99"), ("0020|0032", "-100\\-10\\60"), ("0020|0037", "1\\0\\0\\0\\0\\-1")):
+        reformat.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(folder / "image_reformat"))
+    writer.Execute(reformat)
+    image = read_image(str(folder))
+    assert image.GetSize() == (16, 16, 6)
+    np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.8, 1.6), atol=1e-4)
+    assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), ct)
 
 
 def test_locations_are_learnt_from_the_training_labels_into_the_card(trained, tmp_path):
