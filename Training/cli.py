@@ -80,6 +80,8 @@ def build_parser():
                                "seed + 1, ...) for more lesions to count")
     evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
                                                  "(other tasks kept), for export --metrics")
+    evaluate.add_argument("--metrics-key", help="with --metrics-json: put these figures under this key of the "
+                                                "task's entry (e.g. another dataset's), beside the main ones")
 
     precision = commands.add_parser("precision", help="validation Dice of a task's model under fp32, bf16 and "
                                     "fp16, written into its card (what `auto` may use)")

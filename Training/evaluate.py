@@ -324,8 +324,9 @@ def update_metrics_json(path, task, entry, key=None):
             raise InputError(f"Cannot update {path}: not valid JSON ({error})") from None
     if key:
         data.setdefault(task, {})[key] = entry
-    else:
-        data[task] = {**entry, **{k: v for k, v in data.get(task, {}).items() if k == "synthetic_lesions"}}
+    else:  # the task's main figures; the entries under keys beside them (their own "dice" in them) stay
+        beside = {k: v for k, v in data.get(task, {}).items() if isinstance(v, dict) and "dice" in v}
+        data[task] = {**entry, **beside}
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as stream:
         json.dump(data, stream, indent=2)
@@ -398,7 +399,7 @@ def run_evaluation(args, log=print):
                                               if label.kind == "tumour" and label not in labels]
     case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     chosen = select_cases(cases, model["exclude"], case_ids, args.fold)
-    skipped = [label.name for label in card.labels if label not in labels]
+    skipped = [label.name for label in card.labels if label not in labels + healthy]
     seen_in_training = sorted(set(card.training.get("training_cases", [])) & {case["id"] for case in chosen})
     if seen_in_training:
         print(f"warning: {len(seen_in_training)} case(s) were used to train this model, so these figures are not "
@@ -452,6 +453,7 @@ def run_evaluation(args, log=print):
     entry = validation_entry(summary, [case["id"] for case in chosen], data_text, device)
     entry["precision"] = precision
     if getattr(args, "metrics_json", None):
-        update_metrics_json(args.metrics_json, args.task, entry, "synthetic_lesions" if tumour else None)
+        key = getattr(args, "metrics_key", None) or ("synthetic_lesions" if tumour else None)
+        update_metrics_json(args.metrics_json, args.task, entry, key)
         log(f"wrote the {args.task} metrics into {args.metrics_json}")
     return entry

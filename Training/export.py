@@ -116,6 +116,14 @@ def write_json(data, path):
     os.replace(temporary, path)
 
 
+def figures_of_held_back_weights(metrics, cases):
+    """Weights trained on every case (fold "all") have no held-back case of their own: their cards carry the
+    figures of the same recipe's fold weights, measured before on the cases those did not train on, and say so."""
+    note = (f"measured with the same recipe's fold weights, which did not train on these cases; the weights that "
+            f"ship then trained on all {cases} labelled cases, these included")
+    return {task: dict(entry, weights=note) for task, entry in metrics.items()}
+
+
 def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps=None):
     os.makedirs(models_dir, exist_ok=True)
     weights_name = f"{model_name}.pt"
@@ -125,6 +133,8 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
                 "training_cases": split["training"], "validation_cases": split["validation"],
                 "excluded_cases": plan["dataset"].get("excluded", []), "steps": steps,
                 "label_mapping": plan["dataset"]["label_mapping"]}
+    if not split["validation"]:
+        metrics = figures_of_held_back_weights(metrics, len(split["training"]))
     cards = {}
     for task_id, task in TASKS.items():
         if model_name in task["models"]:
@@ -136,6 +146,10 @@ def export_model(model_name, plan, split, checkpoint, models_dir, metrics, steps
             else:  # the labels and training record are the last stage's: re-exporting a coarse stage keeps them
                 labels, last_training = existing["labels"], existing["training"]
             cards[path] = card_for(task_id, plan, stages, with_locations(labels, existing), last_training, metrics)
+            # The quality flag's calibration is kept (`python -m Training quality` renews it); the precision
+            # measurement is not: it belongs to the weights (`python -m Training precision` measures new ones).
+            if existing.get("quality"):
+                cards[path]["quality"] = existing["quality"]
     # Every card is checked before anything is written.
     save_weights(checkpoint, weights_path)
     stage["sha256"] = sha256_of(weights_path)  # the stage entry every card shares

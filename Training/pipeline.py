@@ -47,6 +47,7 @@ def prepare(args, log=print):
         case["merged"] = bool(model.get("merged_classes")) and (case["merged"] or
                                                                  case["id"] in model.get("merged_cases", []))
     cases = [case for case in cases if case["id"] not in model["exclude"] or case["merged"]]
+    partly_labelled = [case["id"] for case in cases if case["merged"]]
     # Classes painted in by lesion synthesis may be absent from the dataset (BTCV has no tumours).
     mapping = label_mapping(model, meta["labels"], parse_label_map(args.label_map),
                             optional=tuple(model.get("synthetic_lesions", {})))
@@ -61,13 +62,13 @@ def prepare(args, log=print):
         plan = make_plan(args.model, model, fingerprint(cases))
         plan["dataset"] = {"name": meta.get("name", os.path.basename(data)), "folder": data,
                            "label_mapping": {str(k): v for k, v in mapping.items()},
-                           "excluded": model["exclude"]}
+                           "excluded": [c for c in model["exclude"] if c not in partly_labelled],
+                           "partly_labelled": partly_labelled}
         save_json(plan, plan_path)
     log(f"plan: spacing {plan['spacing']} mm, patch {plan['patch_size']}, normalisation {plan['normalisation']}")
     cache = os.path.join(base, "cache")
     build_cache(cases, plan, mapping, cache, log)
-    return (plan, cache, [case["id"] for case in cases if not case["merged"]],
-            [case["id"] for case in cases if case["merged"]])
+    return plan, cache, [case["id"] for case in cases if not case["merged"]], partly_labelled
 
 
 def run_training(args):

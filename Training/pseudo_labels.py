@@ -32,11 +32,12 @@ def pseudo_label(image_path, task, device, models_dir):
 
 def run_pseudo_labels(args, log=print):
     meta, cases = read_dataset(args.data)
-    unlabelled = [os.path.normpath(os.path.join(args.data, entry)) for entry in meta.get("test", [])]
+    # Absolute paths: the new dataset lies elsewhere and names the source's files.
+    unlabelled = [os.path.abspath(os.path.join(args.data, entry)) for entry in meta.get("test", [])]
     if not unlabelled:
         raise InputError(f"{args.data}/dataset.json lists no unlabelled images ('test')")
     os.makedirs(os.path.join(args.out, "labelsTr"), exist_ok=True)
-    training = [{"image": case["image"], "label": case["label"]} for case in cases]
+    training = [{"image": os.path.abspath(case["image"]), "label": os.path.abspath(case["label"])} for case in cases]
     for image_path in unlabelled:
         case_id = os.path.basename(image_path).split(".")[0]
         label, quality = pseudo_label(image_path, args.task, args.device, args.models_dir)

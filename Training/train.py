@@ -50,7 +50,8 @@ class DiceCELoss(torch.nn.Module):
         if not self.merged or not torch.any(labels == logits.shape[1]):
             return self.dice(logits, labels) + self.cross_entropy(logits, labels[:, 0])
         losses = [self.marginal(sample_logits[None], sample_labels[None])
-                  if torch.any(sample_labels == logits.shape[1]) else self.forward(sample_logits[None], sample_labels[None])
+                  if torch.any(sample_labels == logits.shape[1])
+                  else self.forward(sample_logits[None], sample_labels[None])
                   for sample_logits, sample_labels in zip(logits, labels)]
         return torch.stack(losses).mean()
 

@@ -77,7 +77,9 @@ def test_oblique_input_gives_the_same_organ_in_world_space(btcv_case, liver_on_o
 @pytest.mark.parametrize("task", ["liver", "spleen", "pancreas"])
 def test_bundled_model_reproduces_its_card_s_validation_dice(task):
     """The engine, run here on the card's own held-back BTCV cases, gives the mean Dice the card reports
-    (the same weights and code: only floating-point summation order may differ)."""
+    (the same weights and code: only floating-point summation order may differ). Weights trained on every case
+    (fold "all") carry their fold weights' figures: on those cases, which they also trained on, they do at least
+    as well."""
     from conftest import BTCV, require
     folder = require(BTCV)
     card = bundled(task)
@@ -93,7 +95,11 @@ def test_bundled_model_reproduces_its_card_s_validation_dice(task):
         assert result.volumes_ml[1] == pytest.approx((labels == 1).sum() * voxel_ml)
         reference = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", case + ".nii.gz")))
         scores.append(dice(labels == 1, reference == BTCV_LABELS[task]))
-    assert np.mean(scores) == pytest.approx(card.validation["dice"][organ.name], abs=0.005), scores
+    reported = card.validation["dice"][organ.name]
+    if card.training["validation_cases"]:
+        assert np.mean(scores) == pytest.approx(reported, abs=0.005), scores
+    else:
+        assert "trained on all" in card.validation["weights"] and np.mean(scores) >= reported - 0.005, scores
 
 
 def test_progress_reports_stages_and_ends_at_one(tiny_models_dir):

@@ -226,7 +226,8 @@ def test_cascade_cards_have_their_stages_and_the_trained_tumours(cascade):
     pancreas = modelcard.find_card("pancreas", cascade["models"])
     assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine", "pancreas-fine"]
     assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
-    assert pancreas.stages[2].blend_previous == 0.5 and liver.stages[2].blend_previous == 0.7
+    assert pancreas.stages[2].blend_previous == MODELS["pancreas-fine"]["blend_previous"]
+    assert liver.stages[2].blend_previous == MODELS["liver-fine"]["blend_previous"]
     # ... and the labels and training record of the last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
     assert pancreas.training["model"] == "pancreas-fine"
@@ -365,7 +366,8 @@ def test_a_whole_gland_label_scores_the_sum_of_the_merged_zones_not_their_split(
     # By hand: merged channels [background, PZ + TZ] = [0.8, 0.2], [0.1, 0.9] x3 against [0, 1, 1, 1].
     merged = torch.log(torch.tensor([[0.8, 0.1, 0.1, 0.1], [0.2, 0.9, 0.9, 0.9]])).reshape(1, 2, 4, 1, 1)
     plain = DiceCELoss()
-    assert float(split) == pytest.approx(float(plain(merged, torch.tensor([0, 1, 1, 1]).reshape(1, 1, 4, 1, 1))), abs=1e-5)
+    union = torch.tensor([0, 1, 1, 1]).reshape(1, 1, 4, 1, 1)
+    assert float(split) == pytest.approx(float(plain(merged, union)), abs=1e-5)
     # Less gland probability where the gland is: a larger loss.
     assert float(loss(logits([0.1, 0.2, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]), labels)) > float(split) + 0.1
     # In a batch, a fully labelled sample keeps the ordinary loss.
@@ -386,6 +388,14 @@ def test_fold_all_trains_on_every_case_and_exports(trained, tmp_path):
     card = modelcard.find_card("spleen", models)
     assert card.training["validation_cases"] == [] and len(card.training["training_cases"]) == 5
     assert card.training["steps"] == 2
+    # Its figures are the fold's, and the card says so.
+    metrics = str(tmp_path / "metrics.json")
+    with open(metrics, "w") as stream:
+        json.dump({"spleen": {"dice": {"Spleen": 0.5}, "cases": ["synth_00"]}}, stream)
+    assert cli.main(["export", "--model", "abdomen", "--out", out, "--fold", "all", "--models-dir", models,
+                     "--metrics", metrics]) == 0
+    validation = modelcard.find_card("spleen", models).validation
+    assert validation["dice"] == {"Spleen": 0.5} and "trained on all 5 labelled cases" in validation["weights"]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--model", "abdomen", "--fold", "some"])
 
@@ -404,9 +414,12 @@ def test_the_whole_gland_case_trains_through_the_merged_loss(prostate_data, tmp_
         assert set(np.unique(data["label"])) == {0, 3} and len(data["locations_3"])
     with np.load(os.path.join(out, "prostate", "cache", "prostate_10.npz")) as data:
         assert set(np.unique(data["label"])) == {0, 1, 2}
+    with open(os.path.join(out, "prostate", "plan.json")) as stream:
+        dataset = json.load(stream)["dataset"]
+    assert dataset["partly_labelled"] == ["prostate_18"] and dataset["excluded"] == []
 
 
-def test_pseudo_labels_join_the_labelled_cases_as_merged(trained, tmp_path, capsys):
+def test_pseudo_labels_join_the_labelled_cases_as_merged(trained, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(trained["data"], data)
     os.makedirs(data / "imagesTs")
@@ -418,7 +431,9 @@ def test_pseudo_labels_join_the_labelled_cases_as_merged(trained, tmp_path, caps
     with open(data / "dataset.json", "w") as stream:
         json.dump(meta, stream)
     out = str(tmp_path / "pseudo")
-    assert cli.main(["pseudo-labels", "--task", "spleen", "--data", str(data), "--out", out,
+    # A relative --data (as in the README's command): the new dataset still finds the source's files.
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pseudo-labels", "--task", "spleen", "--data", "data", "--out", out,
                      "--models-dir", trained["models"], "--device", "cpu"]) == 0
     derived, cases = read_dataset(out)
     assert derived["name"] == meta["name"] and derived["labels"] == meta["labels"]
@@ -669,7 +684,9 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     assert "liver tumour: no tumour in these organs" in liver["data"]
     painted = liver["synthetic_lesions"]
     assert set(painted["dice"]) == {"Liver", "Liver tumour"}
-    assert painted["lesions"]["Liver tumour"] >= 2              # at least one per case
+    by_size = painted["lesions_by_size"]["Liver tumour"]
+    assert sum(size["lesions"] for size in by_size.values()) >= 2   # at least one per case, of any size
+    assert painted["lesions"]["Liver tumour"] <= sum(size["lesions"] for size in by_size.values())
     assert 0 <= painted["lesion_sensitivity"]["Liver tumour"] <= 1
     assert "synthetic liver tumours painted in (seed 5, 1 round(s)" in painted["data"]
     # The same seed paints the same lesions: the same figures again (and the clean ones are kept).
@@ -677,6 +694,15 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     with open(metrics_json) as stream:
         again = json.load(stream)["liver"]
     assert again["synthetic_lesions"]["dice"] == painted["dice"] and again["dice"] == liver["dice"]
+    # Another dataset's figures go beside them under their own key; the main ones and the lesions' stay.
+    assert cli.main(["evaluate", "--task", "liver", "--metrics-key", "elsewhere", *common]) == 0
+    with open(metrics_json) as stream:
+        beside = json.load(stream)["liver"]
+    assert beside["elsewhere"]["dice"] == liver["dice"] and beside["dice"] == liver["dice"]
+    assert beside["synthetic_lesions"]["dice"] == painted["dice"]
+    assert cli.main(["evaluate", "--task", "liver", *common]) == 0    # the main figures again: both kept
+    with open(metrics_json) as stream:
+        assert set(json.load(stream)["liver"]) >= {"elsewhere", "synthetic_lesions"}
     # Two rounds: each case twice, with other lesions the second time.
     assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", "--lesion-rounds", "2", *common]) == 0
     assert "synth_02/1" in capsys.readouterr().out
@@ -909,8 +935,9 @@ def test_a_reformatted_image_in_a_ct_series_is_left_out(tmp_path):
     ct = np.random.default_rng(2).integers(-1000, 1000, (16, 16, 6)).astype(np.int16)
     write_dicom_series(ct, str(folder))
     reformat = sitk.GetImageFromArray(np.zeros((1, 16, 16), np.int16))
-    for tag, value in (("0008|0060", "CT"), ("0020|000e", sitk.ReadImage(str(folder / "image_0")).GetMetaData("0020|000e")),
-                       ("0020|0013", "99"), ("0020|0032", "-100\\-10\\60"), ("0020|0037", "1\\0\\0\\0\\0\\-1")):
+    series = sitk.ReadImage(str(folder / "image_0")).GetMetaData("0020|000e")
+    for tag, value in (("0008|0060", "CT"), ("0020|000e", series), ("0020|0013", "99"),
+                       ("0020|0032", "-100\\-10\\60"), ("0020|0037", "1\\0\\0\\0\\0\\-1")):
         reformat.SetMetaData(tag, value)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
