@@ -13,7 +13,6 @@ import dataclasses
 import zlib
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from MSDSegmentLib.errors import InputError
