@@ -230,11 +230,16 @@ def synthetic_tumour(card, model):
     return None
 
 
+def case_rng(case_id, seed):
+    """The lesions' random stream of one case and seed: the same every time, another for each case."""
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+
+
 def paint_lesions(image, reference, tumour, case_id, seed):
     """The CT with synthetic lesions in the reference organ (the same for a case id and seed every time),
     and the reference with them as the tumour label."""
     tumour_label, organ_label, config = tumour
-    rng = np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+    rng = case_rng(case_id, seed)
     painted, lesion = synthesise_lesions(to_array(image).astype(np.float32), reference == organ_label.value,
                                          image.GetSpacing(), rng, config)
     reference = reference.copy()

@@ -10,7 +10,6 @@ the models see, so unclipped real CT and clipped BTCV compare alike.
 """
 
 import dataclasses
-import zlib
 
 import numpy as np
 from scipy import ndimage
@@ -21,7 +20,7 @@ from MSDSegmentLib.postprocess import FULL_CONNECTIVITY
 from MSDSegmentLib.preprocessing import from_array, labels_to_canonical, to_array, to_canonical
 
 from .dataset import read_dataset
-from .evaluate import reference_on_grid
+from .evaluate import case_rng, reference_on_grid
 from .lesions import PRESETS, synthesise_lesions
 from .models import find_label
 
@@ -61,19 +60,24 @@ def edge_width_mm(image, lesion, organ, spacing):
     return float(crossings[1] - crossings[0])
 
 
+def organ_around(lesion, organ, spacing):
+    """The organ's voxels 5 to 15 mm from the lesion's edge: what its contrast is measured against."""
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    return organ & (distance >= SHELL_MM[0]) & (distance <= SHELL_MM[1])
+
+
 def measure_lesions(image_hu, label, spacing, organ_value, tumour_value):
     """One dict per lesion of `tumour_value` inside or beside the organ `organ_value`."""
     image = np.clip(image_hu.astype(np.float32), *WINDOW_HU)
     organ = label == organ_value
     components, count = ndimage.label(label == tumour_value, FULL_CONNECTIVITY)
     voxel_ml = float(np.prod(spacing)) / 1000
+    margin = np.ceil(SHELL_MM[1] / np.asarray(spacing)).astype(int) + 1
     rows = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
-        margin = np.ceil(SHELL_MM[1] / np.asarray(spacing)).astype(int) + 1
         box = tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(box, margin))
         lesion = components[box] == index
-        distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-        shell = organ[box] & (distance >= SHELL_MM[0]) & (distance <= SHELL_MM[1])
+        shell = organ_around(lesion, organ[box], spacing)
         if shell.sum() < 50:
             continue  # no organ around it to compare with
         inside, around = image[box][lesion], image[box][shell]
@@ -108,7 +112,7 @@ def synthetic_lesions(data, organ_name, preset, rounds, seed=0):
         label = reference_on_grid(case["label"], image, {organ: 1})
         hu = to_array(image).astype(np.float32)
         for round_ in range(rounds):
-            rng = np.random.default_rng([seed + round_, zlib.crc32(case["id"].encode())])
+            rng = case_rng(case["id"], seed + round_)
             painted, lesion = synthesise_lesions(hu, label == 1, image.GetSpacing(), rng, PRESETS[preset])
             rows += [{"case": f"{case['id']}/{round_}", **row} for row in
                      measure_lesions(painted, np.where(lesion, 2, label), image.GetSpacing(), 1, 2)]
@@ -126,9 +130,7 @@ def small_lesion_config(diameter_mm):
 
 def contrast_after(hu, lesion, organ, spacing):
     """Mean HU in the lesion minus the median of the organ 5-15 mm around it."""
-    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-    shell = organ & (distance >= SHELL_MM[0]) & (distance <= SHELL_MM[1])
-    return float(hu[lesion].mean() - np.median(hu[shell]))
+    return float(hu[lesion].mean() - np.median(hu[organ_around(lesion, organ, spacing)]))
 
 
 def resolution_rows(data, organ_name, spacings, diameter_mm, rounds, seed=0):
@@ -144,7 +146,7 @@ def resolution_rows(data, organ_name, spacings, diameter_mm, rounds, seed=0):
         organ = reference_on_grid(case["label"], image, {organ_value: 1}) == 1
         hu = np.clip(to_array(image).astype(np.float32), *WINDOW_HU)
         for round_ in range(rounds):
-            rng = np.random.default_rng([seed + round_, zlib.crc32(case["id"].encode())])
+            rng = case_rng(case["id"], seed + round_)
             painted, lesion = synthesise_lesions(hu, organ, image.GetSpacing(), rng, config)
             native = contrast_after(painted, lesion, organ, image.GetSpacing())
             mask_image = from_array(lesion.astype(np.uint8), image)
