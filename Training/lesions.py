@@ -60,7 +60,9 @@ class LesionConfig:
     deformation: tuple = (0.05, 0.25)        # RMS of the elastic displacement, as a fraction of the radius
     lobulation: tuple = (0.2, 0.35)          # ... of a lobulated lesion, whose bumps are a quarter radius wide
     confluent_lobes: tuple = (2, 4)          # lobes of a confluent lesion (the main one included), inclusive
-    mode_probabilities: tuple = (0.8, 0.1, 0.1)  # hypo-, iso-, hyper-attenuating
+    # hypo-, iso-, hyper-attenuating. A quarter hyper: HCC and hypervascular metastases enhance in the arterial
+    # phase, and users segment arterial as well as portal-venous CT (BTCV is portal-venous).
+    mode_probabilities: tuple = (0.6, 0.15, 0.25)
     hypo_contrast_hu: tuple = (20.0, 80.0)   # lesion mean this far below the parenchyma
     iso_contrast_hu: tuple = (8.0, 20.0)     # ... this far below or above (either sign): subtle, not invisible
     hyper_contrast_hu: tuple = (20.0, 60.0)  # ... this far above the parenchyma

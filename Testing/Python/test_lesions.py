@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from Training.lesions import (LIVER, PANCREAS, analyse_organ, apply_to_labels, parenchyma_statistics,
+from Training.lesions import (LIVER, MODES, PANCREAS, analyse_organ, apply_to_labels, parenchyma_statistics,
                               synthesise_lesions, synthesise_lesions_detailed)
 
 SPACING = (1.5, 1.5, 2.0)
@@ -176,8 +176,9 @@ def test_liver_default_is_mostly_hypo_attenuating(liver_phantom):
     for seed in range(30):
         _, _, lesions = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), LIVER)
         modes += [lesion.mode for lesion in lesions]
-    assert modes.count("hypo") / len(modes) > 0.6
-    assert {"iso", "hyper"} & set(modes), "some iso- or hyper-attenuating lesions too"
+    assert max(MODES, key=modes.count) == "hypo"
+    assert modes.count("hyper") / len(modes) > 0.1, "hyper-attenuating (arterial-phase) lesions too"
+    assert "iso" in modes
 
 
 def test_multifocal_lesions_occur_and_are_apart(liver_phantom):
