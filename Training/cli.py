@@ -69,6 +69,8 @@ def build_parser():
     evaluate.add_argument("--label-map", help="dataset value:task label pairs (default: by label name)")
     evaluate.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     evaluate.add_argument("--csv", help="write the per-case table here")
+    evaluate.add_argument("--lesions-csv", help="write every reference and false lesion here, with its volume and "
+                                                "the engine's confidence (to choose the tumours' minimum confidence)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                           help="the network's arithmetic (default fp32, the reference)")

@@ -110,6 +110,65 @@ def lesion_metrics(prediction, reference, min_voxels=0, voxel_ml=None):
     return metrics
 
 
+def lesion_records(prediction, reference, lesions, voxel_ml):
+    """Every reference lesion (detected or not, with the highest confidence and peak among the predicted lesions
+    that overlap it) and every predicted lesion that overlaps none (a false lesion), with its volume in mL.
+    `lesions`: the engine's list for the label (one voxel, confidence and peak of each kept lesion)."""
+    predicted_components, count = ndimage.label(prediction, FULL_CONNECTIVITY)
+    scores = {int(predicted_components[tuple(lesion["index"])]): (lesion.get("confidence", 1.0), lesion.get("peak", 1.0))
+              for lesion in lesions}
+    reference_components, references = ndimage.label(reference, FULL_CONNECTIVITY)
+    predicted_sizes = np.bincount(predicted_components.ravel(), minlength=count + 1)
+    records = []
+    for index in range(1, references + 1):
+        inside = reference_components == index
+        overlapping = set(np.unique(predicted_components[inside]).tolist()) - {0}
+        best = [max((scores.get(c, (1.0, 1.0))[i] for c in overlapping), default=0.0) for i in (0, 1)]
+        records.append({"kind": "reference", "volume_ml": float(inside.sum()) * voxel_ml,
+                        "detected": bool(overlapping), "confidence": best[0], "peak": best[1]})
+    touching = set(np.unique(predicted_components[reference]).tolist()) - {0}
+    for component in sorted(set(range(1, count + 1)) - touching):
+        confidence, peak = scores.get(component, (1.0, 1.0))
+        records.append({"kind": "false", "volume_ml": float(predicted_sizes[component]) * voxel_ml,
+                        "detected": True, "confidence": confidence, "peak": peak})
+    return records
+
+
+CONFIDENCE_STEPS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def confidence_sweep(records, volumes, statistic):
+    """[(minimum, measurable lesions (0.5 mL or more) still found, of how many, false lesions per volume)]
+    were lesions whose `statistic` ("confidence" or "peak") is below each minimum dropped."""
+    measurable = [r for r in records if r["kind"] == "reference" and r["volume_ml"] >= 0.5]
+    false = [r for r in records if r["kind"] == "false"]
+    return [(minimum, sum(r["detected"] and r[statistic] >= minimum for r in measurable), len(measurable),
+             sum(r[statistic] >= minimum for r in false) / volumes) for minimum in CONFIDENCE_STEPS]
+
+
+def log_confidence_sweep(rows, label_name, log):
+    mine = [row for row in rows if row["label"] == label_name and "lesion_records" in row]
+    if not mine:
+        return
+    records = [record for row in mine for record in row["lesion_records"]]
+    for statistic in ("confidence", "peak"):
+        log(f"{'':<16} {label_name}, lesions kept from a {statistic} of: " + "; ".join(
+            f"{minimum:.1f}: {found}/{total} found, {false:.2f} false"
+            for minimum, found, total, false in confidence_sweep(records, len(mine), statistic)))
+
+
+def write_lesions_csv(path, rows):
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["case", "label", "kind", "volume_ml", "detected", "confidence",
+                                                    "peak"])
+        writer.writeheader()
+        for row in rows:
+            for record in row.get("lesion_records", []):
+                writer.writerow({"case": row["case"], "label": row["label"], **record})
+    os.replace(temporary, path)
+
+
 def finite_mean(values):
     values = [v for v in values if math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
@@ -341,14 +400,16 @@ def update_metrics_json(path, task, entry, key=None):
 
 # ------------------------------------------------------------------------------------------------- run
 
-def healthy_row(case_id, label, predicted, min_voxels, voxel_ml):
+def healthy_row(case_id, label, predicted, min_voxels, voxel_ml, lesions=()):
     """A tumour label in an organ with no tumour (the dataset has no tumour label): Dice and distances are
     undefined, and every predicted tumour is a false lesion, counted by size."""
     undefined = dict.fromkeys(("dice", "hd95_mm", "reference_ml", "volume_error_ml", "volume_error_percent"),
                               math.nan)
+    nothing = np.zeros_like(predicted)
     return {"case": case_id, "label": label.name, "value": label.value, **undefined,
             "predicted_ml": float(predicted.sum()) * voxel_ml,
-            **lesion_metrics(predicted, np.zeros_like(predicted), min_voxels, voxel_ml)}
+            **lesion_metrics(predicted, nothing, min_voxels, voxel_ml),
+            "lesion_records": lesion_records(predicted, nothing, lesions, voxel_ml)}
 
 
 def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0, precision="fp32",
@@ -376,10 +437,11 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
         if label.kind == "tumour":  # real tumour labels, or synthetic lesions painted in
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml), voxel_ml))
+            row["lesion_records"] = lesion_records(predicted, referenced, quality.get("lesions", []), voxel_ml)
         rows.append(row)
     voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
     rows += [healthy_row(case["id"], label, prediction == label.value, min_tumour_voxels(result.card, voxel_ml),
-                         voxel_ml) for label in healthy]
+                         voxel_ml, result.quality.get(label.value, {}).get("lesions", [])) for label in healthy]
     return rows, result.device
 
 
@@ -439,11 +501,14 @@ def run_evaluation(args, log=print):
             log(f"{'':<16} {name} by size: " + "; ".join(
                 f"{size} {c['detected']} of {c['lesions']} found, {c['false_positives_per_volume']} false per volume"
                 for size, c in means["lesions_by_size"].items()))
+        log_confidence_sweep(rows, name, log)
         if means["hd95_undefined"]:
             log(f"{'':<16} {name}: HD95 undefined (organ missed, or found where the reference has none) in "
                 f"{means['hd95_undefined']} case(s), left out of its mean")
     if args.csv:
         write_csv(args.csv, rows, summary)
+    if getattr(args, "lesions_csv", None):
+        write_lesions_csv(args.lesions_csv, rows)
 
     dataset = meta.get("name", os.path.basename(os.path.normpath(args.data)))
     selection = (f"fold {args.fold} validation cases" if args.fold is not None

@@ -126,17 +126,19 @@ def foreground_box_on_input(probabilities, canonical, target):
     return lower, upper
 
 
-def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None):
+def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None, kept_values=()):
     """Argmax of linearly resampled probabilities on the input grid, slab by slab (bounded memory).
 
-    Returns the label array and the index box (slices) outside which every voxel is background, or None.
+    Returns the label array, the index box (slices) outside which every voxel is background, or None, and
+    {value: its probability over the box (float16)} for each of `kept_values`.
     Only the foreground classes are resampled: linear interpolation keeps the classes summing to one, so the
     background is one minus their sum (and one outside the canonical grid, where the others are zero)."""
     out = np.zeros(target.GetSize(), np.uint8)
     box = foreground_box_on_input(probabilities, canonical, target)
     if box is None:
-        return out, None
+        return out, None, {}
     lower, upper = box
+    kept = {value: np.zeros([int(b - a) for a, b in zip(lower, upper)], np.float16) for value in kept_values}
     images = [from_array(p.astype(np.float32), canonical) for p in probabilities[1:]]
     slab_voxels = int(np.prod(upper[:2] - lower[:2]))
     slab = max(1, CHUNK_BYTES // (4 * (len(images) + 1) * slab_voxels))
@@ -153,7 +155,9 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
         resampled = [sitk.GetArrayViewFromImage(image) for image in slabs]
         winners = channel_argmax([1.0 - np.sum(resampled, axis=0)] + resampled).transpose(2, 1, 0)
         out[lower[0]:upper[0], lower[1]:upper[1], z:top] = values[winners]
-    return out, tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
+        for value, probability in kept.items():
+            probability[:, :, z - lower[2]:top - lower[2]] = resampled[list(label_values).index(value)].transpose(2, 1, 0)
+    return out, tuple(slice(int(a), int(b)) for a, b in zip(lower, upper)), kept
 
 
 def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
@@ -371,12 +375,13 @@ def plausibility(cascade, card, target, box):
     return plausible_pieces(card, location_distances(cascade, card, target, box))
 
 
-def segment_quality(card, probabilities, label_array, box, distances, voxel_ml):
+def segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions=None):
     """How far to trust each segment. confidence: the mean probability of the label over the voxels the network
     gave it (on its own grid); location_distance: Mahalanobis distance of the segment's centroid from where the
     organ lies. A segment is to be checked when its confidence is below the card's calibrated minimum, when it
     lies away from where its organ lies, when an organ's volume is less than half the smallest or more than twice
-    the largest in the training labels, or when an organ is not found at all."""
+    the largest in the training labels, or when an organ is not found at all. A tumour's entry also lists its
+    lesions (postprocess), largest first."""
     winners = channel_argmax(probabilities)
     minimum = card.quality.get("min_confidence", 0.0)
     quality = {}
@@ -400,6 +405,9 @@ def segment_quality(card, probabilities, label_array, box, distances, voxel_ml):
                            f"{label.volume_ml[1]:.0f} mL)")
         quality[label.value] = {"confidence": confidence, "location_distance": distance, "check": bool(reasons),
                                 "reasons": reasons}
+        if label.kind == "tumour":
+            quality[label.value]["lesions"] = sorted((lesions or {}).get(label.value, []),
+                                                     key=lambda lesion: -lesion["volume_ml"])
     return quality
 
 
@@ -409,14 +417,19 @@ def task_labels(cascade, card, target, keep_largest, report):
     probabilities, canonical = cascade.last_stage(card, report)
     report(0.8, "Resampling to the input grid")
     probabilities = task_probabilities(probabilities, card.stages[-1], card)
-    label_array, box = labels_on_input_grid(probabilities, canonical, target,
-                                            [label.value for label in card.trained_labels], cascade.cancel)
+    tumours = [label.value for label in card.trained_labels if label.kind == "tumour"]
+    label_array, box, tumour_probabilities = labels_on_input_grid(
+        probabilities, canonical, target, [label.value for label in card.trained_labels], cascade.cancel, tumours)
     report(0.9, "Post-processing")
     distances = location_distances(cascade, card, target, box) if box is not None else {}
+    lesions = {}
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
-        postprocess(label_array[box], card, target.GetSpacing(), keep_largest, plausible_pieces(card, distances))
+        lesions = postprocess(label_array[box], card, target.GetSpacing(), keep_largest,
+                              plausible_pieces(card, distances), tumour_probabilities)
+        for lesion in (lesion for found in lesions.values() for lesion in found):
+            lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])]
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
-    return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml)
+    return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions)
 
 
 def combined_labels(cascade, card, target, keep_largest, report):

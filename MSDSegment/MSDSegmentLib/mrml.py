@@ -432,7 +432,12 @@ def quality_text(entry):
     if entry.get("check"):
         return "check this segment: " + "; ".join(entry.get("reasons", []))
     confidence = entry.get("confidence")
-    return f"confidence {confidence:.2f}" if confidence is not None else ""
+    text = f"confidence {confidence:.2f}" if confidence is not None else ""
+    lesions = entry.get("lesions")
+    if lesions:
+        count = f"{len(lesions)} lesion" + ("s" if len(lesions) > 1 else "")
+        text += ("; " if text else "") + f"{count}, largest {lesions[0]['volume_ml']:.1f} mL"
+    return text
 
 
 def default_input_volume(scene):

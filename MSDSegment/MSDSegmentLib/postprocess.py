@@ -1,5 +1,5 @@
 """Post-processing of the label map on the input grid: the largest cluster of components per organ,
-tumours kept only where they touch their organ and exceed a minimum volume."""
+tumours kept only where they touch their organ and exceed a minimum volume and confidence."""
 
 import numpy as np
 
@@ -61,27 +61,45 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     crop[mask & (clusters != chosen)] = 0
 
 
-def filter_tumours(labels, tumour, organ, min_voxels):
-    """Drop tumour components that do not touch the organ or are smaller than `min_voxels` (in place).
+def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0):
+    """Drop tumour components that do not touch the organ, are smaller than `min_voxels`, or (given the tumour
+    `probability` on the same grid) whose mean probability is below `min_confidence` (in place).
 
-    A speck too small to keep that touches the organ becomes organ (no hole in it); one away from
-    the organ becomes background.
+    A component dropped for its size or confidence becomes organ (no hole in it); one away from the organ
+    becomes background. Returns the kept components: [{"voxels", "index": one voxel of it, and with a
+    probability "confidence": its mean probability, "peak": its largest}].
     """
     from scipy import ndimage
 
     box = bounding_box(labels == tumour, margin=2)
     if box is None:
-        return
+        return []
     crop = labels[box]
     components, count = ndimage.label(crop == tumour, FULL_CONNECTIVITY)
-    near_organ = ndimage.binary_dilation(crop == organ, FULL_CONNECTIVITY)
-    for index in range(1, count + 1):
-        component = components == index
-        touches_organ = np.any(near_organ & component)
-        if not touches_organ:
-            crop[component] = 0
-        elif component.sum() < min_voxels:
-            crop[component] = organ
+    numbers = np.arange(1, count + 1)
+    voxels = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    touches_organ = ndimage.maximum(ndimage.binary_dilation(crop == organ, FULL_CONNECTIVITY), components, numbers)
+    lesions = [{"voxels": int(n)} for n in voxels]
+    if probability is not None:
+        inside = probability[box].astype(np.float32)
+        for lesion, mean, peak in zip(lesions, ndimage.mean(inside, components, numbers),
+                                      ndimage.maximum(inside, components, numbers)):
+            lesion.update(confidence=round(float(mean), 4), peak=round(float(peak), 4))
+    starts = [part.start for part in box]
+    for lesion, position in zip(lesions, ndimage.maximum_position(components > 0, components, numbers)):
+        lesion["index"] = [int(a + b) for a, b in zip(starts, position)]
+    becomes = np.zeros(count + 1, np.int16)  # per component: -1 stays tumour, else the value it becomes
+    kept = []
+    for number, lesion, touches in zip(numbers, lesions, np.atleast_1d(touches_organ)):
+        confident = lesion.get("confidence", 1.0) >= min_confidence
+        if touches and lesion["voxels"] >= min_voxels and confident:
+            becomes[number] = -1
+            kept.append(lesion)
+        else:
+            becomes[number] = organ if touches else 0
+    changed = (components > 0) & (becomes[components] >= 0)
+    crop[changed] = becomes[components][changed]
+    return kept
 
 
 def min_tumour_voxels(card, voxel_ml):
@@ -89,17 +107,24 @@ def min_tumour_voxels(card, voxel_ml):
     return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
 
 
-def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None):
+def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None):
     """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
-    `plausibility`: {label value: index centroid -> bool} for the organs whose place is known."""
+    `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
+    `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule.
+    Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL}."""
     settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
         if label.kind == "organ" and keep_largest and settings.get("keep_largest", True):
             keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm,
                                  (plausibility or {}).get(label.value))
+    lesions = {}
     for label in card.trained_labels:
         if label.kind == "tumour":
             organ = next(o.value for o in card.labels if o.name == label.organ)
-            filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml))
-    return labels
+            lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
+                                                  (tumour_probabilities or {}).get(label.value),
+                                                  settings.get("min_tumour_confidence", 0.0))
+            for lesion in lesions[label.value]:
+                lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
+    return lesions

@@ -1,6 +1,7 @@
 """Post-processing rules on hand-made label maps."""
 
 import numpy as np
+import pytest
 
 from MSDSegmentLib.modelcard import Label, ModelCard
 from MSDSegmentLib.postprocess import filter_tumours, keep_largest_cluster, postprocess
@@ -58,6 +59,25 @@ def test_tumours_away_from_the_organ_or_too_small_are_dropped():
     assert (labels[19:21, 10:12, 10:12] == 2).all()
     assert (labels[25:28, 25:28, 25:28] == 0).all()
     assert labels[14, 14, 14] == 1
+
+
+def test_tumours_below_the_minimum_confidence_become_organ_and_the_kept_ones_are_listed():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 1
+    probability = np.zeros(labels.shape, np.float32)
+    labels[7:11, 7:11, 7:11] = 2            # a confident lesion (mean 0.9, peak 0.95)
+    probability[7:11, 7:11, 7:11] = 0.9
+    probability[8, 8, 8] = 0.95
+    labels[15:19, 15:19, 15:19] = 2         # a doubtful one (mean 0.55)
+    probability[15:19, 15:19, 15:19] = 0.55
+    kept = filter_tumours(labels, 2, 1, min_voxels=8, probability=probability, min_confidence=0.7)
+    assert (labels[15:19, 15:19, 15:19] == 1).all() and (labels[7:11, 7:11, 7:11] == 2).all()
+    assert len(kept) == 1 and kept[0]["voxels"] == 64
+    assert kept[0]["confidence"] == pytest.approx(0.9, abs=0.01) and kept[0]["peak"] == pytest.approx(0.95)
+    assert labels[tuple(kept[0]["index"])] == 2  # a voxel of the lesion, on the whole array's grid
+    # Without a minimum both are kept and listed.
+    labels[15:19, 15:19, 15:19] = 2
+    assert len(filter_tumours(labels, 2, 1, min_voxels=8, probability=probability)) == 2
 
 
 def test_postprocess_applies_the_card_rules_with_the_voxel_volume():

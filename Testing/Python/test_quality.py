@@ -35,11 +35,24 @@ def test_every_segment_gets_a_confidence_and_the_summary_records_it(tmp_path, ti
     with open(str(tmp_path / "out.json"), encoding="utf-8") as stream:
         quality = json.load(stream)["quality"]
     assert set(quality) == {"Liver", "Liver tumour"}
-    for entry in quality.values():
-        assert set(entry) == {"confidence", "location_distance", "check", "reasons"}
+    for name, entry in quality.items():
+        assert set(entry) == {"confidence", "location_distance", "check", "reasons"} | ({"lesions"} if "tumour" in name
+                                                                                        else set())
         assert entry["check"] == bool(entry["reasons"])
+    # Each tumour lesion kept: its volume, confidence and one of its voxels, largest first.
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(output)).transpose(2, 1, 0)
+    lesions = quality["Liver tumour"]["lesions"]
+    assert len(lesions) == len(set(tuple(lesion["index"]) for lesion in lesions))
+    for lesion in lesions:
+        assert labels[tuple(lesion["index"])] == 2 and 0 < lesion["confidence"] <= lesion["peak"] <= 1
+    assert [lesion["volume_ml"] for lesion in lesions] == sorted((lesion["volume_ml"] for lesion in lesions), reverse=True)
+    assert sum(lesion["volume_ml"] for lesion in lesions) == pytest.approx(
+        json.load(open(str(tmp_path / "out.json")))["volumes_ml"]["Liver tumour"], abs=0.01)
     assert quality_text({"check": True, "reasons": ["not found"]}) == "check this segment: not found"
     assert quality_text({"check": False, "reasons": [], "confidence": 0.934}) == "confidence 0.93"
+    assert quality_text({"check": False, "reasons": [], "confidence": 0.81, "lesions": [
+        {"volume_ml": 12.44, "confidence": 0.9}, {"volume_ml": 1.2, "confidence": 0.7}]}) == \
+        "confidence 0.81; 2 lesions, largest 12.4 mL"
 
 
 def bundled_case(name):

@@ -674,9 +674,15 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     common = ["--data", cascade["data"], "--models-dir", cascade["models"], "--device", "cpu",
               "--metrics-json", metrics_json, "--cases", "synth_00,synth_02"]
     assert cli.main(["evaluate", "--task", "liver", *common]) == 0
-    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", *common]) == 0
+    lesions_csv = str(tmp_path / "lesions.csv")
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", "--lesions-csv", lesions_csv, *common]) == 0
     out = capsys.readouterr().out
     assert "Liver tumour" in out and "synthetic lesions, sensitivity" in out
+    assert "Liver tumour, lesions kept from a confidence of: 0.0:" in out
+    with open(lesions_csv) as stream:
+        records = list(csv.DictReader(stream))
+    assert sum(r["kind"] == "reference" for r in records) >= 2
+    assert all(0 <= float(r["confidence"]) <= 1 and r["case"] in ("synth_00", "synth_02") for r in records)
     with open(metrics_json) as stream:
         liver = json.load(stream)["liver"]
     assert set(liver["dice"]) == {"Liver"}                      # clean cases: no tumour to score ...
@@ -722,6 +728,27 @@ def test_lesion_wise_counts():
     # Lesions below the smallest tumour post-processing keeps (the 8-voxel one here) are not counted.
     assert lesion_metrics(prediction, reference, min_voxels=10) == \
         {"lesions": 2, "detected_lesions": 1, "false_positive_lesions": 1}
+
+
+def test_lesion_records_and_the_confidence_sweep():
+    """Reference lesions of 1.0 and 0.3 mL (1 mm voxels): the first found by a lesion of confidence 0.9, the
+    second missed; a false lesion of confidence 0.6. Dropping lesions below 0.7 removes the false one only."""
+    from Training.evaluate import confidence_sweep, lesion_records
+    reference = np.zeros((40, 40, 40), bool)
+    prediction = np.zeros_like(reference)
+    reference[0:10, 0:10, 0:10] = True
+    prediction[2:8, 2:8, 2:8] = True
+    reference[20:30, 20:30, 20:23] = True
+    prediction[30:35, 0:5, 0:5] = True
+    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97}, {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8}]
+    records = lesion_records(prediction, reference, lesions, voxel_ml=0.001)
+    assert [(r["kind"], r["detected"], r["confidence"]) for r in records] == \
+        [("reference", True, 0.9), ("reference", False, 0.0), ("false", True, 0.6)]
+    assert records[0]["volume_ml"] == pytest.approx(1.0) and records[2]["volume_ml"] == pytest.approx(0.125)
+    sweep = dict((minimum, (found, total, false)) for minimum, found, total, false in
+                 confidence_sweep(records, volumes=2, statistic="confidence"))
+    assert sweep[0.0] == (1, 1, 0.5) and sweep[0.7] == (1, 1, 0.0) and sweep[0.9] == (1, 1, 0.0)
+    assert confidence_sweep(records, 2, "peak")[-1][1:] == (1, 1, 0.0)   # peak 0.97 >= 0.9; 0.8 < 0.9
 
 
 def test_lesions_are_counted_by_size():
