@@ -88,6 +88,13 @@ class LesionConfig:
     mass_effect_strength: tuple = (0.05, 0.2)  # outward push at the lesion surface, fraction of the radius
     mass_effect_reach: float = 2.5           # no displacement beyond this many radii from the centre
     mass_effect_edge_mm: float = 6.0         # displacement ramps from zero at the organ edge over this depth
+    # Training only: the organ enhanced as another phase or patient shows it (vary_enhancement), in this share of
+    # the patches that hold it: one offset for the whole organ (a poorly enhanced or arterial-phase liver is
+    # 30-50 HU darker than a portal-venous one) plus a smooth field (uneven perfusion, a darker rim).
+    enhancement_probability: float = 0.3
+    enhancement_offset_hu: tuple = (-45.0, 15.0)
+    enhancement_field_hu: tuple = (0.0, 15.0)  # std of the field ...
+    enhancement_field_scale_mm: float = 30.0  # ... and its correlation length
     hu_window: tuple = (-125.0, 275.0)       # BTCV was clipped to this window; None keeps any value
     placement_grid_mm: float = 4.0           # resolution of the placement distance maps
 
@@ -99,6 +106,7 @@ LIVER = LesionConfig()
 PANCREAS = LesionConfig(
     count_probabilities=(0.85, 0.15), radius_mm=(4.0, 30.0), multifocal_probability=0.0,
     shape_probabilities=(0.6, 0.35, 0.05), necrosis_probability=0.1, mode_probabilities=(0.85, 0.1, 0.05),
+    enhancement_probability=0.0,  # not yet trained with it
     hypo_contrast_hu=(20.0, 60.0), hyper_contrast_hu=(20.0, 50.0), rim_probability=0.1,
     edge_margin_mm=2.0, depth_fraction=0.3, vessel_margin_mm=3.0, vessel_clearance_fraction=0.3)
 PRESETS = {"liver": LIVER, "pancreas": PANCREAS}
@@ -183,6 +191,23 @@ def analyse_organ(image_hu, organ_mask, spacing_mm, config=LIVER):
     statistics = parenchyma_statistics(image_hu[box], organ[box], config)
     grid = _PlacementGrid(image_hu[box], organ[box], spacing, statistics, config)
     return OrganAnalysis(organ.shape, spacing, config, box, statistics, grid)
+
+
+def vary_enhancement(image_hu, organ_mask, spacing_mm, rng, config=LIVER):
+    """A copy of the image with the organ enhanced otherwise: its HU shifted by one offset plus a smooth field
+    (config.enhancement_*), the edge softened over a voxel. Teaches the network that an unusually enhanced organ,
+    or part of one, is still organ, not tumour."""
+    out = np.array(image_hu, dtype=np.float32, copy=True)
+    if not organ_mask.any():
+        return out
+    box = tuple(slice(max(part.start - 1, 0), part.stop + 1) for part in _bounding_box(organ_mask))
+    weight = ndimage.gaussian_filter(organ_mask[box].astype(np.float32), 0.7, truncate=1.5)  # reaches one voxel
+    sigma_points = config.enhancement_field_scale_mm / np.asarray(spacing_mm, float)
+    field = _smooth_noise(rng, weight.shape, sigma_points) * rng.uniform(*config.enhancement_field_hu)
+    out[box] += weight * (rng.uniform(*config.enhancement_offset_hu) + field)
+    if config.hu_window is not None:
+        np.clip(out, *config.hu_window, out=out)
+    return out
 
 
 def _bounding_box(mask):
@@ -611,6 +636,15 @@ class TrainingLesions:
             return None
         weights = np.array([weight for _, weight in pairs])
         return pairs[rng.choice(len(pairs), p=weights / weights.sum())][0]
+
+    def vary_enhancement(self, image, label, rng):
+        """Change each organ's enhancement (vary_enhancement) with its preset's probability, in place."""
+        for organ_class, _, config in self.entries:
+            organ = label == organ_class
+            if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= config.enhancement_probability:
+                continue
+            hu = image[0] * self.std + self.mean
+            image[0] = (vary_enhancement(hu, organ, self.spacing, rng, config) - self.mean) / self.std
 
     def __call__(self, image, label, rng, probability=None, organs=None):
         """Paint lesions into each organ (or only those in `organs`) with the plan's probability."""

@@ -134,6 +134,7 @@ class PatchSampler:
                 return drawn
         image, label = crop(case["image"], case["label"], self._centre(case), self._context_size())
         if self.lesions:
+            self.lesions.vary_enhancement(image, label[0], self.rng)
             self.lesions(image, label[0], self.rng)
         return image, label
 

@@ -494,3 +494,42 @@ def test_resolution_check_counts_voxels_and_contrast_of_small_lesions(btcv, tmp_
     for a, b in zip(fine, coarse):
         assert a["voxels"] > 4 * b["voxels"] and a["retained"] > 0.7
         assert a["retained"] >= b["retained"] - 0.05
+
+
+def test_vary_enhancement_shifts_the_organ_smoothly_and_nothing_far_from_it(liver_phantom):
+    from Training.lesions import vary_enhancement
+    image, organ, _ = liver_phantom
+    offsets = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        varied = vary_enhancement(image, organ, SPACING, rng, LIVER)
+        change = varied - image
+        far = ~ndimage.binary_dilation(organ, np.ones((3, 3, 3), bool))
+        assert np.abs(change[far]).max() == 0, "only the organ and its edge change"
+        inside = ndimage.binary_erosion(organ, iterations=2)
+        offsets.append(float(np.median(change[inside])))
+        # Smooth: neighbouring voxels inside differ by far less than the field's range.
+        assert np.abs(np.diff(change, axis=0)[inside[1:] & inside[:-1]]).max() < 5
+        assert image is not varied and varied.max() <= LIVER.hu_window[1]
+    low, high = LIVER.enhancement_offset_hu
+    assert min(offsets) < -20 and max(offsets) > 0 and low - 20 < min(offsets) and max(offsets) < high + 20
+
+
+def test_training_patches_vary_the_liver_enhancement_but_validation_cases_do_not():
+    from Training.lesions import TrainingLesions
+    plan = {"classes": ["background", "liver", "liver tumour"], "spacing": list(SPACING),
+            "synthetic_lesions": {"liver tumour": {"organ": "liver", "preset": "liver"}},
+            "lesion_probability": 0.0, "normalisation": {"mean": 100.0, "std": 50.0}}
+    lesions = TrainingLesions(plan)
+    image, organ, _ = phantom(seed=3)
+    normalised = ((image - 100.0) / 50.0)[None]
+    label = organ.astype(np.uint8)
+    changed = 0
+    for seed in range(20):
+        varied = normalised.copy()
+        lesions.vary_enhancement(varied, label, np.random.default_rng(seed))
+        changed += not np.allclose(varied, normalised)
+    assert 2 <= changed <= 12      # about 30 % of patches
+    unchanged = normalised.copy()  # painting lesions alone (what validation cases get) keeps the parenchyma
+    lesions(unchanged, label.copy(), np.random.default_rng(0), probability=0.0)
+    assert np.array_equal(unchanged, normalised)

@@ -80,6 +80,22 @@ def test_tumours_below_the_minimum_confidence_become_organ_and_the_kept_ones_are
     assert len(filter_tumours(labels, 2, 1, min_voxels=8, probability=probability)) == 2
 
 
+def test_postprocess_applies_the_card_s_minimum_lesion_confidence_and_lists_the_lesions_in_millilitres():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 1
+    labels[7:9, 7:9, 7:9] = labels[15:17, 15:17, 15:17] = 2       # 8 voxels of 1 mL each
+    probability = np.zeros(labels.shape, np.float32)
+    probability[7:9, 7:9, 7:9], probability[15:17, 15:17, 15:17] = 0.8, 0.5
+    strict = card()
+    strict.postprocessing["min_tumour_confidence"] = 0.6
+    lesions = postprocess(labels, strict, (10.0, 10.0, 10.0), tumour_probabilities={2: probability})
+    assert (labels[15:17, 15:17, 15:17] == 1).all() and (labels[7:9, 7:9, 7:9] == 2).all()
+    assert [lesion["volume_ml"] for lesion in lesions[2]] == [8.0]
+    # Without probabilities (or without the setting) no lesion is dropped for its confidence.
+    labels[15:17, 15:17, 15:17] = 2
+    assert len(postprocess(labels, strict, (10.0, 10.0, 10.0))[2]) == 2
+
+
 def test_postprocess_applies_the_card_rules_with_the_voxel_volume():
     labels = np.zeros((30, 30, 30), np.uint8)
     labels[5:20, 5:20, 5:20] = 1
