@@ -115,8 +115,8 @@ def lesion_records(prediction, reference, lesions, voxel_ml):
     that overlap it) and every predicted lesion that overlaps none (a false lesion), with its volume in mL.
     `lesions`: the engine's list for the label (one voxel, confidence and peak of each kept lesion)."""
     predicted_components, count = ndimage.label(prediction, FULL_CONNECTIVITY)
-    scores = {int(predicted_components[tuple(lesion["index"])]): (lesion.get("confidence", 1.0), lesion.get("peak", 1.0))
-              for lesion in lesions}
+    scores = {int(predicted_components[tuple(lesion["index"])]):
+              (lesion.get("confidence", 1.0), lesion.get("peak", 1.0)) for lesion in lesions}
     reference_components, references = ndimage.label(reference, FULL_CONNECTIVITY)
     predicted_sizes = np.bincount(predicted_components.ravel(), minlength=count + 1)
     records = []

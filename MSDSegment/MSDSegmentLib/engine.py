@@ -156,7 +156,8 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
         winners = channel_argmax([1.0 - np.sum(resampled, axis=0)] + resampled).transpose(2, 1, 0)
         out[lower[0]:upper[0], lower[1]:upper[1], z:top] = values[winners]
         for value, probability in kept.items():
-            probability[:, :, z - lower[2]:top - lower[2]] = resampled[list(label_values).index(value)].transpose(2, 1, 0)
+            channel = resampled[list(label_values).index(value)]
+            probability[:, :, z - lower[2]:top - lower[2]] = channel.transpose(2, 1, 0)
     return out, tuple(slice(int(a), int(b)) for a, b in zip(lower, upper)), kept
 
 

@@ -45,7 +45,8 @@ def test_every_segment_gets_a_confidence_and_the_summary_records_it(tmp_path, ti
     assert len(lesions) == len(set(tuple(lesion["index"]) for lesion in lesions))
     for lesion in lesions:
         assert labels[tuple(lesion["index"])] == 2 and 0 < lesion["confidence"] <= lesion["peak"] <= 1
-    assert [lesion["volume_ml"] for lesion in lesions] == sorted((lesion["volume_ml"] for lesion in lesions), reverse=True)
+    volumes = [lesion["volume_ml"] for lesion in lesions]
+    assert volumes == sorted(volumes, reverse=True)
     assert sum(lesion["volume_ml"] for lesion in lesions) == pytest.approx(
         json.load(open(str(tmp_path / "out.json")))["volumes_ml"]["Liver tumour"], abs=0.01)
     assert quality_text({"check": True, "reasons": ["not found"]}) == "check this segment: not found"

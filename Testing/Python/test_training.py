@@ -675,7 +675,8 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
               "--metrics-json", metrics_json, "--cases", "synth_00,synth_02"]
     assert cli.main(["evaluate", "--task", "liver", *common]) == 0
     lesions_csv = str(tmp_path / "lesions.csv")
-    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", "--lesions-csv", lesions_csv, *common]) == 0
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-lesions", "5", "--lesions-csv", lesions_csv,
+                     *common]) == 0
     out = capsys.readouterr().out
     assert "Liver tumour" in out and "synthetic lesions, sensitivity" in out
     assert "Liver tumour, lesions kept from a confidence of: 0.0:" in out
@@ -740,7 +741,8 @@ def test_lesion_records_and_the_confidence_sweep():
     prediction[2:8, 2:8, 2:8] = True
     reference[20:30, 20:30, 20:23] = True
     prediction[30:35, 0:5, 0:5] = True
-    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97}, {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8}]
+    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97},
+               {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8}]
     records = lesion_records(prediction, reference, lesions, voxel_ml=0.001)
     assert [(r["kind"], r["detected"], r["confidence"]) for r in records] == \
         [("reference", True, 0.9), ("reference", False, 0.0), ("false", True, 0.6)]
