@@ -97,8 +97,9 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
             kept.append(lesion)
         else:
             becomes[number] = organ if touches else 0
-    changed = (components > 0) & (becomes[components] >= 0)
-    crop[changed] = becomes[components][changed]
+    outcome = becomes[components]
+    changed = (components > 0) & (outcome >= 0)
+    crop[changed] = outcome[changed]
     return kept
 
 
