@@ -35,6 +35,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from MSDSegmentLib.postprocess import bounding_box
+
 SHAPE_GRID = 24        # smooth fields (deformation, distance, mass effect) are evaluated on <= 24 points an axis
 ALPHA_CUTOFF = 0.01    # blending weights below this are dropped, so the changed region stays compact
 WATER_HU = 0.0
@@ -198,9 +200,9 @@ def vary_enhancement(image_hu, organ_mask, spacing_mm, rng, config=LIVER):
     (config.enhancement_*), the edge softened over a voxel. Teaches the network that an unusually enhanced organ,
     or part of one, is still organ, not tumour."""
     out = np.array(image_hu, dtype=np.float32, copy=True)
-    if not organ_mask.any():
+    box = bounding_box(organ_mask, margin=1)
+    if box is None:
         return out
-    box = tuple(slice(max(part.start - 1, 0), part.stop + 1) for part in _bounding_box(organ_mask))
     weight = ndimage.gaussian_filter(organ_mask[box].astype(np.float32), 0.7, truncate=1.5)  # reaches one voxel
     sigma_points = config.enhancement_field_scale_mm / np.asarray(spacing_mm, float)
     field = _smooth_noise(rng, weight.shape, sigma_points) * rng.uniform(*config.enhancement_field_hu)
@@ -637,6 +639,12 @@ class TrainingLesions:
         weights = np.array([weight for _, weight in pairs])
         return pairs[rng.choice(len(pairs), p=weights / weights.sum())][0]
 
+    def _write_back(self, image, hu, new_hu):
+        """Normalise the voxels `new_hu` changed into image[0]; only those: the HU round trip is not exact in
+        float32."""
+        changed = new_hu != hu
+        image[0][changed] = (new_hu[changed] - self.mean) / self.std
+
     def vary_enhancement(self, image, label, rng):
         """Change each organ's enhancement (vary_enhancement) with its preset's probability, in place."""
         for organ_class, _, config in self.entries:
@@ -644,7 +652,7 @@ class TrainingLesions:
             if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= config.enhancement_probability:
                 continue
             hu = image[0] * self.std + self.mean
-            image[0] = (vary_enhancement(hu, organ, self.spacing, rng, config) - self.mean) / self.std
+            self._write_back(image, hu, vary_enhancement(hu, organ, self.spacing, rng, config))
 
     def __call__(self, image, label, rng, probability=None, organs=None):
         """Paint lesions into each organ (or only those in `organs`) with the plan's probability."""
@@ -657,6 +665,5 @@ class TrainingLesions:
                 continue
             hu = image[0] * self.std + self.mean
             painted, lesion = synthesise_lesions(hu, organ, self.spacing, rng, config)
-            changed = painted != hu  # write back only these: the HU round trip is not exact in float32
-            image[0][changed] = (painted[changed] - self.mean) / self.std
+            self._write_back(image, hu, painted)
             label[...] = apply_to_labels(label, organ_class, tumour_class, lesion)
