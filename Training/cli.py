@@ -50,6 +50,8 @@ def build_parser():
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--val-every", type=int, default=250)
     train.add_argument("--time-limit", type=float, default=0, help="minutes; stop cleanly (resumable) after that")
+    train.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+                       help="stop cleanly (resumable) at this step; the learning rate still follows --steps")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--init-from", help="start from exported weights (.pt), e.g. on a new machine")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

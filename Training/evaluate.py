@@ -112,25 +112,31 @@ def lesion_metrics(prediction, reference, min_voxels=0, voxel_ml=None):
 
 def lesion_records(prediction, reference, lesions, voxel_ml):
     """Every reference lesion (detected or not, with the highest confidence and peak among the predicted lesions
-    that overlap it) and every predicted lesion that overlaps none (a false lesion), with its volume in mL.
-    `lesions`: the engine's list for the label (one voxel, confidence and peak of each kept lesion)."""
+    that overlap it, and the contrast of the most confident of them) and every predicted lesion that overlaps
+    none (a false lesion), with its volume in mL. `lesions`: the engine's list for the label (one voxel,
+    confidence, peak and contrast of each kept lesion)."""
     predicted_components, count = ndimage.label(prediction, FULL_CONNECTIVITY)
-    scores = {int(predicted_components[tuple(lesion["index"])]):
-              (lesion.get("confidence", 1.0), lesion.get("peak", 1.0)) for lesion in lesions}
+    found = {int(predicted_components[tuple(lesion["index"])]): lesion for lesion in lesions}
+
+    def measures(components):
+        known = [found.get(c, {}) for c in components]
+        best = max(known, key=lambda lesion: lesion.get("confidence", 1.0), default={})
+        return {"confidence": max((k.get("confidence", 1.0) for k in known), default=0.0),
+                "peak": max((k.get("peak", 1.0) for k in known), default=0.0),
+                "contrast": best.get("contrast", math.nan)}
+
     reference_components, references = ndimage.label(reference, FULL_CONNECTIVITY)
     predicted_sizes = np.bincount(predicted_components.ravel(), minlength=count + 1)
     records = []
     for index in range(1, references + 1):
         inside = reference_components == index
-        overlapping = set(np.unique(predicted_components[inside]).tolist()) - {0}
-        best = [max((scores.get(c, (1.0, 1.0))[i] for c in overlapping), default=0.0) for i in (0, 1)]
+        overlapping = sorted(set(np.unique(predicted_components[inside]).tolist()) - {0})
         records.append({"kind": "reference", "volume_ml": float(inside.sum()) * voxel_ml,
-                        "detected": bool(overlapping), "confidence": best[0], "peak": best[1]})
+                        "detected": bool(overlapping), **measures(overlapping)})
     touching = set(np.unique(predicted_components[reference]).tolist()) - {0}
     for component in sorted(set(range(1, count + 1)) - touching):
-        confidence, peak = scores.get(component, (1.0, 1.0))
         records.append({"kind": "false", "volume_ml": float(predicted_sizes[component]) * voxel_ml,
-                        "detected": True, "confidence": confidence, "peak": peak})
+                        "detected": True, **measures([component])})
     return records
 
 
@@ -161,7 +167,7 @@ def write_lesions_csv(path, rows):
     temporary = path + ".tmp"
     with open(temporary, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=["case", "label", "kind", "volume_ml", "detected", "confidence",
-                                                    "peak"])
+                                                    "peak", "contrast"])
         writer.writeheader()
         for row in rows:
             for record in row.get("lesion_records", []):

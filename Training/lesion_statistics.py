@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from MSDSegmentLib.errors import InputError
 from MSDSegmentLib.imageio import read_image
-from MSDSegmentLib.postprocess import FULL_CONNECTIVITY
+from MSDSegmentLib.postprocess import FULL_CONNECTIVITY, lesion_contrast, organ_around, shell_margin
 from MSDSegmentLib.preprocessing import from_array, labels_to_canonical, to_array, to_canonical
 
 from .dataset import read_dataset
@@ -25,7 +25,6 @@ from .lesions import PRESETS, synthesise_lesions
 from .models import find_label
 
 WINDOW_HU = (-125.0, 275.0)
-SHELL_MM = (5.0, 15.0)
 EDGE_MIN_ML = 2.0
 PROFILE_MM = np.arange(-6.0, 6.01, 0.5)
 
@@ -60,29 +59,23 @@ def edge_width_mm(image, lesion, organ, spacing):
     return float(crossings[1] - crossings[0])
 
 
-def organ_around(lesion, organ, spacing):
-    """The organ's voxels 5 to 15 mm from the lesion's edge: what its contrast is measured against."""
-    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-    return organ & (distance >= SHELL_MM[0]) & (distance <= SHELL_MM[1])
-
-
 def measure_lesions(image_hu, label, spacing, organ_value, tumour_value):
     """One dict per lesion of `tumour_value` inside or beside the organ `organ_value`."""
     image = np.clip(image_hu.astype(np.float32), *WINDOW_HU)
     organ = label == organ_value
     components, count = ndimage.label(label == tumour_value, FULL_CONNECTIVITY)
     voxel_ml = float(np.prod(spacing)) / 1000
-    margin = np.ceil(SHELL_MM[1] / np.asarray(spacing)).astype(int) + 1
+    margin = shell_margin(spacing)
     rows = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         box = tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(box, margin))
         lesion = components[box] == index
-        shell = organ_around(lesion, organ[box], spacing)
-        if shell.sum() < 50:
+        contrast = lesion_contrast(image[box], lesion, organ[box], spacing)
+        if contrast is None:
             continue  # no organ around it to compare with
-        inside, around = image[box][lesion], image[box][shell]
+        inside, around = image[box][lesion], image[box][organ_around(lesion, organ[box], spacing)]
         volume = lesion.sum() * voxel_ml
-        rows.append({"volume_ml": volume, "contrast_hu": float(np.median(inside) - np.median(around)),
+        rows.append({"volume_ml": volume, "contrast_hu": contrast,
                      "texture": robust_spread(inside) / robust_spread(around),
                      "edge_mm": edge_width_mm(image[box], lesion, organ[box], spacing) if volume >= EDGE_MIN_ML
                      else None})

@@ -279,7 +279,9 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             append_csv(os.path.join(run_dir, "train_log.csv"),
                        {"step": step, "loss": float(loss.item()), "lr": optimizer.param_groups[0]["lr"],
                         "seconds": round(time.time() - started, 1)})
-        at_checkpoint = step % args.val_every == 0 or step == args.steps or out_of_time
+        # --stop-at ends a run part-way through its schedule (the learning rate still follows --steps).
+        stopping = out_of_time or step == args.stop_at
+        at_checkpoint = step % args.val_every == 0 or step == args.steps or stopping
         if dist.main and at_checkpoint and not validation_ids:
             # Trained on every case (fold "all"): nothing to choose by, the latest weights are the ones kept.
             best = {"score": float("nan"), "step": step, "dice": []}
@@ -297,8 +299,8 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             save_atomically(checkpoint_state(step, network, optimizer, scaler, sampler, best, args), last_path)
             plot_curves(run_dir, plan["classes"])
         dist.barrier()
-        if out_of_time:
-            log(f"time limit reached at step {step}; resume with --resume")
+        if stopping:
+            log(f"{'time limit reached' if out_of_time else 'stopped'} at step {step}; resume with --resume")
             break
     if progress:
         progress.close()

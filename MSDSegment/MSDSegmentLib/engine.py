@@ -425,8 +425,9 @@ def task_labels(cascade, card, target, keep_largest, report):
     distances = location_distances(cascade, card, target, box) if box is not None else {}
     lesions = {}
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
+        image = sitk.GetArrayViewFromImage(target).transpose(2, 1, 0)[box] if tumours else None  # (x, y, z)
         lesions = postprocess(label_array[box], card, target.GetSpacing(), keep_largest,
-                              plausible_pieces(card, distances), tumour_probabilities)
+                              plausible_pieces(card, distances), tumour_probabilities, image)
         for lesion in (lesion for found in lesions.values() for lesion in found):
             lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])]
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0

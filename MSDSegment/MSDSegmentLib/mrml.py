@@ -437,6 +437,8 @@ def quality_text(entry):
     if lesions:
         count = f"{len(lesions)} lesion" + ("s" if len(lesions) > 1 else "")
         text += ("; " if text else "") + f"{count}, largest {lesions[0]['volume_ml']:.1f} mL"
+        if lesions[0].get("contrast") is not None:  # tumours are CT classes: the contrast is in HU
+            text += f" ({lesions[0]['contrast']:+.0f} HU)"
     return text
 
 

@@ -1,5 +1,6 @@
 """Post-processing of the label map on the input grid: the largest cluster of components per organ,
-tumours kept only where they touch their organ and exceed a minimum volume and confidence."""
+tumours kept only where they touch their organ and exceed a minimum volume and confidence, and each kept
+tumour lesion described (volume, confidence, contrast against the organ around it)."""
 
 import numpy as np
 
@@ -7,6 +8,7 @@ import numpy as np
 # instead of on the command line's start-up path.
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
+CONTRAST_SHELL_MM = (5.0, 15.0)  # the organ around a lesion that its contrast is measured against
 
 
 def bounding_box(mask, margin=1):
@@ -61,6 +63,47 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     crop[mask & (clusters != chosen)] = 0
 
 
+def organ_around(lesion, organ, spacing):
+    """The `organ` voxels 5 to 15 mm from the `lesion`'s edge (masks on one grid of `spacing` mm)."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    return organ & (distance >= CONTRAST_SHELL_MM[0]) & (distance <= CONTRAST_SHELL_MM[1])
+
+
+def shell_margin(spacing):
+    """Voxels per axis that a box around a lesion needs to hold the organ its contrast is measured against."""
+    return np.ceil(CONTRAST_SHELL_MM[1] / np.asarray(spacing, dtype=float)).astype(int) + 1
+
+
+def lesion_contrast(image, lesion, organ, spacing, min_organ_voxels=50):
+    """The median of `image` inside `lesion` minus its median over the organ around it (organ_around): HU on CT,
+    negative for a hypo-attenuating lesion. None when fewer than `min_organ_voxels` of organ surround it."""
+    shell = organ_around(lesion, organ, spacing)
+    if shell.sum() < min_organ_voxels:
+        return None
+    return float(np.median(image[lesion]) - np.median(image[shell]))
+
+
+def add_contrast(lesions, labels, tumour, organ, image, spacing):
+    """Give each kept lesion of `tumour` (filter_tumours' list, found by its one voxel) its contrast against
+    the `organ` around it (lesion_contrast; None where too little organ surrounds it), in `image` units."""
+    from scipy import ndimage
+
+    margin = shell_margin(spacing)
+    box = bounding_box(labels == tumour, margin)
+    if box is None:
+        return
+    crop, region = labels[box], image[box]
+    components, _ = ndimage.label(crop == tumour, FULL_CONNECTIVITY)
+    objects = ndimage.find_objects(components)
+    for lesion in lesions:
+        number = components[tuple(i - part.start for i, part in zip(lesion["index"], box))]
+        around = tuple(slice(max(part.start - m, 0), part.stop + m) for part, m in zip(objects[number - 1], margin))
+        contrast = lesion_contrast(region[around], components[around] == number, crop[around] == organ, spacing)
+        lesion["contrast"] = None if contrast is None else round(contrast, 1)
+
+
 def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0):
     """Drop tumour components that do not touch the organ, are smaller than `min_voxels`, or (given the tumour
     `probability` on the same grid) whose mean probability is below `min_confidence` (in place).
@@ -108,11 +151,13 @@ def min_tumour_voxels(card, voxel_ml):
     return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
 
 
-def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None):
+def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None,
+                image=None):
     """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
     `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
-    `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule.
-    Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL}."""
+    `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule;
+    `image`: the first channel on this grid, for each lesion's contrast.
+    Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL (and contrast)}."""
     settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
@@ -128,4 +173,6 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
                                                   settings.get("min_tumour_confidence", 0.0))
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
+            if image is not None:
+                add_contrast(lesions[label.value], labels, label.value, organ, image, spacing_mm)
     return lesions

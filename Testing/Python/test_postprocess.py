@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from MSDSegmentLib.modelcard import Label, ModelCard
-from MSDSegmentLib.postprocess import filter_tumours, keep_largest_cluster, postprocess
+from MSDSegmentLib.postprocess import filter_tumours, keep_largest_cluster, lesion_contrast, postprocess
 
 
 def card():
@@ -94,6 +94,28 @@ def test_postprocess_applies_the_card_s_minimum_lesion_confidence_and_lists_the_
     # Without probabilities (or without the setting) no lesion is dropped for its confidence.
     labels[15:17, 15:17, 15:17] = 2
     assert len(postprocess(labels, strict, (10.0, 10.0, 10.0))[2]) == 2
+
+
+def test_each_lesion_s_contrast_is_measured_against_the_organ_around_it():
+    """A liver at 100 HU, darker (80 HU) at its edge as in a poorly enhanced scan, holding a lesion of 60 HU
+    deep inside and one of 85 HU at the dark edge: against the organ around each, -40 and +5 HU (2 mm voxels)."""
+    labels = np.zeros((60, 60, 40), np.uint8)
+    labels[5:55, 5:55, 5:35] = 1
+    image = np.full(labels.shape, -100.0, np.float32)
+    image[labels == 1] = 100.0
+    edge = np.zeros(labels.shape, bool)
+    edge[5:55, 5:55, 5:35] = True
+    edge[12:48, 12:48, 12:28] = False
+    image[edge] = 80.0
+    labels[26:32, 26:32, 17:23] = 2
+    image[26:32, 26:32, 17:23] = 60.0
+    labels[5:9, 28:32, 18:22] = 2
+    image[5:9, 28:32, 18:22] = 85.0
+    lesions = postprocess(labels, card(), (2.0, 2.0, 2.0), image=image)[2]
+    contrasts = {"edge" if lesion["index"][0] < 10 else "deep": lesion["contrast"] for lesion in lesions}
+    assert contrasts == {"deep": -40.0, "edge": pytest.approx(5.0, abs=1.0)}
+    # With no organ around a lesion there is nothing to measure it against.
+    assert lesion_contrast(image, labels == 2, np.zeros(labels.shape, bool), (2.0, 2.0, 2.0)) is None
 
 
 def test_postprocess_applies_the_card_rules_with_the_voxel_volume():

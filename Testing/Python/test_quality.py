@@ -45,6 +45,7 @@ def test_every_segment_gets_a_confidence_and_the_summary_records_it(tmp_path, ti
     assert len(lesions) == len(set(tuple(lesion["index"]) for lesion in lesions))
     for lesion in lesions:
         assert labels[tuple(lesion["index"])] == 2 and 0 < lesion["confidence"] <= lesion["peak"] <= 1
+        assert lesion["contrast"] is None or -400 < lesion["contrast"] < 400  # HU against the liver around it
     volumes = [lesion["volume_ml"] for lesion in lesions]
     assert volumes == sorted(volumes, reverse=True)
     assert sum(lesion["volume_ml"] for lesion in lesions) == pytest.approx(
@@ -54,6 +55,8 @@ def test_every_segment_gets_a_confidence_and_the_summary_records_it(tmp_path, ti
     assert quality_text({"check": False, "reasons": [], "confidence": 0.81, "lesions": [
         {"volume_ml": 12.44, "confidence": 0.9}, {"volume_ml": 1.2, "confidence": 0.7}]}) == \
         "confidence 0.81; 2 lesions, largest 12.4 mL"
+    assert quality_text({"check": False, "reasons": [], "lesions": [
+        {"volume_ml": 3.0, "confidence": 0.9, "contrast": -34.6}]}) == "1 lesion, largest 3.0 mL (-35 HU)"
 
 
 def bundled_case(name):

@@ -264,9 +264,10 @@ def test_command_line_segments_with_the_exported_model(trained, tmp_path):
 
 # --------------------------------------------------------------------------------------------- resume
 
-def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(trained, tmp_path):
+@pytest.mark.parametrize("stop", [("--time-limit", "1e-9"), ("--stop-at", "1")], ids=["time-limit", "stop-at"])
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(trained, tmp_path, stop):
     out = str(tmp_path)
-    train(trained["data"], out, "--steps", "2", "--time-limit", "1e-9")  # stops (resumably) after one step
+    train(trained["data"], out, "--steps", "2", *stop)  # stops (resumably) after one step
     interrupted = torch.load(os.path.join(out, "abdomen", "fold0", "last.ckpt"), weights_only=False)
     assert interrupted["step"] == 1
     train(trained["data"], out, "--steps", "2", "--resume")
@@ -741,11 +742,12 @@ def test_lesion_records_and_the_confidence_sweep():
     prediction[2:8, 2:8, 2:8] = True
     reference[20:30, 20:30, 20:23] = True
     prediction[30:35, 0:5, 0:5] = True
-    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97},
-               {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8}]
+    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97, "contrast": -35.0},
+               {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8, "contrast": 4.0}]
     records = lesion_records(prediction, reference, lesions, voxel_ml=0.001)
     assert [(r["kind"], r["detected"], r["confidence"]) for r in records] == \
         [("reference", True, 0.9), ("reference", False, 0.0), ("false", True, 0.6)]
+    assert records[0]["contrast"] == -35.0 and math.isnan(records[1]["contrast"]) and records[2]["contrast"] == 4.0
     assert records[0]["volume_ml"] == pytest.approx(1.0) and records[2]["volume_ml"] == pytest.approx(0.125)
     sweep = dict((minimum, (found, total, false)) for minimum, found, total, false in
                  confidence_sweep(records, volumes=2, statistic="confidence"))
