@@ -112,9 +112,9 @@ def lesion_metrics(prediction, reference, min_voxels=0, voxel_ml=None):
 
 def lesion_records(prediction, reference, lesions, voxel_ml):
     """Every reference lesion (detected or not, with the highest confidence and peak among the predicted lesions
-    that overlap it, and the contrast of the most confident of them) and every predicted lesion that overlaps
-    none (a false lesion), with its volume in mL. `lesions`: the engine's list for the label (one voxel,
-    confidence, peak and contrast of each kept lesion)."""
+    that overlap it, and the contrast and elongation of the most confident of them) and every predicted lesion
+    that overlaps none (a false lesion), with its volume in mL. `lesions`: the engine's list for the label (one
+    voxel, confidence, peak, contrast and elongation of each kept lesion)."""
     predicted_components, count = ndimage.label(prediction, FULL_CONNECTIVITY)
     found = {int(predicted_components[tuple(lesion["index"])]): lesion for lesion in lesions}
 
@@ -123,7 +123,7 @@ def lesion_records(prediction, reference, lesions, voxel_ml):
         best = max(known, key=lambda lesion: lesion.get("confidence", 1.0), default={})
         return {"confidence": max((k.get("confidence", 1.0) for k in known), default=0.0),
                 "peak": max((k.get("peak", 1.0) for k in known), default=0.0),
-                "contrast": best.get("contrast", math.nan)}
+                "contrast": best.get("contrast", math.nan), "elongation": best.get("elongation", math.nan)}
 
     reference_components, references = ndimage.label(reference, FULL_CONNECTIVITY)
     predicted_sizes = np.bincount(predicted_components.ravel(), minlength=count + 1)
@@ -167,7 +167,7 @@ def write_lesions_csv(path, rows):
     temporary = path + ".tmp"
     with open(temporary, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=["case", "label", "kind", "volume_ml", "detected", "confidence",
-                                                    "peak", "contrast"])
+                                                    "peak", "contrast", "elongation"])
         writer.writeheader()
         for row in rows:
             for record in row.get("lesion_records", []):

@@ -102,7 +102,8 @@ def card_for(task_id, plan, stages, labels, training, metrics):
         "task": task_id, "title": task["title"], "description": task["description"],
         "modality": plan["modality"], "channels": plan["channels"], "labels": labels, "stages": stages,
         "postprocessing": {"keep_largest": True, "min_tumour_ml": task.get("min_tumour_ml", MIN_TUMOUR_ML),
-                           **{key: task[key] for key in ("min_tumour_confidence",) if key in task}},
+                           **{key: task[key] for key in ("min_tumour_confidence", "max_tumour_elongation")
+                              if key in task}},
         "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset)},
         "validation": metrics.get(task_id, {"note": "not yet measured"}),
         "licence": "Model weights: Apache-2.0. Training data: " + DATA_CREDITS.get(dataset, {}).get("licence", "see source"),

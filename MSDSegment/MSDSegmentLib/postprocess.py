@@ -1,6 +1,7 @@
 """Post-processing of the label map on the input grid: the largest cluster of components per organ,
-tumours kept only where they touch their organ and exceed a minimum volume and confidence, and each kept
-tumour lesion described (volume, confidence, contrast against the organ around it)."""
+tumours kept only where they touch their organ, exceed a minimum volume and confidence and are not more
+elongated than a lesion is, and each kept tumour lesion described (volume, confidence, elongation, contrast
+against the organ around it)."""
 
 import numpy as np
 
@@ -85,6 +86,18 @@ def lesion_contrast(image, lesion, organ, spacing, min_organ_voxels=50):
     return float(np.median(image[lesion]) - np.median(image[shell]))
 
 
+def elongation(lesion, spacing):
+    """How elongated a lesion mask is: the ratio of its longest to its shortest principal axis (spread of its
+    voxels in mm, each voxel counted as a box so that a lesion one slice thick is not infinitely flat).
+    Lesions are compact (about 1 to 2); vessels, fissures and the organ's rim are long and thin."""
+    points = np.argwhere(lesion) * np.asarray(spacing, dtype=float)
+    if len(points) < 2:
+        return 1.0
+    covariance = np.cov(points.T) + np.diag(np.asarray(spacing, dtype=float) ** 2 / 12.0)
+    spread = np.sqrt(np.linalg.eigvalsh(covariance))
+    return float(spread[-1] / spread[0])
+
+
 def add_contrast(lesions, labels, tumour, organ, image, spacing):
     """Give each kept lesion of `tumour` (filter_tumours' list, found by its one voxel) its contrast against
     the `organ` around it (lesion_contrast; None where too little organ surrounds it), in `image` units."""
@@ -104,13 +117,15 @@ def add_contrast(lesions, labels, tumour, organ, image, spacing):
         lesion["contrast"] = None if contrast is None else round(contrast, 1)
 
 
-def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0):
+def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0, spacing=None,
+                   max_elongation=None):
     """Drop tumour components that do not touch the organ, are smaller than `min_voxels`, or (given the tumour
-    `probability` on the same grid) whose mean probability is below `min_confidence` (in place).
+    `probability` on the same grid) whose mean probability is below `min_confidence`, or (given the voxel
+    `spacing`) more elongated than `max_elongation` (in place).
 
-    A component dropped for its size or confidence becomes organ (no hole in it); one away from the organ
-    becomes background. Returns the kept components: [{"voxels", "index": one voxel of it, and with a
-    probability "confidence": its mean probability, "peak": its largest}].
+    A component dropped for its size, confidence or shape becomes organ (no hole in it); one away from the organ
+    becomes background. Returns the kept components: [{"voxels", "index": one voxel of it, with a probability
+    "confidence": its mean probability and "peak": its largest, with a spacing "elongation"}].
     """
     from scipy import ndimage
 
@@ -128,6 +143,9 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
         for lesion, mean, peak in zip(lesions, ndimage.mean(inside, components, numbers),
                                       ndimage.maximum(inside, components, numbers)):
             lesion.update(confidence=round(float(mean), 4), peak=round(float(peak), 4))
+    if spacing is not None:
+        for number, lesion, part in zip(numbers, lesions, ndimage.find_objects(components)):
+            lesion["elongation"] = round(elongation(components[part] == number, spacing), 2)
     starts = [part.start for part in box]
     for lesion, position in zip(lesions, ndimage.maximum_position(components > 0, components, numbers)):
         lesion["index"] = [int(a + b) for a, b in zip(starts, position)]
@@ -135,7 +153,8 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
     kept = []
     for number, lesion, touches in zip(numbers, lesions, np.atleast_1d(touches_organ)):
         confident = lesion.get("confidence", 1.0) >= min_confidence
-        if touches and lesion["voxels"] >= min_voxels and confident:
+        compact = max_elongation is None or lesion.get("elongation", 1.0) <= max_elongation
+        if touches and lesion["voxels"] >= min_voxels and confident and compact:
             becomes[number] = -1
             kept.append(lesion)
         else:
@@ -155,9 +174,11 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
                 image=None):
     """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
     `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
-    `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule;
+    `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule (the
+    card's `min_tumour_confidence`; `max_tumour_elongation` is the shape rule);
     `image`: the first channel on this grid, for each lesion's contrast.
-    Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL (and contrast)}."""
+    Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL, elongation and,
+    with the image, contrast}."""
     settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
@@ -170,7 +191,8 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
             organ = next(o.value for o in card.labels if o.name == label.organ)
             lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
                                                   (tumour_probabilities or {}).get(label.value),
-                                                  settings.get("min_tumour_confidence", 0.0))
+                                                  settings.get("min_tumour_confidence", 0.0), spacing_mm,
+                                                  settings.get("max_tumour_elongation"))
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
             if image is not None:

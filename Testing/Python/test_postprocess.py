@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from MSDSegmentLib.modelcard import Label, ModelCard
-from MSDSegmentLib.postprocess import filter_tumours, keep_largest_cluster, lesion_contrast, postprocess
+from MSDSegmentLib.postprocess import elongation, filter_tumours, keep_largest_cluster, lesion_contrast, postprocess
 
 
 def card():
@@ -114,8 +114,39 @@ def test_each_lesion_s_contrast_is_measured_against_the_organ_around_it():
     lesions = postprocess(labels, card(), (2.0, 2.0, 2.0), image=image)[2]
     contrasts = {"edge" if lesion["index"][0] < 10 else "deep": lesion["contrast"] for lesion in lesions}
     assert contrasts == {"deep": -40.0, "edge": pytest.approx(5.0, abs=1.0)}
+    assert all(lesion["elongation"] < 1.5 for lesion in lesions)  # both are cubes
     # With no organ around a lesion there is nothing to measure it against.
     assert lesion_contrast(image, labels == 2, np.zeros(labels.shape, bool), (2.0, 2.0, 2.0)) is None
+
+
+def test_elongation_tells_a_compact_lesion_from_a_vessel_like_one():
+    z, y, x = np.ogrid[:40, :40, :40]
+    ball = (x - 20) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 < 64
+    tube = np.zeros(ball.shape, bool)
+    tube[5:35, 18:21, 18:21] = True
+    assert elongation(ball, (1.0, 1.0, 1.0)) == pytest.approx(1.0, abs=0.05)
+    assert elongation(tube, (1.0, 1.0, 1.0)) > 8
+    # A small lesion in one 5 mm slice is not flat: each voxel counts as a box of the slice's thickness.
+    disc = np.zeros((20, 20, 3), bool)
+    disc[5:13, 5:13, 1] = True
+    assert elongation(disc, (0.8, 0.8, 5.0)) < 1.5
+
+
+def test_postprocess_turns_lesions_more_elongated_than_the_card_allows_into_organ():
+    """A vessel-like tumour (30 x 3 x 3 voxels) and a compact one (6 x 6 x 6) in a liver: with the card's maximum
+    elongation of 3 the first becomes liver, and the kept one is listed with its elongation."""
+    labels = np.zeros((50, 30, 30), np.uint8)
+    labels[5:45, 5:25, 5:25] = 1
+    labels[10:40, 8:11, 8:11] = 2
+    labels[20:26, 16:22, 16:22] = 2
+    shaped = card()
+    shaped.postprocessing["max_tumour_elongation"] = 3.0
+    lesions = postprocess(labels, shaped, (1.0, 1.0, 1.0))[2]
+    assert (labels[10:40, 8:11, 8:11] == 1).all() and (labels[20:26, 16:22, 16:22] == 2).all()
+    assert len(lesions) == 1 and lesions[0]["elongation"] == pytest.approx(1.0, abs=0.05)
+    # The rule is the card's: without it both stay tumour.
+    labels[10:40, 8:11, 8:11] = 2
+    assert len(postprocess(labels, card(), (1.0, 1.0, 1.0))[2]) == 2
 
 
 def test_postprocess_applies_the_card_rules_with_the_voxel_volume():

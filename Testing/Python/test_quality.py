@@ -46,6 +46,7 @@ def test_every_segment_gets_a_confidence_and_the_summary_records_it(tmp_path, ti
     for lesion in lesions:
         assert labels[tuple(lesion["index"])] == 2 and 0 < lesion["confidence"] <= lesion["peak"] <= 1
         assert lesion["contrast"] is None or -400 < lesion["contrast"] < 400  # HU against the liver around it
+        assert lesion["elongation"] >= 1
     volumes = [lesion["volume_ml"] for lesion in lesions]
     assert volumes == sorted(volumes, reverse=True)
     assert sum(lesion["volume_ml"] for lesion in lesions) == pytest.approx(

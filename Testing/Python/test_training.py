@@ -742,12 +742,13 @@ def test_lesion_records_and_the_confidence_sweep():
     prediction[2:8, 2:8, 2:8] = True
     reference[20:30, 20:30, 20:23] = True
     prediction[30:35, 0:5, 0:5] = True
-    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97, "contrast": -35.0},
-               {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8, "contrast": 4.0}]
+    lesions = [{"index": [4, 4, 4], "confidence": 0.9, "peak": 0.97, "contrast": -35.0, "elongation": 1.1},
+               {"index": [31, 1, 1], "confidence": 0.6, "peak": 0.8, "contrast": 4.0, "elongation": 3.0}]
     records = lesion_records(prediction, reference, lesions, voxel_ml=0.001)
     assert [(r["kind"], r["detected"], r["confidence"]) for r in records] == \
         [("reference", True, 0.9), ("reference", False, 0.0), ("false", True, 0.6)]
     assert records[0]["contrast"] == -35.0 and math.isnan(records[1]["contrast"]) and records[2]["contrast"] == 4.0
+    assert records[0]["elongation"] == 1.1 and records[2]["elongation"] == 3.0
     assert records[0]["volume_ml"] == pytest.approx(1.0) and records[2]["volume_ml"] == pytest.approx(0.125)
     sweep = dict((minimum, (found, total, false)) for minimum, found, total, false in
                  confidence_sweep(records, volumes=2, statistic="confidence"))
