@@ -70,10 +70,11 @@ def measure_lesions(image_hu, label, spacing, organ_value, tumour_value):
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         box = tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(box, margin))
         lesion = components[box] == index
-        contrast = lesion_contrast(image[box], lesion, organ[box], spacing)
+        shell = organ_around(lesion, organ[box], spacing)
+        contrast = lesion_contrast(image[box], lesion, shell)
         if contrast is None:
             continue  # no organ around it to compare with
-        inside, around = image[box][lesion], image[box][organ_around(lesion, organ[box], spacing)]
+        inside, around = image[box][lesion], image[box][shell]
         volume = lesion.sum() * voxel_ml
         rows.append({"volume_ml": volume, "contrast_hu": contrast,
                      "texture": robust_spread(inside) / robust_spread(around),

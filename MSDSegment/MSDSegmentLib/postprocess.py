@@ -77,10 +77,9 @@ def shell_margin(spacing):
     return np.ceil(CONTRAST_SHELL_MM[1] / np.asarray(spacing, dtype=float)).astype(int) + 1
 
 
-def lesion_contrast(image, lesion, organ, spacing, min_organ_voxels=50):
-    """The median of `image` inside `lesion` minus its median over the organ around it (organ_around): HU on CT,
-    negative for a hypo-attenuating lesion. None when fewer than `min_organ_voxels` of organ surround it."""
-    shell = organ_around(lesion, organ, spacing)
+def lesion_contrast(image, lesion, shell, min_organ_voxels=50):
+    """The median of `image` inside `lesion` minus its median over `shell`, the organ around it (organ_around):
+    HU on CT, negative for a hypo-attenuating lesion. None when the shell has fewer than `min_organ_voxels`."""
     if shell.sum() < min_organ_voxels:
         return None
     return float(np.median(image[lesion]) - np.median(image[shell]))
@@ -113,7 +112,9 @@ def add_contrast(lesions, labels, tumour, organ, image, spacing):
     for lesion in lesions:
         number = components[tuple(i - part.start for i, part in zip(lesion["index"], box))]
         around = tuple(slice(max(part.start - m, 0), part.stop + m) for part, m in zip(objects[number - 1], margin))
-        contrast = lesion_contrast(region[around], components[around] == number, crop[around] == organ, spacing)
+        lesion_mask = components[around] == number
+        shell = organ_around(lesion_mask, crop[around] == organ, spacing)
+        contrast = lesion_contrast(region[around], lesion_mask, shell)
         lesion["contrast"] = None if contrast is None else round(contrast, 1)
 
 

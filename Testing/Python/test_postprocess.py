@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from MSDSegmentLib.modelcard import Label, ModelCard
-from MSDSegmentLib.postprocess import elongation, filter_tumours, keep_largest_cluster, lesion_contrast, postprocess
+from MSDSegmentLib.postprocess import (elongation, filter_tumours, keep_largest_cluster, lesion_contrast, organ_around,
+                                       postprocess)
 
 
 def card():
@@ -116,7 +117,8 @@ def test_each_lesion_s_contrast_is_measured_against_the_organ_around_it():
     assert contrasts == {"deep": -40.0, "edge": pytest.approx(5.0, abs=1.0)}
     assert all(lesion["elongation"] < 1.5 for lesion in lesions)  # both are cubes
     # With no organ around a lesion there is nothing to measure it against.
-    assert lesion_contrast(image, labels == 2, np.zeros(labels.shape, bool), (2.0, 2.0, 2.0)) is None
+    no_organ = organ_around(labels == 2, np.zeros(labels.shape, bool), (2.0, 2.0, 2.0))
+    assert lesion_contrast(image, labels == 2, no_organ) is None
 
 
 def test_elongation_tells_a_compact_lesion_from_a_vessel_like_one():
