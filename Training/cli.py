@@ -79,9 +79,12 @@ def build_parser():
     evaluate.add_argument("--synthetic-lesions", type=int, metavar="SEED",
                           help="paint synthetic tumours (seeded per case) into the reference organ first and "
                                "score the tumour class too, with lesion-wise sensitivity and false positives")
+    evaluate.add_argument("--synthetic-masses", type=int, metavar="SEED",
+                          help="paint a synthetic mass (seeded per case) beside the reference organ, outside it, "
+                               "first, and report how much of it the engine labels organ or tumour")
     evaluate.add_argument("--lesion-rounds", type=int, default=1, metavar="N",
-                          help="with --synthetic-lesions: segment each case N times with other lesions (seed, "
-                               "seed + 1, ...) for more lesions to count")
+                          help="with --synthetic-lesions or --synthetic-masses: segment each case N times with "
+                               "other ones (seed, seed + 1, ...) for more to count")
     evaluate.add_argument("--metrics-json", help="write the mean metrics as {task: validation} into this JSON "
                                                  "(other tasks kept), for export --metrics")
     evaluate.add_argument("--metrics-key", help="with --metrics-json: put these figures under this key of the "

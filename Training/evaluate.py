@@ -29,12 +29,14 @@ from MSDSegmentLib.preprocessing import from_array, resample, to_array
 
 from .dataset import fold_split, map_labels, read_dataset
 from .lesions import PRESETS, synthesise_lesions
+from .masses import free_tissue, synthesise_neighbour_mass
 from .models import MODELS, label_mapping, parse_label_map
 from .tasks import TASKS
 
 COLUMNS = ["case", "label", "value", "dice", "hd95_mm", "reference_ml", "predicted_ml", "volume_error_ml",
            "volume_error_percent", "lesions", "detected_lesions", "false_positive_lesions", "confidence",
-           "location_distance", "check"]
+           "location_distance", "check", "mass_ml", "mass_as_organ_ml", "mass_as_tumour_ml"]
+MASS_KEYS = COLUMNS[-3:]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -202,6 +204,8 @@ def summarise(rows, labels):
                 lesions=lesions, lesion_sensitivity=sum(r["detected_lesions"] for r in mine) / lesions if lesions
                 else math.nan, false_positive_lesions_per_volume=float(np.mean([r["false_positive_lesions"]
                                                                                   for r in mine])))
+        if mine and "mass_ml" in mine[0]:
+            summary[label.name].update({key: finite_mean([r[key] for r in mine]) for key in MASS_KEYS})
         if mine and "by_size" in mine[0]:
             summary[label.name]["lesions_by_size"] = {
                 name: {"lesions": sum(r["by_size"][name]["lesions"] for r in mine),
@@ -312,6 +316,31 @@ def paint_lesions(image, reference, tumour, case_id, seed):
     return from_array(painted, image), reference
 
 
+def mass_organ(card, model):
+    """The organ label whose model learnt masses beside that organ (`neighbour_masses`), else None."""
+    return next((label for label in card.trained_labels
+                 if label.kind == "organ" and label.source_class in model.get("neighbour_masses", {})), None)
+
+
+def paint_mass(image, reference, organ_label, case_id, seed):
+    """The CT with a synthetic mass beside the reference organ or pressing into it (the same for a case id and seed
+    every time), the reference with the mass as background, and the mass's mask."""
+    hu = to_array(image).astype(np.float32)
+    painted, mass = synthesise_neighbour_mass(hu, reference == organ_label.value, free_tissue(hu, reference),
+                                              image.GetSpacing(), case_rng(case_id, seed))
+    reference = reference.copy()
+    reference[mass] = 0
+    return from_array(painted, image), reference, mass
+
+
+def mass_row(prediction, mass, organ_label, card, voxel_ml):
+    """How much of a mass (beside an organ or pressing into it) the engine called that organ, and how much tumour."""
+    tumours = [label.value for label in card.trained_labels if label.kind == "tumour"]
+    return {"mass_ml": float(mass.sum()) * voxel_ml,
+            "mass_as_organ_ml": float((mass & (prediction == organ_label.value)).sum()) * voxel_ml,
+            "mass_as_tumour_ml": float((mass & np.isin(prediction, tumours)).sum()) * voxel_ml}
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 def lesion_text(row):
@@ -369,7 +398,7 @@ def validation_entry(summary, case_ids, data_text, device):
                        "HD95: symmetric 95th-percentile surface distance (MONAI), mean over cases where "
                        "both masks exist",
              "device": device, "date": datetime.date.today().isoformat()}
-    for key in ("lesion_sensitivity", "false_positive_lesions_per_volume", "lesions"):
+    for key in ("lesion_sensitivity", "false_positive_lesions_per_volume", "lesions", *MASS_KEYS):
         values = metric(key)
         if values:
             entry[key] = values
@@ -419,15 +448,19 @@ def healthy_row(case_id, label, predicted, min_voxels, voxel_ml, lesions=()):
 
 
 def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, seed=0, precision="fp32",
-                  healthy=()):
-    """Segment one case with the engine (with synthetic lesions painted in first if `tumour` is given);
-    one row of metrics per scored label, with lesion-wise counts for the tumour, and false lesions only for
-    the `healthy` tumour labels (no tumour in this dataset)."""
+                  healthy=(), mass_organ_label=None):
+    """Segment one case with the engine (with synthetic lesions painted in first if `tumour` is given, or a mass
+    beside or into the organ `mass_organ_label`); one row of metrics per scored label, with lesion-wise counts for the
+    tumour, how much of the mass became organ or tumour on the organ's row, and false lesions only for the
+    `healthy` tumour labels (no tumour in this dataset)."""
     channels = read_channels([case["image"]])
     grid = channels[0]
     reference = reference_on_grid(case["label"], grid, mapping)
+    mass = None
     if tumour:
         channels[0], reference = paint_lesions(grid, reference, tumour, case["id"], seed)
+    elif mass_organ_label is not None:
+        channels[0], reference, mass = paint_mass(grid, reference, mass_organ_label, case["id"], seed)
     result = segment(channels, task, device=device, models_dir=models_dir, precision=precision)
     for warning in result.warnings:
         print(f"{case['id']}: warning: {warning}", file=sys.stderr)
@@ -444,6 +477,8 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
             voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml), voxel_ml))
             row["lesion_records"] = lesion_records(predicted, referenced, quality.get("lesions", []), voxel_ml)
+        if mass is not None and label is mass_organ_label:
+            row.update(mass_row(prediction, mass, label, result.card, float(np.prod(grid.GetSpacing())) / 1000.0))
         rows.append(row)
     voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
     rows += [healthy_row(case["id"], label, prediction == label.value, min_tumour_voxels(result.card, voxel_ml),
@@ -467,6 +502,12 @@ def run_evaluation(args, log=print):
         if tumour is None:
             raise ModelError(f"Task '{args.task}' has no tumour class learnt from synthetic lesions")
         labels = [label for label in card.trained_labels if label in labels or label is tumour[0]]
+    masses = None
+    if getattr(args, "synthetic_masses", None) is not None:
+        masses = mass_organ(card, model)
+        if masses is None or tumour:
+            raise ModelError(f"Task '{args.task}' has no organ whose model learnt masses beside it"
+                             if masses is None else "Choose --synthetic-lesions or --synthetic-masses, not both")
     # Without tumour labels (BTCV) the organs are healthy: any tumour found there is a false lesion.
     healthy = [] if tumour or overrides else [label for label in card.trained_labels
                                               if label.kind == "tumour" and label not in labels]
@@ -483,12 +524,13 @@ def run_evaluation(args, log=print):
     rows, device = [], args.device
     precision = getattr(args, "precision", "fp32")
     log(TABLE_HEADER)
-    # With synthetic lesions each case is segmented once per round, with other lesions each time.
-    rounds = range(args.lesion_rounds if tumour else 1)
+    # With synthetic lesions (or masses) each case is segmented once per round, with other ones each time.
+    rounds = range(args.lesion_rounds if tumour or masses else 1)
+    first_seed = (args.synthetic_lesions if tumour else getattr(args, "synthetic_masses", None)) or 0
     for case, round_ in itertools.product(chosen, rounds):
         started = time.perf_counter()
         case_rows, device = evaluate_case(case, args.task, mapping, labels, models_dir, args.device, tumour,
-                                          (args.synthetic_lesions or 0) + round_, precision, healthy)
+                                          first_seed + round_, precision, healthy, masses)
         if len(rounds) > 1:
             for row in case_rows:
                 row["case"] = f"{case['id']}/{round_}"
@@ -507,6 +549,10 @@ def run_evaluation(args, log=print):
             log(f"{'':<16} {name} by size: " + "; ".join(
                 f"{size} {c['detected']} of {c['lesions']} found, {c['false_positives_per_volume']} false per volume"
                 for size, c in means["lesions_by_size"].items()))
+        if "mass_ml" in means:
+            log(f"{'':<16} {name}: synthetic masses beside it {number(means['mass_ml'], 1)} mL on average, "
+                f"{number(means['mass_as_organ_ml'], 1)} mL of it labelled {name.lower()}, "
+                f"{number(means['mass_as_tumour_ml'], 1)} mL tumour")
         log_confidence_sweep(rows, name, log)
         if means["hd95_undefined"]:
             log(f"{'':<16} {name}: HD95 undefined (organ missed, or found where the reference has none) in "
@@ -526,10 +572,14 @@ def run_evaluation(args, log=print):
     if tumour:
         data_text += (f", with synthetic {tumour[0].name.lower()}s painted in (seed {args.synthetic_lesions}, "
                       f"{len(rounds)} round(s) of lesions per case)")
+    if masses:
+        data_text += (f", with a synthetic mass painted beside the {masses.name.lower()} or pressing into it (seed "
+                      f"{args.synthetic_masses}, {len(rounds)} round(s) per case)")
     entry = validation_entry(summary, [case["id"] for case in chosen], data_text, device)
     entry["precision"] = precision
     if getattr(args, "metrics_json", None):
-        key = getattr(args, "metrics_key", None) or ("synthetic_lesions" if tumour else None)
+        key = getattr(args, "metrics_key", None) or ("synthetic_lesions" if tumour else
+                                                     "synthetic_masses" if masses else None)
         update_metrics_json(args.metrics_json, args.task, entry, key)
         log(f"wrote the {args.task} metrics into {args.metrics_json}")
     return entry

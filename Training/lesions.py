@@ -618,11 +618,14 @@ class TrainingLesions:
         # How often each organ is chosen for a lesion-centred patch, relative to the others (default 1).
         self.centred_weights = [float(entry.get("centred_weight", 1.0))
                                 for entry in plan.get("synthetic_lesions", {}).values()]
-        if self.entries:  # lesions are painted in HU: only CT plans have them
+        # Masses beside an organ or pressing into it (Training.masses): {organ name: probability per patch holding it}.
+        self.masses = [(classes.index(organ), float(probability))
+                       for organ, probability in plan.get("neighbour_masses", {}).items()]
+        if self.entries or self.masses:  # painted in HU: only CT plans have them
             self.mean, self.std = plan["normalisation"]["mean"], plan["normalisation"]["std"]
 
     def __bool__(self):
-        return bool(self.entries) and (self.probability > 0 or self.centred_fraction > 0)
+        return (bool(self.entries) and (self.probability > 0 or self.centred_fraction > 0)) or bool(self.masses)
 
     @property
     def classes(self):
@@ -653,6 +656,20 @@ class TrainingLesions:
                 continue
             hu = image[0] * self.std + self.mean
             self._write_back(image, hu, vary_enhancement(hu, organ, self.spacing, rng, config))
+
+    def paint_masses(self, image, label, rng):
+        """Paint a mass beside each organ of `neighbour_masses` with its probability, in place; the organ voxels a
+        mass covers become background."""
+        from .masses import free_tissue, synthesise_neighbour_mass  # masses build on this module
+
+        for organ_class, probability in self.masses:
+            organ = label == organ_class
+            if organ.sum() < self.MIN_ORGAN_VOXELS or rng.random() >= probability:
+                continue
+            hu = image[0] * self.std + self.mean
+            painted, mass = synthesise_neighbour_mass(hu, organ, free_tissue(hu, label), self.spacing, rng)
+            self._write_back(image, hu, painted)
+            label[mass] = 0
 
     def __call__(self, image, label, rng, probability=None, organs=None):
         """Paint lesions into each organ (or only those in `organs`) with the plan's probability."""

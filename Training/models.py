@@ -62,6 +62,9 @@ MODELS["abdomen-fine"] = dict(
     # Patches centred on a lesion, not only where a painted organ falls into the patch (at 0.33 with
     # equal weights, on the BTCV cache: liver tumour voxels per patch 0.31 % -> 0.50 %, pancreatic 0.04 % -> 0.07 %).
     lesion_centred_fraction=0.45,
+    # A mass beside the liver or pressing into it (background), in this share of the patches that hold liver
+    # (Training/masses.py).
+    neighbour_masses={"liver": 0.3},
     spacing_rule="fine",
     min_spacing_mm=2.0,          # finer costs 3-8x more per CT on a CPU
     patch_size=[80, 80, 48],
@@ -86,6 +89,7 @@ MODELS["pancreas-fine"] = dict(
                 "the fine stage found.",
     classes=["background", "pancreas", "pancreatic tumour"],
     synthetic_lesions={"pancreatic tumour": {"organ": "pancreas", "preset": "pancreas", "centred_weight": 1}},
+    neighbour_masses={},
     min_spacing_mm=1.5,
     patch_size=[96, 96, 32],
     # cluster_gap_mm: the box is drawn around the fine stage's largest cluster of pancreas pieces (the
@@ -108,6 +112,7 @@ MODELS["liver-fine"] = dict(
                 "stage found.",
     classes=["background", "liver", "liver tumour"],
     synthetic_lesions={"liver tumour": {"organ": "liver", "preset": "liver", "centred_weight": 1}},
+    neighbour_masses={"liver": 0.3},
     roi={"after": "abdomen-fine", "classes": ["liver", "liver tumour"], "margin_mm": [15, 15, 12],
          "cluster_gap_mm": FRAGMENT_GAP_MM},
     # The liver's box is 3-4x the pancreas's: at half overlap one CT took 29.2 s on 2 cores, at a quarter 25.3 s.

@@ -102,6 +102,7 @@ def make_plan(model_name, model, prints):
         "synthetic_lesions": model.get("synthetic_lesions", {}),
         "lesion_probability": model.get("lesion_probability", 0.0),
         "lesion_centred_fraction": model.get("lesion_centred_fraction", 0.0),
+        "neighbour_masses": model.get("neighbour_masses", {}),
         "roi": model.get("roi", {}),
         "inference_overlap": model.get("inference_overlap", 0.5),
         "blend_previous": model.get("blend_previous", 0.0),

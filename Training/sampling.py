@@ -135,6 +135,7 @@ class PatchSampler:
         image, label = crop(case["image"], case["label"], self._centre(case), self._context_size())
         if self.lesions:
             self.lesions.vary_enhancement(image, label[0], self.rng)
+            self.lesions.paint_masses(image, label[0], self.rng)
             self.lesions(image, label[0], self.rng)
         return image, label
 

@@ -719,6 +719,27 @@ def test_evaluate_with_synthetic_lesions_scores_the_tumour_lesion_by_lesion(casc
     assert "no tumour class learnt from synthetic lesions" in capsys.readouterr().err
 
 
+def test_evaluate_with_synthetic_masses_reports_how_much_became_organ(cascade, tmp_path, capsys):
+    csv_path = str(tmp_path / "masses.csv")
+    common = ["--data", cascade["data"], "--models-dir", cascade["models"], "--device", "cpu", "--cases", "synth_00"]
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-masses", "3", "--lesion-rounds", "2",
+                     "--csv", csv_path, *common]) == 0
+    assert "Liver: synthetic masses beside it" in capsys.readouterr().out
+    with open(csv_path) as stream:
+        rows = [row for row in csv.DictReader(stream) if row["label"] == "Liver"]
+    assert [row["case"] for row in rows] == ["synth_00/0", "synth_00/1", "mean"]
+    for row in rows:
+        mass, organ, tumour = (float(row[key]) for key in ("mass_ml", "mass_as_organ_ml", "mass_as_tumour_ml"))
+        assert mass > 0 and 0 <= organ + tumour <= mass
+    assert rows[0]["mass_ml"] != rows[1]["mass_ml"]                  # another mass each round
+    # Tasks whose model learnt no masses, or both kinds of painting at once, are refused in one line.
+    assert cli.main(["evaluate", "--task", "spleen", "--synthetic-masses", "3", *common]) == 2
+    assert "no organ whose model learnt masses beside it" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--task", "liver", "--synthetic-masses", "3", "--synthetic-lesions", "3",
+                     *common]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_lesion_wise_counts():
     from Training.evaluate import lesion_metrics
     reference = np.zeros((20, 20, 20), bool)

@@ -1,0 +1,104 @@
+"""Synthetic masses beside an organ or pressing into it, background in the label.
+
+A kidney, adrenal or bowel tumour can press against the liver. BTCV holds no such mass, and the networks learnt
+that tissue at the liver's place is liver or liver tumour: on a real CT with a 669 mL mass under the liver, outside
+it (3D-IRCADb patient 7), every liver stage labelled most of the mass liver. Painted during training into the
+tissue around the organ, touching it, these masses teach that a mass whose boundary is the organ's edge is not organ.
+Half of them press into the organ and replace it where they lie (the caller labels those voxels background): a
+large renal or adrenal tumour indents the liver, and the liver then wraps partly round it.
+
+A mass is drawn like a large lesion (`Training.lesions`: shape, texture, rim, necrotic centre, edge blur) with its
+attenuation set against the organ's parenchyma, and painted only into `free` voxels (unlabelled soft tissue and
+fat), so that a mass beside the organ takes the organ's outline where it meets it; a pressing one also into the
+organ.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from .lesions import (SIGMOID_PER_GAUSSIAN_SIGMA, Lesion, LesionConfig, _check_inputs, _draw_shape,
+                      _paint_lesion, _random_rotation, _scan_blur_mm, parenchyma_statistics)
+
+# Masses 30-110 mm across (14-700 mL), hypo-attenuating against the liver: renal, adrenal and bowel tumours
+# and lymph node masses are 20-110 HU below enhanced liver in the portal-venous phase. Not iso: tissue like
+# the organ's that touches it cannot be told from it.
+MASS = LesionConfig(radius_mm=(15.0, 55.0), max_axis_ratio=1.8, shape_probabilities=(0.4, 0.4, 0.2),
+                    mode_probabilities=(1.0, 0.0, 0.0), hypo_contrast_hu=(25.0, 110.0),
+                    heterogeneity_std=(0.3, 1.2), heterogeneity_scale_mm=(3.0, 10.0),
+                    rim_probability=0.2, necrosis_probability=0.4, necrosis_min_radius_mm=15.0)
+FREE_HU = (-115.0, 200.0)    # tissue a mass may replace: fat and soft tissue, not air, lung or bone (BTCV clips
+                             # at -125)
+INDENT_PROBABILITY = 0.5     # masses that press into the organ, replacing it where they lie
+CONTACT_DEPTH = (0.5, 0.9)   # the centre of a mass beside the organ lies this many radii outside its surface ...
+INDENT_DEPTH = (0.05, 0.5)   # ... of a pressing one, this many
+ATTEMPTS = 20                # surface points tried for a centre in free tissue
+NORMAL_SMOOTHING_MM = 3.0    # the surface normal is that of the organ mask smoothed this much
+
+
+def free_tissue(image_hu, label):
+    """Voxels a mass may replace: unlabelled (label 0) fat and soft tissue."""
+    return (label == 0) & (image_hu > FREE_HU[0]) & (image_hu < FREE_HU[1])
+
+
+def synthesise_neighbour_mass(image_hu, organ_mask, free_mask, spacing_mm, rng, config=MASS):
+    """(new image in HU, mass mask): one mass centred in `free_mask`, outside the organ, its attenuation set against
+    the organ's parenchyma. It lies in `free_mask` and touches the organ, or (INDENT_PROBABILITY) presses into it
+    and covers organ voxels too, which are then no longer organ. No other voxel changes. Where no surface point has
+    free tissue beyond it, the image comes back unchanged with an empty mask."""
+    image_hu, organ, spacing = _check_inputs(image_hu, organ_mask, spacing_mm)
+    free = np.asarray(free_mask, bool)
+    if free.shape != organ.shape:
+        raise ValueError(f"free mask shape {free.shape} differs from the organ's {organ.shape}")
+    out = image_hu.astype(np.float32, copy=True)
+    mass = np.zeros(organ.shape, bool)
+    radius = float(np.exp(rng.uniform(*np.log(config.radius_mm))))
+    indent = rng.random() < INDENT_PROBABILITY
+    depth_mm = radius * rng.uniform(*(INDENT_DEPTH if indent else CONTACT_DEPTH))
+    centre = _centre_outside(organ, free, spacing, depth_mm, rng)
+    if centre is None:
+        return out, mass
+    statistics = parenchyma_statistics(image_hu, organ, config)
+    _paint_lesion(out, mass, free | organ if indent else free,
+                  _draw_mass(centre, radius, statistics, spacing, rng, config), statistics, spacing, rng, config)
+    return out, mass
+
+
+def _centre_outside(organ, free, spacing, depth_mm, rng):
+    """A voxel in free tissue `depth_mm` outside a random point of the organ surface, along the surface's outward
+    normal; None if none of ATTEMPTS points has one."""
+    # The crop's faces are not surface: the organ goes on beyond them.
+    surface = np.argwhere(organ & ~ndimage.binary_erosion(organ, border_value=1))
+    if not len(surface):
+        return None
+    inward = np.gradient(ndimage.gaussian_filter(organ.astype(np.float32), NORMAL_SMOOTHING_MM / spacing))
+    for point in surface[rng.integers(len(surface), size=ATTEMPTS)]:
+        normal = -np.array([g[tuple(point)] for g in inward]) / spacing  # per mm
+        length = np.linalg.norm(normal)
+        if length < 1e-6:
+            continue
+        centre = np.round(point + normal / length * depth_mm / spacing).astype(int)
+        if np.all(centre >= 0) and np.all(centre < organ.shape) and free[tuple(centre)]:
+            return centre
+    return None
+
+
+def _draw_mass(centre, radius, statistics, spacing, rng, config):
+    half_log = np.log(config.max_axis_ratio) / 2
+    ratios = np.exp(rng.uniform(-half_log, half_log, 3))
+    shape, deformation, lobes = _draw_shape(rng, radius, config)
+    rim = None
+    if rng.random() < config.rim_probability:
+        rim = (float(rng.uniform(*config.rim_contrast_hu)), float(rng.uniform(*config.rim_width_mm)))
+    necrosis = None
+    if radius >= config.necrosis_min_radius_mm and rng.random() < config.necrosis_probability:
+        necrosis = (float(rng.uniform(*config.necrosis_fraction)), float(rng.uniform(*config.necrosis_hu)))
+    softness = np.hypot(rng.uniform(*config.edge_softness_mm),
+                        SIGMOID_PER_GAUSSIAN_SIGMA * _scan_blur_mm(statistics, spacing))
+    return Lesion(centre=tuple(int(c) for c in centre), radius_mm=radius,
+                  semi_axes_mm=radius * ratios / np.prod(ratios) ** (1 / 3), rotation=_random_rotation(rng),
+                  mode="hypo", contrast_hu=-float(rng.uniform(*config.hypo_contrast_hu)), deformation=deformation,
+                  softness_mm=float(min(softness, radius / 3)), shape=shape, lobes=lobes,
+                  noise=float(rng.uniform(*config.noise_std)),
+                  heterogeneity=float(rng.uniform(*config.heterogeneity_std)),
+                  heterogeneity_scale_mm=float(rng.uniform(*config.heterogeneity_scale_mm)), rim=rim,
+                  necrosis=necrosis, placement="outside")
