@@ -3,7 +3,8 @@
 A kidney, adrenal or bowel tumour can press against the liver. BTCV holds no such mass, and the networks learnt
 that tissue at the liver's place is liver or liver tumour: on a real CT with a 669 mL mass under the liver, outside
 it (3D-IRCADb patient 7), every liver stage labelled most of the mass liver. Painted during training into the
-tissue around the organ, touching it, these masses teach that a mass whose boundary is the organ's edge is not organ.
+tissue around the organ, touching it, these masses teach that a mass whose boundary is the organ's edge is not organ
+(what they changed, measured: Training/README.md, "Session 12").
 Half of them press into the organ and replace it where they lie (the caller labels those voxels background): a
 large renal or adrenal tumour indents the liver, and the liver then wraps partly round it.
 
@@ -19,9 +20,9 @@ from scipy import ndimage
 from .lesions import (SIGMOID_PER_GAUSSIAN_SIGMA, Lesion, LesionConfig, _check_inputs, _draw_shape,
                       _paint_lesion, _random_rotation, _scan_blur_mm, parenchyma_statistics)
 
-# Masses 30-110 mm across (14-700 mL), hypo-attenuating against the liver: renal, adrenal and bowel tumours
-# and lymph node masses are 20-110 HU below enhanced liver in the portal-venous phase. Not iso: tissue like
-# the organ's that touches it cannot be told from it.
+# Masses 30-110 mm across (14-700 mL), hypo-attenuating against the liver, as renal, adrenal and bowel tumours and
+# nodal masses mostly are against an enhanced liver (IRCADb patient 7's: 85 HU below). Not iso: tissue like the
+# organ's that touches it cannot be told from it.
 MASS = LesionConfig(radius_mm=(15.0, 55.0), max_axis_ratio=1.8, shape_probabilities=(0.4, 0.4, 0.2),
                     mode_probabilities=(1.0, 0.0, 0.0), hypo_contrast_hu=(25.0, 110.0),
                     heterogeneity_std=(0.3, 1.2), heterogeneity_scale_mm=(3.0, 10.0),
