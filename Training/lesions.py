@@ -410,16 +410,51 @@ def _draw_shape(rng, radius, config):
     return shape, float(rng.uniform(*config.deformation)), lobes
 
 
+def draw_radius(rng, radius_range):
+    """A volume-equivalent radius (mm), log-uniform over the range."""
+    return float(np.exp(rng.uniform(*np.log(radius_range))))
+
+
+def draw_semi_axes(rng, radius, config):
+    """Axis ratios log-uniform within the allowed ratio, scaled so the volume is that of the sphere of `radius`."""
+    half_log = np.log(config.max_axis_ratio) / 2
+    ratios = np.exp(rng.uniform(-half_log, half_log, 3))
+    return radius * ratios / np.prod(ratios) ** (1 / 3)
+
+
+def draw_rim(rng, config):
+    """(rim mean relative to parenchyma, width mm), or None."""
+    if rng.random() < config.rim_probability:
+        return float(rng.uniform(*config.rim_contrast_hu)), float(rng.uniform(*config.rim_width_mm))
+    return None
+
+
+def draw_necrosis(rng, radius, config):
+    """(core radius fraction, core HU) for a large enough lesion, or None."""
+    if radius >= config.necrosis_min_radius_mm and rng.random() < config.necrosis_probability:
+        return float(rng.uniform(*config.necrosis_fraction)), float(rng.uniform(*config.necrosis_hu))
+    return None
+
+
+def draw_softness(rng, radius, statistics, spacing, config):
+    """Edge sigmoid scale (mm): a biological blur added to the scan's own, at most radius / 3."""
+    scan_blur = SIGMOID_PER_GAUSSIAN_SIGMA * _scan_blur_mm(statistics, spacing)
+    return float(min(np.hypot(rng.uniform(*config.edge_softness_mm), scan_blur), radius / 3))
+
+
+def draw_texture(rng, config):
+    """Fine grain, coarse heterogeneity and its scale: the `Lesion` fields of that name."""
+    return {"noise": float(rng.uniform(*config.noise_std)),
+            "heterogeneity": float(rng.uniform(*config.heterogeneity_std)),
+            "heterogeneity_scale_mm": float(rng.uniform(*config.heterogeneity_scale_mm))}
+
+
 def _draw_lesions(grid, spacing, statistics, rng, config):
     count, radius_range, shared_mode = _draw_pattern(rng, config)
-    scan_blur = SIGMOID_PER_GAUSSIAN_SIGMA * _scan_blur_mm(statistics, spacing)
     lesions, placed = [], []
     for _ in range(count):
-        radius = float(np.exp(rng.uniform(*np.log(radius_range))))
-        # Axis ratios: log-uniform within the allowed ratio, then scaled so the volume is that of the sphere.
-        half_log = np.log(config.max_axis_ratio) / 2
-        ratios = np.exp(rng.uniform(-half_log, half_log, 3))
-        semi_axes = radius * ratios / np.prod(ratios) ** (1 / 3)
+        radius = draw_radius(rng, radius_range)
+        semi_axes = draw_semi_axes(rng, radius, config)
         rotation = _random_rotation(rng)
         shape, deformation, lobes = _draw_shape(rng, radius, config)
         coarse, rule = _choose_centre(grid, radius, placed, rng, config)
@@ -428,23 +463,17 @@ def _draw_lesions(grid, spacing, statistics, rng, config):
         mode = shared_mode or _choice(rng, MODES, config.mode_probabilities)
         sign = {"hypo": -1.0, "iso": rng.choice([-1.0, 1.0]), "hyper": 1.0}[mode]
         contrast = sign * rng.uniform(*getattr(config, f"{mode}_contrast_hu"))
-        rim = None
-        if rng.random() < config.rim_probability:
-            rim = (float(rng.uniform(*config.rim_contrast_hu)), float(rng.uniform(*config.rim_width_mm)))
+        rim = draw_rim(rng, config)
         mass_effect = 0.0
         if rng.random() < config.mass_effect_probability:
             mass_effect = float(rng.uniform(*config.mass_effect_strength))
-        necrosis = None
-        if radius >= config.necrosis_min_radius_mm and rng.random() < config.necrosis_probability:
-            necrosis = (float(rng.uniform(*config.necrosis_fraction)), float(rng.uniform(*config.necrosis_hu)))
-        softness = np.hypot(rng.uniform(*config.edge_softness_mm), scan_blur)
+        necrosis = draw_necrosis(rng, radius, config)
+        softness = draw_softness(rng, radius, statistics, spacing, config)
         lesions.append(Lesion(
             centre=tuple(int(c) for c in centre), radius_mm=radius, semi_axes_mm=semi_axes, rotation=rotation,
-            mode=mode, contrast_hu=float(contrast), deformation=deformation,
-            softness_mm=float(min(softness, radius / 3)), shape=shape, lobes=lobes,
-            noise=float(rng.uniform(*config.noise_std)), heterogeneity=float(rng.uniform(*config.heterogeneity_std)),
-            heterogeneity_scale_mm=float(rng.uniform(*config.heterogeneity_scale_mm)), rim=rim, mass_effect=mass_effect,
-            necrosis=necrosis, placement=rule))
+            mode=mode, contrast_hu=float(contrast), deformation=deformation, softness_mm=softness, shape=shape,
+            lobes=lobes, **draw_texture(rng, config), rim=rim, mass_effect=mass_effect, necrosis=necrosis,
+            placement=rule))
     return lesions
 
 

@@ -17,8 +17,8 @@ organ.
 import numpy as np
 from scipy import ndimage
 
-from .lesions import (SIGMOID_PER_GAUSSIAN_SIGMA, Lesion, LesionConfig, _check_inputs, _draw_shape,
-                      _paint_lesion, _random_rotation, _scan_blur_mm, parenchyma_statistics)
+from .lesions import (Lesion, LesionConfig, _check_inputs, _draw_shape, _paint_lesion, _random_rotation, draw_necrosis,
+                      draw_radius, draw_rim, draw_semi_axes, draw_softness, draw_texture, parenchyma_statistics)
 
 # Masses 30-110 mm across (14-700 mL), hypo-attenuating against the liver, as renal, adrenal and bowel tumours and
 # nodal masses mostly are against an enhanced liver (IRCADb patient 7's: 85 HU below). Not iso: tissue like the
@@ -52,7 +52,7 @@ def synthesise_neighbour_mass(image_hu, organ_mask, free_mask, spacing_mm, rng, 
         raise ValueError(f"free mask shape {free.shape} differs from the organ's {organ.shape}")
     out = image_hu.astype(np.float32, copy=True)
     mass = np.zeros(organ.shape, bool)
-    radius = float(np.exp(rng.uniform(*np.log(config.radius_mm))))
+    radius = draw_radius(rng, config.radius_mm)
     indent = rng.random() < INDENT_PROBABILITY
     depth_mm = radius * rng.uniform(*(INDENT_DEPTH if indent else CONTACT_DEPTH))
     centre = _centre_outside(organ, free, spacing, depth_mm, rng)
@@ -84,22 +84,13 @@ def _centre_outside(organ, free, spacing, depth_mm, rng):
 
 
 def _draw_mass(centre, radius, statistics, spacing, rng, config):
-    half_log = np.log(config.max_axis_ratio) / 2
-    ratios = np.exp(rng.uniform(-half_log, half_log, 3))
+    semi_axes = draw_semi_axes(rng, radius, config)
     shape, deformation, lobes = _draw_shape(rng, radius, config)
-    rim = None
-    if rng.random() < config.rim_probability:
-        rim = (float(rng.uniform(*config.rim_contrast_hu)), float(rng.uniform(*config.rim_width_mm)))
-    necrosis = None
-    if radius >= config.necrosis_min_radius_mm and rng.random() < config.necrosis_probability:
-        necrosis = (float(rng.uniform(*config.necrosis_fraction)), float(rng.uniform(*config.necrosis_hu)))
-    softness = np.hypot(rng.uniform(*config.edge_softness_mm),
-                        SIGMOID_PER_GAUSSIAN_SIGMA * _scan_blur_mm(statistics, spacing))
-    return Lesion(centre=tuple(int(c) for c in centre), radius_mm=radius,
-                  semi_axes_mm=radius * ratios / np.prod(ratios) ** (1 / 3), rotation=_random_rotation(rng),
-                  mode="hypo", contrast_hu=-float(rng.uniform(*config.hypo_contrast_hu)), deformation=deformation,
-                  softness_mm=float(min(softness, radius / 3)), shape=shape, lobes=lobes,
-                  noise=float(rng.uniform(*config.noise_std)),
-                  heterogeneity=float(rng.uniform(*config.heterogeneity_std)),
-                  heterogeneity_scale_mm=float(rng.uniform(*config.heterogeneity_scale_mm)), rim=rim,
-                  necrosis=necrosis, placement="outside")
+    rim = draw_rim(rng, config)
+    necrosis = draw_necrosis(rng, radius, config)
+    softness = draw_softness(rng, radius, statistics, spacing, config)
+    rotation = _random_rotation(rng)
+    contrast = -float(rng.uniform(*config.hypo_contrast_hu))
+    return Lesion(centre=tuple(int(c) for c in centre), radius_mm=radius, semi_axes_mm=semi_axes, rotation=rotation,
+                  mode="hypo", contrast_hu=contrast, deformation=deformation, softness_mm=softness, shape=shape,
+                  lobes=lobes, **draw_texture(rng, config), rim=rim, necrosis=necrosis, placement="outside")
