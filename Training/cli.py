@@ -80,8 +80,8 @@ def build_parser():
                           help="paint synthetic tumours (seeded per case) into the reference organ first and "
                                "score the tumour class too, with lesion-wise sensitivity and false positives")
     evaluate.add_argument("--synthetic-masses", type=int, metavar="SEED",
-                          help="paint a synthetic mass (seeded per case) beside the reference organ, outside it, "
-                               "first, and report how much of it the engine labels organ or tumour")
+                          help="paint a synthetic mass (seeded per case) beside the reference organ or pressing into "
+                               "it first, and report how much of it the engine labels organ or tumour")
     evaluate.add_argument("--lesion-rounds", type=int, default=1, metavar="N",
                           help="with --synthetic-lesions or --synthetic-masses: segment each case N times with "
                                "other ones (seed, seed + 1, ...) for more to count")

@@ -465,6 +465,7 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
     for warning in result.warnings:
         print(f"{case['id']}: warning: {warning}", file=sys.stderr)
     prediction = to_array(result.labels)
+    voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
     rows = []
     for label in labels:
         predicted, referenced = prediction == label.value, reference == label.value
@@ -474,13 +475,11 @@ def evaluate_case(case, task, mapping, labels, models_dir, device, tumour=None, 
                "confidence": quality.get("confidence"), "location_distance": quality.get("location_distance"),
                "check": quality.get("check")}
         if label.kind == "tumour":  # real tumour labels, or synthetic lesions painted in
-            voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             row.update(lesion_metrics(predicted, referenced, min_tumour_voxels(result.card, voxel_ml), voxel_ml))
             row["lesion_records"] = lesion_records(predicted, referenced, quality.get("lesions", []), voxel_ml)
         if mass is not None and label is mass_organ_label:
-            row.update(mass_row(prediction, mass, label, result.card, float(np.prod(grid.GetSpacing())) / 1000.0))
+            row.update(mass_row(prediction, mass, label, result.card, voxel_ml))
         rows.append(row)
-    voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
     rows += [healthy_row(case["id"], label, prediction == label.value, min_tumour_voxels(result.card, voxel_ml),
                          voxel_ml, result.quality.get(label.value, {}).get("lesions", [])) for label in healthy]
     return rows, result.device
