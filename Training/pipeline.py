@@ -87,6 +87,10 @@ def run_training(args):
         if dist.main:
             save_json({"training": training_ids, "validation": validation_ids}, os.path.join(run_dir, "split.json"))
         best = train(plan, cache, training_ids, validation_ids, run_dir, args, dist=dist)
+        # Every rank finishes before any tears gloo down: a rank that destroyed the group while its peer was still
+        # saving or reporting once aborted the peer at exit (SIGABRT, 1 CI run in 3 here). Not after an error: the
+        # peer may never come, and torchrun stops it.
+        dist.barrier()
     finally:
         dist.close()
     if dist.main:
