@@ -106,6 +106,7 @@ def make_plan(model_name, model, prints):
         "roi": model.get("roi", {}),
         "inference_overlap": model.get("inference_overlap", 0.5),
         "blend_previous": model.get("blend_previous", 0.0),
+        "tumour_blend_previous": model.get("tumour_blend_previous"),
         "merged_classes": model.get("merged_classes", []),
         "network": {
             "in_channels": len(model["channels"]),

@@ -198,13 +198,15 @@ def region_of_interest(probabilities, stage, canonical, roi):
     return np.asarray(lower) - margin, np.asarray(upper) + margin
 
 
-def blend_previous(probabilities, stage, canonical, previous, previous_stage, previous_canonical):
+def blend_previous(probabilities, stage, canonical, previous, previous_stage, previous_canonical, tumours=()):
     """(1 - w) x this stage's probabilities + w x the previous stage's, w = `stage.blend_previous`.
 
     The previous stage's channels are matched to this stage's classes by name and resampled linearly onto
     this stage's grid; its other classes, and everything outside its grid, count as background.
+    With `stage.tumour_blend_previous` (t), each (organ, tumour) channel pair of `tumours` keeps its total from
+    that average but splits it between organ and tumour as the average with weight t does: the stage that sees
+    small lesions best can decide the tumour without also deciding the organ's outline.
     """
-    weight = stage.blend_previous
     matched = []
     for name in stage.classes[1:]:
         channel = np.zeros(probabilities.shape[1:], np.float32)
@@ -213,7 +215,25 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
             channel = sitk.GetArrayFromImage(resample(image, canonical)).transpose(2, 1, 0)
         matched.append(channel)
     matched = np.stack([1.0 - np.sum(matched, axis=0)] + matched)
-    return (1.0 - weight) * probabilities + weight * matched
+    blended = (1.0 - stage.blend_previous) * probabilities + stage.blend_previous * matched
+    if stage.tumour_blend_previous is None:
+        return blended
+    split = (1.0 - stage.tumour_blend_previous) * probabilities + stage.tumour_blend_previous * matched
+    for organ, tumour in tumours:
+        total, split_total = blended[organ] + blended[tumour], split[organ] + split[tumour]
+        share = np.divide(split[tumour], split_total, out=np.zeros_like(split_total), where=split_total > 0)
+        blended[tumour] = total * share
+        blended[organ] = total - blended[tumour]
+    return blended
+
+
+def tumour_channels(card, stage):
+    """(organ channel, tumour channel) of `stage` for each of the card's tumour labels whose organ it also has."""
+    names = {label.name: label.source_class for label in card.labels}
+    return [(stage.classes.index(names[label.organ]), stage.classes.index(label.source_class))
+            for label in card.labels
+            if label.kind == "tumour" and label.source_class in stage.classes
+            and names.get(label.organ) in stage.classes]
 
 
 class NetworkLoader:
@@ -337,7 +357,7 @@ class Cascade:
                                                  self.precision)
         if number and stage.blend_previous:
             probabilities = blend_previous(probabilities, stage, canonical, previous[0], card.stages[number - 1],
-                                           previous[1])
+                                           previous[1], tumour_channels(card, stage))
         self.timings["network"] += time.perf_counter() - started
         return probabilities, canonical
 

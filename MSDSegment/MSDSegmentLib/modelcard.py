@@ -64,6 +64,9 @@ class Stage:
     # Weight of the previous stage's probabilities (for this stage's classes, on this stage's grid) in
     # an average with this stage's: two networks that err differently. 0: this stage's alone.
     blend_previous: float = 0.0
+    # With it, that weight for how the organ splits into organ and tumour (see engine.blend_previous); None: the
+    # tumour is averaged like every class.
+    tumour_blend_previous: float = None
     folder: str = MODELS_DIR
 
     @property

@@ -57,7 +57,7 @@ TINY_PLANS = {
                    "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
                    "roi": {"after": "abdomen-fine", "classes": ["liver", "liver tumour"],
                            "margin_mm": [15, 15, 12], "cluster_gap_mm": 10},
-                   "blend_previous": 0.7},
+                   "blend_previous": 0.7, "tumour_blend_previous": 0.25},
     "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
                  "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
                  "normalisation": {"type": "zscore"}},

@@ -1,5 +1,6 @@
 """The engine on real CT: geometry in world space, quality on held-back cases, progress, cancel, models."""
 
+import dataclasses
 import os
 import shutil
 
@@ -242,6 +243,43 @@ def test_a_stage_blends_in_the_previous_stage_s_probabilities_for_its_own_classe
     # 10-18 mm: pancreas before; here index 0-8 (x, y) and 0-4 (z, from 4 mm); spleen counts as background.
     np.testing.assert_allclose(blended[:, 2, 2, 2], [0, 0.25, 0.75], atol=1e-6)
     np.testing.assert_allclose(blended[:, 15, 15, 8], [0.25, 0, 0.75], atol=1e-6)
+
+
+def test_a_stage_can_decide_the_tumour_share_of_its_organ_alone():
+    """tumour_blend_previous 0: the organ's total (organ + tumour) is still averaged with the previous stage, but
+    how it splits into organ and tumour is this stage's; the channels still sum to one, and the pairs come from
+    the card's labels (a tumour and the organ it belongs to)."""
+    from MSDSegmentLib.engine import blend_previous, tumour_channels
+    from MSDSegmentLib.modelcard import Label, ModelCard, Stage
+
+    grid = sitk.Image([6, 6, 4], sitk.sitkUInt8)
+    classes = ["background", "liver", "liver tumour"]
+    previous_stage = Stage(weights="", sha256="", network={}, spacing=[], patch_size=[], normalisation={},
+                           classes=["background", "spleen", "liver", "liver tumour"])
+    here = Stage(weights="", sha256="", network={}, spacing=[], patch_size=[], normalisation={}, classes=classes,
+                 blend_previous=0.5, tumour_blend_previous=0.0)
+    card = ModelCard(task="liver", title="", description="", modality="CT", channels=["CT"], stages=[here],
+                     postprocessing={}, training={}, validation={}, licence="",
+                     labels=[Label(value=1, name="liver", color=[0, 0, 0], source_class="liver"),
+                             Label(value=2, name="liver tumour", color=[0, 0, 0], source_class="liver tumour",
+                                   kind="tumour", organ="liver")])
+    pairs = tumour_channels(card, here)
+    assert pairs == [(1, 2)] and tumour_channels(card, previous_stage) == [(2, 3)]
+
+    previous = np.zeros((4, 6, 6, 4), np.float32)
+    previous[2] = 1                                  # the previous stage: liver everywhere, no tumour
+    probabilities = np.zeros((3, 6, 6, 4), np.float32)
+    probabilities[:, :3] = np.array([0.0, 0.2, 0.8])[:, None, None, None]  # this stage: mostly tumour ...
+    probabilities[:, 3:] = np.array([1.0, 0.0, 0.0])[:, None, None, None]  # ... and background beside it
+    blended = blend_previous(probabilities, here, grid, previous, previous_stage, grid, pairs)
+    np.testing.assert_allclose(blended.sum(axis=0), 1, atol=1e-6)
+    np.testing.assert_allclose(blended[:, 1, 1, 1], [0.0, 0.2, 0.8], atol=1e-6)  # its split, total 1
+    # Where this stage sees no organ, the previous stage's split decides (all liver): the total is 0.5.
+    np.testing.assert_allclose(blended[:, 4, 4, 1], [0.5, 0.5, 0.0], atol=1e-6)
+    # Without the tumour weight the tumour is averaged like the rest: 0.4.
+    linear = blend_previous(probabilities, dataclasses.replace(here, tumour_blend_previous=None), grid, previous,
+                            previous_stage, grid, pairs)
+    np.testing.assert_allclose(linear[:, 1, 1, 1], [0.0, 0.6, 0.4], atol=1e-6)
 
 
 def test_a_region_is_preprocessed_as_if_the_whole_image_had_been():

@@ -228,6 +228,8 @@ def test_cascade_cards_have_their_stages_and_the_trained_tumours(cascade):
     assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
     assert pancreas.stages[2].blend_previous == MODELS["pancreas-fine"]["blend_previous"]
     assert liver.stages[2].blend_previous == MODELS["liver-fine"]["blend_previous"]
+    assert liver.stages[2].tumour_blend_previous == MODELS["liver-fine"]["tumour_blend_previous"]
+    assert pancreas.stages[2].tumour_blend_previous is None
     # ... and the labels and training record of the last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
     assert pancreas.training["model"] == "pancreas-fine"
