@@ -295,7 +295,7 @@ def synthetic_tumour(card, model):
     for label in card.trained_labels:
         entry = model.get("synthetic_lesions", {}).get(label.source_class)
         if label.kind == "tumour" and entry:
-            return label, next(other for other in card.labels if other.name == label.organ), PRESETS[entry["preset"]]
+            return label, card.organ_of(label), PRESETS[entry["preset"]]
     return None
 
 

@@ -229,11 +229,12 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
 
 def tumour_channels(card, stage):
     """(organ channel, tumour channel) of `stage` for each of the card's tumour labels whose organ it also has."""
-    names = {label.name: label.source_class for label in card.labels}
-    return [(stage.classes.index(names[label.organ]), stage.classes.index(label.source_class))
-            for label in card.labels
-            if label.kind == "tumour" and label.source_class in stage.classes
-            and names.get(label.organ) in stage.classes]
+    pairs = []
+    for label in card.labels:
+        organ = card.organ_of(label) if label.kind == "tumour" else None
+        if organ and label.source_class in stage.classes and organ.source_class in stage.classes:
+            pairs.append((stage.classes.index(organ.source_class), stage.classes.index(label.source_class)))
+    return pairs
 
 
 class NetworkLoader:

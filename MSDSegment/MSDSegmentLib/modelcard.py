@@ -105,6 +105,10 @@ class ModelCard:
     def label(self, value):
         return next(label for label in self.labels if label.value == value)
 
+    def organ_of(self, tumour):
+        """The organ label a tumour label belongs to (its `organ`), or None."""
+        return next((label for label in self.labels if label.name == tumour.organ), None)
+
     def summary(self):
         """One line for menus and `tasks`: title and the measured validation Dice."""
         dice = self.validation.get("dice", {})

@@ -189,7 +189,7 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
     lesions = {}
     for label in card.trained_labels:
         if label.kind == "tumour":
-            organ = next(o.value for o in card.labels if o.name == label.organ)
+            organ = card.organ_of(label).value
             lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
                                                   (tumour_probabilities or {}).get(label.value),
                                                   settings.get("min_tumour_confidence", 0.0), spacing_mm,
