@@ -425,6 +425,23 @@ def test_necrotic_centres_are_fluid_and_stay_tumour(liver_phantom):
         assert abs(new[core].mean() - core_hu) < 8 and new[shell].mean() > new[core].mean() + 30
 
 
+def test_dense_deposits_are_bright_stay_tumour_and_leave_every_other_draw_unchanged(liver_phantom):
+    image, organ, _ = liver_phantom
+    plain = dataclasses.replace(LIVER, count_probabilities=(1.0,), multifocal_probability=0.0, radius_mm=(15.0, 15.0))
+    dense = dataclasses.replace(plain, calcification_probability=1.0, calcification_share=(0.2, 0.2),
+                                calcification_hu=(600.0, 600.0))
+    for seed in range(3):
+        before, before_mask, (before_lesion,) = synthesise_lesions_detailed(
+            image, organ, SPACING, np.random.default_rng(seed), plain)
+        after, mask, (lesion,) = synthesise_lesions_detailed(image, organ, SPACING, np.random.default_rng(seed), dense)
+        assert before_lesion.calcification is None and lesion.calcification is not None
+        assert np.array_equal(mask, before_mask), "the deposits change no other draw: same lesion, same label"
+        assert not np.any((np.abs(after - before) > 1e-3) & ~mask), "deposits lie inside the lesion only"
+        clipped = after >= LIVER.hu_window[1] - 1e-3  # 600 HU, clipped to the window BTCV was clipped to
+        assert not np.any(before[mask] >= LIVER.hu_window[1] - 1e-3)
+        assert 0.1 < clipped[mask].mean() < 0.3, "about the drawn share of the lesion is dense"
+
+
 def grainy_phantom(sigma_voxels, seed=0):
     """The liver phantom with noise of the same std but another grain (correlation length)."""
     rng = np.random.default_rng(seed)
