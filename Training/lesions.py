@@ -624,7 +624,8 @@ def _paint_lesion(out, lesion_mask, organ, lesion, statistics, spacing, rng, con
 
 
 def _add_deposits(value, inside, calcification, spacing):
-    """Dense patches over `share` of the lesion's voxels: where a smooth random field is highest, edges a voxel wide."""
+    """Dense patches over `share` of the lesion's voxels, where a smooth random field is highest (their edge: a
+    sigmoid over a tenth of the field's std)."""
     share, dense_hu, scale_mm, seed = calcification
     field = _smooth_noise(np.random.default_rng(seed), value.shape, scale_mm / 2 / np.asarray(spacing, float))
     threshold = np.quantile(field[inside], 1 - share)
