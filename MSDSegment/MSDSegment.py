@@ -631,6 +631,9 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
         report(text), if given, is told what is being installed (each step blocks for a while). The packages
         that Slicer and the PyTorch extension installed (torch, numpy, scipy, SimpleITK) are pinned, so pip
         picks versions that fit them instead of replacing them."""
+        problem = dependencies.installation_problem()
+        if problem:  # said before anything is downloaded
+            raise MSDSegmentError(problem)
         if dependencies.torch_needed():
             if report:
                 report("Installing PyTorch (through the PyTorch extension)...")
@@ -660,7 +663,7 @@ def installTorch(askConfirmation=True):
         import PyTorchUtils
     except ImportError:
         PyTorchUtils = None
-    requirement = dependencies.TORCH_REQUIREMENT
+    requirement = dependencies.torch_requirement()
     if PyTorchUtils is not None:
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                               torchVersionRequirement=requirement)
@@ -693,7 +696,7 @@ class MSDSegmentTest(ScriptedLoadableModuleTest):
 
         from MSDSegmentLib import selftests
 
-        missing = (["PyTorch" + dependencies.TORCH_REQUIREMENT] if dependencies.torch_needed() else []) \
+        missing = (["PyTorch" + dependencies.torch_requirement()] if dependencies.torch_needed() else []) \
             + dependencies.unmet_requirements()
         if missing:  # reported as a skip with a warning, never as a pass
             message = ("MSDSegment self-test NOT RUN: install " + ", ".join(missing)
