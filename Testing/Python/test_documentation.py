@@ -10,7 +10,8 @@ import pytest
 from conftest import REPOSITORY
 
 README = os.path.join(REPOSITORY, "README.md")
-# Work-period narration: "Session 12", "this session", "earlier sessions" (a Slicer or pytest session is no period).
+# Work-period narration: the word session with a number after it, or after this, last, previous, earlier or next
+# (a Slicer or pytest session is no period of work).
 NARRATION = re.compile(r"\bsessions? \d+\b|\b(this|last|previous|earlier|next) sessions?\b", re.IGNORECASE)
 
 

@@ -2,6 +2,7 @@
 fetches and checks its pinned weights (CMake/MSDSegmentWeights.cmake, run by the real CMake)."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -69,7 +70,9 @@ def test_the_release_clone_measures_within_the_limit_and_its_history_holds_no_we
     assert not [path for path, _ in blobs if path.endswith(".pt")]
     assert max(size for _, size in blobs) < 1_000_000, "a large file entered the release history"
     with open(os.path.join(out, "MSDSegment.json"), encoding="utf-8") as stream:
-        assert f'"scm_revision": "{commit}"' in stream.read()
+        entry = json.load(stream)
+    assert entry["scm_revision"] == commit
+    assert entry["scm_url"] == f"https://github.com/msdsegment/{release.RELEASE_REPOSITORY}.git"
 
 
 def test_the_release_is_the_committed_tree_with_each_weight_file_replaced_by_its_card_s_pin(first_release):
