@@ -1,7 +1,7 @@
 """The Slicer module's MRML logic (MSDSegmentLib.mrml) on a real scene built from slicer-core.
 
-The test bodies live in MSDSegmentLib/selftests.py so that the module's self-test (MSDSegmentTest,
-run by ctest inside Slicer) runs exactly the same checks. Here they get real BTCV / MSD prostate files
+The test bodies live in MSDSegment/Testing/Python/MSDSegmentLogicTests.py so that the module's tests inside
+Slicer (MSDSegmentTest, registered with ctest) run exactly the same checks. Here they get real BTCV / MSD prostate files
 and small random-weight models written by Training's export code (structure, not accuracy).
 """
 
@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from conftest import BTCV, PROSTATE
-from MSDSegmentLib import modelcard, selftests
+import MSDSegmentLogicTests as selftests
+from MSDSegmentLib import modelcard
 
 
 def first_case(folder, key="image"):
