@@ -27,6 +27,7 @@ from .terminology import entry_string
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
 SMOOTHING_PARAMETER = "Smoothing factor"  # of the binary label map to closed surface conversion
 QUALITY_TAG = "MSDSegment.Quality"  # a segment's quality entry (JSON): saved with it in .seg.nrrd
 GEOMETRY_TOLERANCE_MM = 1e-3      # a result file must lie on its input's grid to this precision
@@ -546,6 +547,18 @@ def show_surfaces(segmentation_node, show, smoothing=0.5):
     segmentation_node.RemoveClosedSurfaceRepresentation()  # rebuilt below with the smoothing asked for
     if show:
         segmentation_node.CreateClosedSurfaceRepresentation()
+
+
+def update_surface_smoothing(segmentation_node, smoothing):
+    """Rebuild the 3-D surfaces with this smoothing factor if they are shown and were built with another one;
+    returns whether they were rebuilt. A segmentation without surfaces gets none (they are the user's choice)."""
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.ContainsRepresentation(CLOSED_SURFACE):
+        return False
+    if segmentation.GetConversionParameter(SMOOTHING_PARAMETER) == f"{float(smoothing):g}":
+        return False
+    show_surfaces(segmentation_node, True, smoothing)
+    return True
 
 
 def guess_adc_volume(scene, t2_node=None):

@@ -700,6 +700,46 @@ def test_surfaces_follow_the_show_3d_choice(ctx):
     assert segmentation.ContainsRepresentation(mrml.BINARY_LABELMAP)
 
 
+def surface_points(node):
+    from vtk.util import numpy_support
+
+    surface = node.GetSegmentation().GetSegment("Segment_1").GetRepresentation("Closed surface")
+    return numpy_support.vtk_to_numpy(surface.GetPoints().GetData()).copy()
+
+
+def test_the_smoothing_slider_rebuilds_shown_surfaces_only(ctx):
+    """A new smoothing rebuilds the surfaces shown (the slider's job) and builds none where none are shown; a
+    scene restored from a file has surfaces only if they were saved with it."""
+    from MSDSegmentLib import mrml
+
+    spleen = card(ctx, "spleen")
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    node = mrml.import_labels(threshold_labels(mrml.volume_to_image(ct), spleen), ct, spleen)
+    assert not mrml.update_surface_smoothing(node, 0.8)
+    assert not node.GetSegmentation().ContainsRepresentation("Closed surface"), "surfaces built unasked"
+    mrml.show_surfaces(node, True, 0.1)
+    rough = surface_points(node)
+    assert mrml.update_surface_smoothing(node, 0.8)
+    assert node.GetSegmentation().GetConversionParameter(mrml.SMOOTHING_PARAMETER) == "0.8"
+    smooth = surface_points(node)
+    assert rough.shape != smooth.shape or not np.allclose(rough, smooth), "the surfaces did not change"
+    assert not mrml.update_surface_smoothing(node, 0.8), "rebuilt with the smoothing they already have"
+
+    for shown in (False, True):
+        mrml.show_surfaces(node, shown, 0.8)
+        path = os.path.join(ctx.folder, f"saved {shown}.seg.nrrd")
+        storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storage.SetFileName(path)
+        assert storage.WriteData(node)
+        scene = ctx.new_scene()
+        restored = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        reader.SetFileName(path)
+        assert reader.ReadData(restored)
+        assert restored.GetSegmentation().ContainsRepresentation("Closed surface") == shown
+        assert not mrml.update_surface_smoothing(restored, 0.8), "a restored scene's surfaces were rebuilt"
+
+
 def test_cancel_leaves_scene_unchanged(ctx):
     """Cancelling, before or during the network, changes nothing: no new node, the output untouched."""
     from MSDSegmentLib import errors, mrml
