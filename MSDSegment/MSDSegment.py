@@ -133,6 +133,7 @@ class MSDSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     show3D: bool = False
     allFrames: bool = False
+    batchVolumes: list[vtkMRMLScalarVolumeNode]  # "Also segment": further volumes, each segmented alone
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.1)] = 0.5
 
 
@@ -170,6 +171,8 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # clicked, not toggled: restoring a scene sets the box without building surfaces nobody asked for.
         self.ui.show3DCheckBox.connect("clicked(bool)", self.onShow3DClicked)
         self.ui.smoothingSliderWidget.connect("valueChanged(double)", self.onSmoothingChanged)
+        # No parameter node connector exists for a checkable node combo box: this one is kept in step by hand.
+        self.ui.batchVolumesComboBox.connect("checkedNodesChanged()", self.onBatchVolumesChecked)
         self.initializeParameterNode()
 
     def onReload(self) -> None:
@@ -247,6 +250,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.taskDescriptionLabel.text = card.description if card else ""
         self.ui.testTimeMirroringCheckBox.enabled = bool(card and any(stage.mirror_axes for stage in card.stages))
         self.ui.allFramesCheckBox.visible = choice.inSequence and not choice.needsAdc
+        self.showBatchVolumes(node.batchVolumes if node else [])
         for widget in (self.ui.batchVolumesLabel, self.ui.batchVolumesComboBox):
             widget.enabled = not choice.batchUnavailable
             widget.toolTip = choice.batchUnavailable or "Further volumes to segment with the same task, each alone"
@@ -271,7 +275,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         choice = PanelChoice(node, self.cards[node.task], self.logic)
         self.showVolumes(None)
-        batch = [] if choice.batchUnavailable else self.ui.batchVolumesComboBox.checkedNodes()
+        batch = [] if choice.batchUnavailable else [volume for volume in node.batchVolumes if volume is not None]
         options = dict(device=node.device.value, precision=node.precision.value, tta=node.testTimeMirroring,
                        keepLargest=node.keepLargestComponent, waitForCompletion=False, progress=self.onProgress,
                        finished=self.onFinished)
@@ -286,6 +290,21 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.run = self.logic.segmentMany([first] + others, node.task,
                                                   outputNodes=[node.outputSegmentation], **options)
             self.setRunning(True)
+
+    def onBatchVolumesChecked(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.batchVolumes = list(self.ui.batchVolumesComboBox.checkedNodes())
+
+    def showBatchVolumes(self, volumes) -> None:
+        """Check the volumes the parameter node lists, and only those (without writing them back)."""
+        comboBox = self.ui.batchVolumesComboBox
+        wanted = {volume.GetID() for volume in volumes if volume is not None}
+        wasBlocked = comboBox.blockSignals(True)
+        try:
+            for volume in list(comboBox.checkedNodes()) + list(comboBox.uncheckedNodes()):
+                comboBox.setCheckState(volume, qt.Qt.Checked if volume.GetID() in wanted else qt.Qt.Unchecked)
+        finally:
+            comboBox.blockSignals(wasBlocked)
 
     def showInstalling(self, text) -> None:
         """Say what is being installed: pip blocks the GUI for minutes on the first run."""

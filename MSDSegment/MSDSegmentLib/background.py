@@ -155,10 +155,14 @@ class BackgroundSegmentation:
             except Exception as error:  # this input cannot be written: it alone fails
                 self.fail(index, error)
         self.jobs = {index: (inputs, output) for index, inputs, output in jobs}
-        if jobs:
-            self.launch([index for index, _, _ in jobs])
-        else:
+        if not jobs:
             self.end()
+            return self
+        try:
+            self.launch([index for index, _, _ in jobs])
+        except Exception:  # the engine cannot start: nothing ran, nothing is left behind
+            self.workspace.remove()
+            raise
         return self
 
     def launch(self, indexes):
@@ -173,7 +177,7 @@ class BackgroundSegmentation:
             self.process.write(END_LINE)
         except Exception:
             self.process.stop()
-            self.workspace.remove()
+            self.process = None
             raise
 
     # Events from the process (in the pumping thread)
@@ -217,8 +221,12 @@ class BackgroundSegmentation:
             self.fail(self.pending[0], MSDSegmentError(message), self.error_text)
             left = self.pending[1:]
             if left:  # a crash takes only the job it was on: a new process serves the others
-                self.launch(left)
-                return
+                try:
+                    self.launch(left)
+                    return
+                except Exception as error:
+                    for index in left:
+                        self.fail(index, error)
         self.end()
 
     # Results
@@ -309,6 +317,8 @@ class SubprocessTransport:
         self.process.stdin.flush()
 
     def stop(self):
+        if self.process is None:
+            return
         try:
             self.process.stdin.close()
         except OSError:
