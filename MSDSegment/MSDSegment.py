@@ -245,19 +245,19 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show what the chosen task and input allow, fill in the ADC, and say whether Segment can run."""
         node = self._parameterNode
         card = self.cards.get(node.task) if node else None
-        choice = PanelChoice(node, card, self.logic)
-        self.ui.adcVolumeLabel.visible = self.ui.adcVolumeSelector.visible = choice.needsAdc
+        choice = self.panelChoice()
+        self.ui.adcVolumeLabel.visible = self.ui.adcVolumeSelector.visible = choice.needs_adc
         self.ui.taskDescriptionLabel.text = card.description if card else ""
         self.ui.testTimeMirroringCheckBox.enabled = bool(card and any(stage.mirror_axes for stage in card.stages))
-        self.ui.allFramesCheckBox.visible = choice.inSequence and not choice.needsAdc
+        self.ui.allFramesCheckBox.visible = choice.in_sequence and not choice.needs_adc
         self.showBatchVolumes(node.batchVolumes if node else [])
         for widget in (self.ui.batchVolumesLabel, self.ui.batchVolumesComboBox):
-            widget.enabled = not choice.batchUnavailable
-            widget.toolTip = choice.batchUnavailable or "Further volumes to segment with the same task, each alone"
-        self.ui.show3DCheckBox.enabled = not choice.surfacesUnavailable
-        self.ui.show3DCheckBox.toolTip = choice.surfacesUnavailable or "Build the segments' 3-D surfaces"
-        self.ui.smoothingSliderWidget.enabled = bool(node and node.show3D) and not choice.surfacesUnavailable
-        if node and choice.needsAdc and node.inputVolume and not node.adcVolume:
+            widget.enabled = not choice.batch_unavailable
+            widget.toolTip = choice.batch_unavailable or "Further volumes to segment with the same task, each alone"
+        self.ui.show3DCheckBox.enabled = not choice.surfaces_unavailable
+        self.ui.show3DCheckBox.toolTip = choice.surfaces_unavailable or "Build the segments' 3-D surfaces"
+        self.ui.smoothingSliderWidget.enabled = bool(node and node.show3D) and not choice.surfaces_unavailable
+        if node and choice.needs_adc and node.inputVolume and not node.adcVolume:
             guess = self.logic.guessAdcVolume(node.inputVolume)
             if guess:
                 node.adcVolume = guess  # triggers this update again, with the ADC set
@@ -267,25 +267,35 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = not choice.missing
         self.ui.segmentButton.toolTip = choice.missing or "Run the model on the input volume"
 
+    def panelChoice(self):
+        """What Segment would run, from the parameter node only (never from what the widgets show)."""
+        node = self._parameterNode
+        if node is None:
+            choice = mrml.PanelChoice("", None)
+            choice.missing = "No parameter node"
+            return choice
+        return mrml.PanelChoice(node.task, self.cards.get(node.task), node.inputVolume, node.adcVolume,
+                                node.allFrames, node.outputSegmentation)
+
     def onSegmentButton(self) -> None:
         if self.run is not None:
             self.ui.statusLabel.text = "Cancelling..."
             self.run.cancel()
             return
         node = self._parameterNode
-        choice = PanelChoice(node, self.cards[node.task], self.logic)
+        choice = self.panelChoice()
         self.showVolumes(None)
-        batch = [] if choice.batchUnavailable else [volume for volume in node.batchVolumes if volume is not None]
+        batch = [] if choice.batch_unavailable else [volume for volume in node.batchVolumes if volume is not None]
         options = dict(device=node.device.value, precision=node.precision.value, tta=node.testTimeMirroring,
                        keepLargest=node.keepLargestComponent, waitForCompletion=False, progress=self.onProgress,
                        finished=self.onFinished)
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self.logic.installDependencies(report=self.showInstalling)
             self.ui.statusLabel.text = ""
-            if choice.allFrames:
+            if choice.all_frames:
                 self.run = self.logic.segmentSequence(node.inputVolume, node.task, **options)
             else:  # the input (with its ADC for the prostate) into the output chosen, then each volume checked
-                first = [node.inputVolume, node.adcVolume] if choice.needsAdc else node.inputVolume
+                first = [node.inputVolume, node.adcVolume] if choice.needs_adc else node.inputVolume
                 others = [volume for volume in batch if volume is not node.inputVolume]
                 self.run = self.logic.segmentMany([first] + others, node.task,
                                                   outputNodes=[node.outputSegmentation], **options)
@@ -383,34 +393,6 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 0, nameItem)
             table.setItem(row, 1, volumeItem)
             table.setItem(row, 2, qualityItem)
-
-
-class PanelChoice:
-    """What a click on Segment would run, read from the parameter node only (never from what the widgets show)."""
-
-    def __init__(self, node, card, logic):
-        self.needsAdc = card is not None and len(card.channels) > 1
-        self.inSequence = bool(node and node.inputVolume and logic.sequenceOf(node.inputVolume)[1] is not None)
-        self.allFrames = bool(node and node.allFrames) and self.inSequence and not self.needsAdc
-        self.batchUnavailable = (
-            f"The {card.task} task takes a T2 volume with its ADC: segment other cases one at a time"
-            if self.needsAdc else "Every frame of the sequence is segmented" if self.allFrames else "")
-        self.surfacesUnavailable = (
-            "3-D surfaces are not built for a segmentation sequence (they would show one frame only): use the "
-            "Segment Editor's Show 3D on the frame shown" if self.allFrames or
-            (node and mrml.is_sequence_output(node.outputSegmentation)) else "")
-        self.missing = self.missingInput(node, card)
-
-    def missingInput(self, node, card) -> str:
-        if node is None:
-            return "No parameter node"
-        if card is None or modelcard.missing_weights(card):
-            return f"The model for '{node.task}' is not installed"
-        if not node.inputVolume:
-            return "Select an input volume"
-        if self.needsAdc and not node.adcVolume:
-            return "Select the ADC volume"
-        return ""
 
 
 #

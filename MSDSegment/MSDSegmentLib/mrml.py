@@ -21,7 +21,7 @@ import vtk
 from vtk.util import numpy_support
 
 from . import modelcard
-from .errors import InputError, MSDSegmentError, describe_error
+from .errors import InputError, describe_error
 from .imageio import read_image
 from .terminology import entry_string
 
@@ -402,6 +402,31 @@ def record_sequence(volume_node, task, segmentations):
 def is_sequence_output(segmentation_node):
     """Whether a segmentation node shows a frame of a segmentation sequence (its content follows the browser)."""
     return segmentation_node is not None and sequence_of(segmentation_node)[1] is not None
+
+
+class PanelChoice:
+    """What a click on the panel's Segment button runs, from the panel's parameters (the parameter node), never
+    from what its widgets show. Each `..._unavailable` is "" or the reason the panel shows for it."""
+
+    def __init__(self, task, card, input_node=None, adc_node=None, all_frames=False, output_node=None):
+        self.needs_adc = card is not None and len(card.channels) > 1
+        self.in_sequence = input_node is not None and sequence_of(input_node)[1] is not None
+        self.all_frames = bool(all_frames) and self.in_sequence and not self.needs_adc
+        self.batch_unavailable = (
+            f"The {task} task takes a T2 volume with its ADC: segment other cases one at a time"
+            if self.needs_adc else "Every frame of the sequence is segmented" if self.all_frames else "")
+        self.surfaces_unavailable = (
+            "3-D surfaces are not built for a segmentation sequence (they would show one frame only): use the "
+            "Segment Editor's Show 3D on the frame shown"
+            if self.all_frames or is_sequence_output(output_node) else "")
+        if card is None or modelcard.missing_weights(card):
+            self.missing = f"The model for '{task}' is not installed"
+        elif input_node is None:
+            self.missing = "Select an input volume"
+        elif self.needs_adc and adc_node is None:
+            self.missing = "Select the ADC volume"
+        else:
+            self.missing = ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -431,19 +431,20 @@ def test_panel_state_is_never_read_from_widget_visibility():
     reads = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
              and node.attr in ("visible", "isVisible", "enabled", "isEnabled") and isinstance(node.ctx, ast.Load)]
     assert not reads, f"widget state read: {reads}"
-    choice = ast.unparse(next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "PanelChoice"))
-    assert "self.ui" not in choice and "node.allFrames" in choice
-    assert "PanelChoice(node" in method_source("MSDSegmentWidget", "onSegmentButton")
+    choice = method_source("MSDSegmentWidget", "panelChoice")
+    assert "self.ui" not in choice and "node.allFrames" in choice and "mrml.PanelChoice(" in choice
+    assert "self.panelChoice()" in method_source("MSDSegmentWidget", "onSegmentButton")
+    assert "self.panelChoice()" in method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
 
 
 def test_a_task_that_takes_no_extra_volumes_disables_also_segment_and_says_why():
+    """The widget shows what mrml.PanelChoice decides (tested on a real scene in MSDSegmentLogicTests)."""
     update = method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
     assert "self.ui.batchVolumesLabel, self.ui.batchVolumesComboBox" in update
-    assert "widget.enabled = not choice.batchUnavailable" in update and "widget.toolTip = choice.batchUnavailable" in update
-    choice = method_source("PanelChoice", "__init__")
-    assert "takes a T2 volume with its ADC" in choice
+    assert "widget.enabled = not choice.batch_unavailable" in update
+    assert "widget.toolTip = choice.batch_unavailable" in update
     segment = method_source("MSDSegmentWidget", "onSegmentButton")
-    assert "[] if choice.batchUnavailable else" in segment and "node.batchVolumes" in segment
+    assert "[] if choice.batch_unavailable else" in segment and "node.batchVolumes" in segment
     assert "checkedNodes" not in segment, "the volumes to segment come from the parameter node"
     assert "list[vtkMRMLScalarVolumeNode]" in parameter_fields()["batchVolumes"]
 
@@ -457,9 +458,8 @@ def test_show_3d_follows_the_user_and_the_slider():
     assert "smoothingSliderWidget.tracking = False" in setup
     assert "updateSurfaceSmoothing" in method_source("MSDSegmentWidget", "onSmoothingChanged")
     update = method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
-    assert "self.ui.show3DCheckBox.enabled = not choice.surfacesUnavailable" in update
-    assert "self.ui.show3DCheckBox.toolTip = choice.surfacesUnavailable" in update
-    assert "segmentation sequence" in method_source("PanelChoice", "__init__")
+    assert "self.ui.show3DCheckBox.enabled = not choice.surfaces_unavailable" in update
+    assert "self.ui.show3DCheckBox.toolTip = choice.surfaces_unavailable" in update
     assert "is_sequence_output" in method_source("MSDSegmentWidget", "onFinished")
 
 

@@ -2,8 +2,9 @@
 
 Each `test_*` function takes a `Context`: the scene, how to load a file through Slicer's volume
 reader, a model folder, a scratch folder and the real data files. They import slicer only when run,
-so this file stays importable without Slicer like the rest of MSDSegmentLib. A test that cannot run
-(missing data set) raises unittest.SkipTest, which pytest and unittest both report as a skip.
+so this file can be listed without Slicer. A test that cannot run (missing data set) raises
+unittest.SkipTest, which pytest and unittest both report as a skip. pytest runs them from
+Testing/Python/test_slicer_logic.py, Slicer from MSDSegmentModuleTest.py beside this file.
 """
 
 import hashlib
@@ -370,6 +371,20 @@ def test_import_is_voxel_exact_and_in_world_place(ctx):
         assert abs(volumes[label.name] - count * voxel_ml) < 1e-6 * max(1.0, count * voxel_ml)
 
 
+def saved_and_restored(ctx, node, name):
+    """The segmentation saved as .seg.nrrd and read back into a new scene."""
+    path = os.path.join(ctx.folder, name)
+    storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    assert storage.WriteData(node)
+    scene = ctx.new_scene()
+    restored = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(path)
+    assert reader.ReadData(restored)
+    return restored
+
+
 def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
     """Saved as .seg.nrrd and read into a new scene: same voxels, same world place, same names and codes."""
     from MSDSegmentLib import mrml
@@ -384,16 +399,7 @@ def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
         segment_ = node.GetSegmentation().GetSegment(segment_id)
         saved[segment_id] = (segment_.GetName(), segment_.GetColor(), terminology_of(segment_),
                              mask_on_grid(node, segment_id, matrix, size), world_centroid(node, segment_id))
-    path = os.path.join(ctx.folder, "CT liver segmentation.seg.nrrd")
-    storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(path)
-    assert storage.WriteData(node)
-
-    scene = ctx.new_scene()
-    reloaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(path)
-    assert reader.ReadData(reloaded)
+    reloaded = saved_and_restored(ctx, node, "CT liver segmentation.seg.nrrd")
     segmentation = reloaded.GetSegmentation()
     assert sorted(segmentation.GetSegmentIDs()) == sorted(saved)
     for segment_id, (name, color, terminology, mask, centroid) in saved.items():
@@ -579,6 +585,33 @@ def test_a_batch_with_a_bad_volume_in_the_middle(ctx):
     assert any(text.startswith("CT 3 (3 of 3): ") for _, text in reports)
 
 
+def test_a_runtime_error_in_this_process_stays_with_its_volume(ctx):
+    """The script path (segmentMany in Slicer's process): a plain RuntimeError from the engine on the middle
+    volume fails that volume alone with its one-line reason."""
+    from MSDSegmentLib import engine, mrml
+    from MSDSegmentLib.errors import describe_error
+
+    volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(1, 4)]
+    real_segment, calls, errors = engine.segment, [], {}
+
+    def segment_failing_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_segment(*args, **kwargs)
+
+    engine.segment = segment_failing_on_the_second  # mrml looks it up at each call
+    try:
+        results = mrml.segment_many(volumes, "spleen", device="cpu", models_dir=ctx.models_dir,
+                                    on_error=lambda index, error: errors.setdefault(index, error))
+    finally:
+        engine.segment = real_segment
+    assert results[1] is None and segmentation_nodes(ctx.scene) == [results[0], results[2]]
+    assert list(errors) == [1] and isinstance(errors[1], RuntimeError)
+    assert describe_error(errors[1]) == \
+        "Unexpected error: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 def test_cancel_stops_a_batch_and_keeps_what_finished(ctx):
     from MSDSegmentLib import mrml
 
@@ -671,6 +704,30 @@ def test_a_bad_frame_leaves_the_scene_as_it_was(ctx):
         raise AssertionError("a volume outside any sequence was accepted")
 
 
+def test_the_panel_choice_comes_from_its_parameters(ctx):
+    """What the panel's Segment button runs follows its parameters: every frame only for an input in a sequence
+    and a one-channel task; a two-channel task (prostate) takes no extra volumes and says why; a sequence gets no
+    3-D surfaces and says why; what is missing is named."""
+    from MSDSegmentLib import mrml
+
+    prostate, spleen = card(ctx, "prostate"), card(ctx, "spleen")
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    alone = mrml.PanelChoice("spleen", spleen, ct, all_frames=True)
+    assert not (alone.in_sequence or alone.all_frames or alone.batch_unavailable or alone.surfaces_unavailable)
+    assert alone.missing == ""
+    two_channels = mrml.PanelChoice("prostate", prostate, ct)
+    assert two_channels.needs_adc and "takes a T2 volume with its ADC" in two_channels.batch_unavailable
+    assert two_channels.missing == "Select the ADC volume" and not mrml.PanelChoice("prostate", prostate, ct, ct).missing
+    proxy, _, _ = sequence_of_ct_frames(ctx, 2)
+    frames = mrml.PanelChoice("spleen", spleen, proxy, all_frames=True)
+    assert frames.all_frames and frames.batch_unavailable and "segmentation sequence" in frames.surfaces_unavailable
+    one_frame = mrml.PanelChoice("spleen", spleen, proxy, all_frames=False)
+    assert one_frame.in_sequence and not (one_frame.all_frames or one_frame.surfaces_unavailable)
+    assert not mrml.PanelChoice("prostate", prostate, proxy, ct, all_frames=True).all_frames
+    assert mrml.PanelChoice("spleen", spleen).missing == "Select an input volume"
+    assert mrml.PanelChoice("spleen", None, ct).missing == "The model for 'spleen' is not installed"
+
+
 def test_default_input_is_never_a_label_map(ctx):
     """The panel's default input is the first scalar volume that is not a label map."""
     from MSDSegmentLib import mrml
@@ -727,15 +784,7 @@ def test_the_smoothing_slider_rebuilds_shown_surfaces_only(ctx):
 
     for shown in (False, True):
         mrml.show_surfaces(node, shown, 0.8)
-        path = os.path.join(ctx.folder, f"saved {shown}.seg.nrrd")
-        storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-        storage.SetFileName(path)
-        assert storage.WriteData(node)
-        scene = ctx.new_scene()
-        restored = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-        reader.SetFileName(path)
-        assert reader.ReadData(restored)
+        restored = saved_and_restored(ctx, node, f"saved {shown}.seg.nrrd")
         assert restored.GetSegmentation().ContainsRepresentation("Closed surface") == shown
         assert not mrml.update_surface_smoothing(restored, 0.8), "a restored scene's surfaces were rebuilt"
 
