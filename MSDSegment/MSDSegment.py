@@ -21,7 +21,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 import MSDSegmentLib
-from MSDSegmentLib import application, background, dependencies, modelcard, mrml, terminology
+from MSDSegmentLib import application, background, dependencies, modelcard, mrml
 from MSDSegmentLib.errors import Cancelled, MSDSegmentError
 
 DATA_CREDITS = """
@@ -74,24 +74,7 @@ Built on 3D Slicer, MONAI and PyTorch. The models were trained on BTCV (Landman 
 Medical Segmentation Decathlon prostate data (Radboud University Nijmegen Medical Centre, CC BY-SA 4.0).
 """
         # The segments' codes must be known to the Terminologies module before any scene uses them.
-        slicer.app.connect("startupCompleted()", loadTerminology)
-
-
-def loadTerminology():
-    """Load the extension's terminology context (every code of the model cards) into the Terminologies module.
-
-    Called when Slicer has started and again by the logic (the module may be loaded after start-up); loading
-    a context again replaces it."""
-    try:
-        terminologiesLogic = slicer.modules.terminologies.logic()
-    except AttributeError:
-        logging.warning("MSDSegment: the Terminologies module is not loaded; segments keep their codes but "
-                        "Slicer cannot show them")
-        return False
-    if terminologiesLogic.LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE) != terminology.CONTEXT_NAME:
-        logging.error(f"MSDSegment: could not load the terminology {terminology.TERMINOLOGY_FILE}")
-        return False
-    return True
+        slicer.app.connect("startupCompleted()", application.load_terminology)
 
 
 #
@@ -412,7 +395,7 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        loadTerminology()  # in case the module was loaded after Slicer's start-up
+        application.load_terminology()  # in case the module was loaded after Slicer's start-up
 
     def getParameterNode(self):
         return MSDSegmentParameterNode(super().getParameterNode())

@@ -1,10 +1,12 @@
 """What needs Slicer's application (Qt, slicer.util): the engine's process for the background runner, Slicer's
-Python interpreter, and installing the packages the engine needs with Slicer's pip.
+Python interpreter, installing the packages the engine needs with Slicer's pip, and loading the segments'
+terminology into the Terminologies module.
 
 Thin on purpose: the runner itself (MSDSegmentLib.background) and the checks of what is installed
 (MSDSegmentLib.dependencies) work, and are tested, without Qt.
 """
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,7 +15,7 @@ import time
 import qt
 import slicer
 
-from . import dependencies
+from . import dependencies, terminology
 from .errors import MSDSegmentError
 
 
@@ -136,3 +138,20 @@ def install_torch(askConfirmation=True):
             "MSDSegment: install PyTorch"):
         raise MSDSegmentError("PyTorch is needed to run the models and was not installed")
     slicer.util.pip_install("torch" + requirement)
+
+
+def load_terminology():
+    """Load the extension's terminology context (every code of the model cards) into the Terminologies module.
+
+    Called when Slicer has started and again by the logic (the module may be loaded after start-up); loading
+    a context again replaces it."""
+    try:
+        terminologiesLogic = slicer.modules.terminologies.logic()
+    except AttributeError:
+        logging.warning("MSDSegment: the Terminologies module is not loaded; segments keep their codes but "
+                        "Slicer cannot show them")
+        return False
+    if terminologiesLogic.LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE) != terminology.CONTEXT_NAME:
+        logging.error(f"MSDSegment: could not load the terminology {terminology.TERMINOLOGY_FILE}")
+        return False
+    return True

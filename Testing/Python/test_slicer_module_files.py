@@ -487,6 +487,6 @@ def test_reload_reloads_the_engine_package_in_dependency_order():
     assert result.returncode == 0, result.stderr
     assert "alphabetical order keeps the classes: False" in result.stdout, "the check cannot tell the orders apart"
 def test_terminology_is_loaded_at_start_up():
-    source = module_source()
-    assert 'slicer.app.connect("startupCompleted()", loadTerminology)' in source
-    assert "LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE)" in source
+    assert 'slicer.app.connect("startupCompleted()", application.load_terminology)' in module_source()
+    with open(APPLICATION_SCRIPT, encoding="utf-8") as stream:
+        assert "LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE)" in stream.read()

@@ -17,7 +17,7 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 import MSDSegmentLogicTests as bodies
-from MSDSegmentLib import dependencies, modelcard
+from MSDSegmentLib import application, dependencies, modelcard
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -58,8 +58,6 @@ def runLogicTests(test):
 
 
 def context(folder):
-    from MSDSegment import pythonExecutable
-
     data = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(REPOSITORY), "shared", "data"))
     btcv = firstCase(os.path.join(data, "BTCV-Abdomen"))
     ctPath = btcv.get("image") or bodies.write_phantom_ct(os.path.join(folder, "phantom_ct.nrrd"))
@@ -69,7 +67,7 @@ def context(folder):
         new_scene=newScene, models_dir=modelcard.MODELS_DIR, folder=folder, ct_path=ctPath,
         ct_labels_path=btcv.get("label", ""),
         prostate_path=firstCase(os.path.join(data, "Task05_Prostate")).get("image", ""),
-        python=pythonExecutable())
+        python=application.python_executable())
 
 
 def firstCase(folder):
