@@ -1046,6 +1046,26 @@ def test_background_batch_runs_in_one_engine_process(ctx):
     assert set(mrml.quality_from_tags(target)) == {"Spleen"}
 
 
+def test_background_two_channel_case(ctx):
+    """The panel's prostate path: [T2, ADC] written as two channels, one engine process, the result on the T2's
+    grid named after it; the same labels as in Slicer's process."""
+    from MSDSegmentLib import mrml
+
+    small = os.path.join(ctx.folder, "small.nrrd")  # the prostate's fine grid makes many windows: keep it small
+    sitk.WriteImage(sitk.ReadImage(cropped_ct(ctx))[40:88, 40:88, 12:28], small)
+    t2 = ctx.load_volume(small, "T2")
+    adc = ctx.load_volume(small, "ADC")
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([[t2, adc]], "prostate", models_dir=ctx.models_dir))
+    assert not outcome.errors, outcome.report()
+    node = outcome.output
+    assert node.GetName() == "T2 prostate segmentation" and outcome.report() == "Done: 1 of 1 segmented."
+    in_process = segment(ctx, [t2, adc], "prostate")
+    for label in card(ctx, "prostate").trained_labels:
+        segment_id = mrml.segment_id(label)
+        assert np.array_equal(mask_on_grid(node, segment_id, *geometry_of(t2)),
+                              mask_on_grid(in_process, segment_id, *geometry_of(t2)))
+
+
 def test_any_error_stays_with_its_own_volume(ctx):
     """A plain RuntimeError, a MemoryError or the engine process dying on the middle volume of three: the other
     two are done and in the scene, the report says "2 of 3" and why the middle one failed."""
