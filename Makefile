@@ -1,9 +1,10 @@
 # make demo: segment a real example CT on the CPU.  make test: run every test.  Both set up .venv.
+# make release: the release repository that the Extensions Index clones (docs/release.md); prints its path last.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench release clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ test: venv
 
 bench: venv
 	$(PY) bench/bench_cli.py
+
+release: venv
+	$(PY) scripts/release.py --out build/release
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -84,7 +84,7 @@ class LesionConfig:
     # Dense deposits: calcification (mucinous metastases, treated tumours) or lipiodol kept after
     # chemoembolisation, as patches of a smooth random field over a share of the lesion. BTCV has none. Off: at
     # 0.15 the liver stage found more of a real tumour holding them, but doubled the false lesions in healthy
-    # livers (Training/README.md, session 14).
+    # livers (docs/models.md, "Dense deposits in the lesions").
     calcification_probability: float = 0.0   # in lesions of at least ...
     calcification_min_radius_mm: float = 6.0
     calcification_share: tuple = (0.03, 0.4)  # of the lesion's voxels

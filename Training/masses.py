@@ -4,7 +4,7 @@ A kidney, adrenal or bowel tumour can press against the liver. BTCV holds no suc
 that tissue at the liver's place is liver or liver tumour: on a real CT with a 669 mL mass under the liver, outside
 it (3D-IRCADb patient 7), every liver stage labelled most of the mass liver. Painted during training into the
 tissue around the organ, touching it, these masses teach that a mass whose boundary is the organ's edge is not organ
-(what they changed, measured: Training/README.md, "Session 12").
+(what they changed, measured: docs/models.md, "A mass beside the liver").
 Half of them press into the organ and replace it where they lie (the caller labels those voxels background): a
 large renal or adrenal tumour indents the liver, and the liver then wraps partly round it.
 

@@ -120,12 +120,12 @@ MODELS["liver-fine"] = dict(
     # Weight of the fine stage. 0.7 while this stage learnt from the first lesion synthesis (0.5 doubled the false
     # lesions then). Retrained on lesions like real metastases (many small ones), at 0.7 it changed nothing
     # (the same synthetic lesions found); at 0.5, on BTCV fold 0 with synthetic lesions, 15 of 26 lesions found
-    # against 11, 1.67 false lesions per CT against 1.27 (Training/README.md).
+    # against 11, 1.67 false lesions per CT against 1.27 (docs/models.md).
     blend_previous=0.5,
     # ... but the fine stage, at 2 mm, misses small lesions this stage sees: averaged with its zero, a lesion this
     # stage is sure of sits at 0.5 and loses to the liver. So within the liver this stage's split decides the
     # tumour at 3 to 1. On BTCV fold 0 with synthetic lesions: 10 of 26 found against 9, false lesions unchanged
-    # (0.60 per CT, healthy livers 0.60); at 0 11 of 26, but 0.93 and 1.00 (Training/README.md, session 13).
+    # (0.60 per CT, healthy livers 0.60); at 0 11 of 26, but 0.93 and 1.00 (docs/models.md).
     tumour_blend_previous=0.25,
 )
 

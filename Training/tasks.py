@@ -10,13 +10,13 @@ PANCREAS = ["SCT", "15776009", "Pancreas"]
 
 
 # Pieces of a thin organ the networks break up (the pancreas, the peripheral zone) less than this apart count
-# as one piece: chosen on the held-back cases (Training/README.md). The pancreas stage's region uses it too.
+# as one piece: chosen on the held-back cases (docs/models.md). The pancreas stage's region uses it too.
 FRAGMENT_GAP_MM = 10
 
 
 def organ(value, name, color, code, source_class, component_gap_mm=0):
     """component_gap_mm: post-processing keeps pieces of this organ closer than this together, for organs the
-    network tends to break up (measured on the held-back cases: see Training/README.md)."""
+    network tends to break up (measured on the held-back cases: see docs/models.md)."""
     return {"value": value, "name": name, "color": color, "source_class": source_class, "kind": "organ",
             "terminology": {"category": ANATOMY, "type": code}, "component_gap_mm": component_gap_mm}
 
@@ -34,7 +34,7 @@ TASKS = {
         "models": ["abdomen", "abdomen-fine", "liver-fine"],
         # Liver tumours under 1 mL are dropped: measured on the 5 held-back CT with 3 rounds of synthetic lesions,
         # cuts of 0.1 / 0.25 / 0.5 / 1 mL found 14 / 14 / 13 / 13 of the 24 lesions of 0.5 mL or more and marked
-        # 3.07 / 2.20 / 1.47 / 1.00 false lesions per CT (Training/README.md).
+        # 3.07 / 2.20 / 1.47 / 1.00 false lesions per CT (docs/models.md).
         "min_tumour_ml": 1.0,
         # Lesions more elongated than 3 (longest over shortest principal axis) become liver: most false lesions in
         # the held-back healthy livers are vessel- or rim-like (elongation 2.8-5.5), lesions compact. Measured on

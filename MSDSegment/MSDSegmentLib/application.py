@@ -96,6 +96,9 @@ def install_dependencies(askConfirmation=True, report=None):
     report(text), if given, is told what is being installed (each step blocks for a while). The packages
     that Slicer and the PyTorch extension installed (torch, numpy, scipy, SimpleITK) are pinned, so pip
     picks versions that fit them instead of replacing them."""
+    problem = dependencies.installation_problem()
+    if problem:  # said before anything is downloaded
+        raise MSDSegmentError(problem)
     if dependencies.torch_needed():
         if report:
             report("Installing PyTorch (through the PyTorch extension)...")
@@ -125,7 +128,7 @@ def install_torch(askConfirmation=True):
         import PyTorchUtils
     except ImportError:
         PyTorchUtils = None
-    requirement = dependencies.TORCH_REQUIREMENT
+    requirement = dependencies.torch_requirement()
     if PyTorchUtils is not None:
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                               torchVersionRequirement=requirement)

@@ -12,7 +12,13 @@ import shutil
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
                             "requirements.txt")
 # Asked of the PyTorch extension, which picks the CUDA or CPU build (the engine's pyproject.toml says the same).
+# The networks come from MONAI, and every MONAI release needs either numpy < 2 (MONAI 1.4) or torch >= 2.4.1
+# (MONAI 1.5 and later, which allow numpy 2; torch before 2.3 cannot use numpy 2 at all). Slicer 5.8 ships
+# numpy 1.26, Slicer 5.10 and later numpy 2: there the oldest torch that can work is 2.4.1.
 TORCH_REQUIREMENT = ">=2.2"
+TORCH_REQUIREMENT_WITH_NUMPY_2 = ">=2.4.1"
+# The last PyTorch built for macOS on Intel processors (newer releases are for Apple silicon only).
+LAST_TORCH_FOR_INTEL_MACS = "2.2.2"
 # Packages that Slicer or the PyTorch extension installed: installing the requirements must never replace them.
 KEEP_INSTALLED = ("torch", "numpy", "scipy", "SimpleITK")
 
@@ -49,9 +55,33 @@ def unmet_requirements(path=REQUIREMENTS):
     return [line for line in requirement_lines(path) if not is_satisfied(line)]
 
 
+def major_version(version):
+    return int(re.match(r"\d+", version).group(0))
+
+
+def torch_requirement(numpy_version=None):
+    """The torch versions that can run the engine beside this numpy (by default, the installed one)."""
+    if numpy_version is None:
+        numpy_version = installed_versions(("numpy",)).get("numpy", "1")
+    return TORCH_REQUIREMENT_WITH_NUMPY_2 if major_version(numpy_version) >= 2 else TORCH_REQUIREMENT
+
+
 def torch_needed():
-    """Whether PyTorch is missing or older than the engine needs."""
-    return not is_satisfied("torch" + TORCH_REQUIREMENT)
+    """Whether PyTorch is missing or older than the engine needs beside the installed numpy."""
+    return not is_satisfied("torch" + torch_requirement())
+
+
+def installation_problem(system=None, machine=None, numpy_version=None):
+    """Why no PyTorch that can run the engine can be installed here, in one line with what to do; None when one
+    can. Asked before anything is downloaded."""
+    system = platform.system() if system is None else system
+    machine = platform.machine() if machine is None else machine
+    requirement = torch_requirement(numpy_version)
+    if system == "Darwin" and machine.lower() in ("x86_64", "amd64", "i386") and requirement != TORCH_REQUIREMENT:
+        return (f"MSDSegment cannot run in this Slicer on an Intel Mac: beside its numpy 2 it needs PyTorch "
+                f"{requirement}, and the last PyTorch for Intel Macs is {LAST_TORCH_FOR_INTEL_MACS}; use Slicer 5.8 "
+                f"on this computer, or a newer Slicer on Apple silicon, Windows or Linux.")
+    return None
 
 
 def installed_versions(names=KEEP_INSTALLED):

@@ -1,6 +1,7 @@
 """What a real Slicer 5.8 to 5.12 needs of the module, checked without Slicer: the code parses as Python 3.9
 (Slicer 5.8) and uses no newer built-in, the Slicer requirements install next to the torch, numpy and scipy
-that Slicer and the PyTorch extension put there (a pip dry run for Python 3.9 and 3.12), and the shipped
+that Slicer and the PyTorch extension put there (pip's resolver for every supported Slicer and every torch that
+may be installed beside it), and the shipped
 weights load under the oldest MONAI those requirements allow."""
 
 import ast
@@ -10,9 +11,11 @@ import re
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from conftest import REPOSITORY
@@ -21,16 +24,19 @@ from MSDSegmentLib import dependencies, modelcard
 MODULE = os.path.join(REPOSITORY, "MSDSegment")
 CACHE = os.path.join(REPOSITORY, ".cache")
 
-# (Python, what is installed before MSDSegment's requirements): Slicer 5.8 ships Python 3.9, numpy 1.26.4 and
-# scipy 1.13.1; 5.10 Python 3.12, numpy 2.0.2, scipy 1.13.1; 5.12 Python 3.12, numpy 2.4.6, scipy 1.17.1
-# (SuperBuild/External_python-*.cmake at each tag). torch: the oldest the module accepts and the newest for
-# that Python.
-SLICER_ENVIRONMENTS = {
-    "Slicer 5.8, old torch": ("3.9", {"numpy": "1.26.4", "scipy": "1.13.1", "torch": "2.2.2"}),
-    "Slicer 5.8, newest torch": ("3.9", {"numpy": "1.26.4", "scipy": "1.13.1", "torch": "2.8.0"}),
-    "Slicer 5.10": ("3.12", {"numpy": "2.0.2", "scipy": "1.13.1", "torch": "2.5.1"}),
-    "Slicer 5.12": ("3.12", {"numpy": "2.4.6", "scipy": "1.17.1", "torch": "2.13.0"}),
+# What each supported Slicer ships (SuperBuild/External_python-*.cmake at v5.8.1, v5.10.0, v5.12.3): its Python,
+# numpy and scipy.
+SLICERS = {
+    "Slicer 5.8": ("3.9", {"numpy": "1.26.4", "scipy": "1.13.1"}),
+    "Slicer 5.10": ("3.12", {"numpy": "2.0.2", "scipy": "1.13.1"}),
+    "Slicer 5.12": ("3.12", {"numpy": "2.4.6", "scipy": "1.17.1"}),
 }
+# Every torch the PyTorch extension may install for that Python, from the oldest the module accepts on any Slicer
+# to the newest on PyPI (2.2.2 is also the newest for Intel Macs; 2.8.0 the newest for Python 3.9).
+TORCH_RELEASES = ["2.2.0", "2.2.1", "2.2.2", "2.3.0", "2.3.1", "2.4.0", "2.4.1", "2.5.0", "2.5.1", "2.6.0", "2.7.0",
+                  "2.7.1", "2.8.0", "2.9.0", "2.9.1", "2.10.0", "2.11.0", "2.12.0", "2.12.1", "2.13.0", "2.14.0",
+                  "2.14.1", "2.15.0"]
+TORCH_FOR_PYTHON = {"3.9": TORCH_RELEASES[:TORCH_RELEASES.index("2.8.0") + 1], "3.12": TORCH_RELEASES}
 
 
 def module_files():
@@ -102,33 +108,81 @@ def stub_wheel(folder, name, version):
     return path
 
 
-@pytest.mark.parametrize("environment", list(SLICER_ENVIRONMENTS))
-def test_slicer_requirements_install_beside_what_slicer_has(environment, tmp_path):
-    """pip, as the module runs it (requirements + constraints pinning what is installed), resolves for that
-    Python and keeps torch, numpy and scipy: nothing that Slicer or the PyTorch extension chose is replaced."""
-    python, installed = SLICER_ENVIRONMENTS[environment]
-    stubs = tmp_path / "installed"
-    stubs.mkdir()
+def resolve(python, installed, folder):
+    """pip's resolver, as the module runs it (requirements + constraints pinning what is installed), for that
+    Python: (True, {name: version chosen}) or (False, pip's last error line)."""
+    stubs = os.path.join(folder, "installed")
+    os.makedirs(stubs)
     for name, version in installed.items():  # "+slicer": preferred to PyPI's file of the same version
-        stub_wheel(str(stubs), name, version + "+slicer")
-    constraints = tmp_path / "constraints.txt"
-    constraints.write_text(dependencies.constraints_text(installed))
-    report = tmp_path / "report.json"
+        stub_wheel(stubs, name, version + "+slicer")
+    constraints = os.path.join(folder, "constraints.txt")
+    with open(constraints, "w", encoding="utf-8") as stream:
+        stream.write(dependencies.constraints_text(installed))
+    report = os.path.join(folder, "report.json")
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                "--only-binary=:all:", "--python-version", python, "--platform", "manylinux_2_28_x86_64",
-               "--platform", "manylinux2014_x86_64", "--target", str(tmp_path / "target"),
-               "--find-links", str(stubs), "--report", str(report)]
-    command += dependencies.pip_arguments(str(constraints))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+               "--platform", "manylinux2014_x86_64", "--target", os.path.join(folder, "target"),
+               "--find-links", stubs, "--report", report]
+    command += dependencies.pip_arguments(constraints)
+    # As in a user's Slicer: no pip configuration of this machine's (a global constraints file would cap torch).
+    environment = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     if result.returncode and re.search(r"NewConnectionError|Temporary failure in name resolution|Network is "
                                        r"unreachable|ProxyError", result.stderr):
         pytest.skip("PyPI cannot be reached from here: " + result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-2000:]
-    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
-              for item in json.loads(report.read_text())["install"]}
-    for name, version in installed.items():
-        assert chosen.get(name, version + "+slicer") == version + "+slicer", f"{name} would be replaced: {chosen}"
-    assert "monai" in chosen, chosen
+    if result.returncode:
+        return False, (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+    with open(report, encoding="utf-8") as stream:
+        return True, {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                      for item in json.load(stream)["install"]}
+
+
+@pytest.mark.parametrize("slicer", list(SLICERS))
+def test_every_torch_the_pytorch_extension_may_install_resolves_exactly_where_the_module_accepts_it(slicer,
+                                                                                                    tmp_path):
+    """For each torch that may be installed beside this Slicer's Python, numpy and scipy: where the module accepts
+    that torch, pip resolves the requirements without replacing torch, numpy or scipy and picks a MONAI; where it
+    does not, pip finds no solution either, so the module's one-line answer is neither too strict nor too lax."""
+    python, shipped = SLICERS[slicer]
+    requirement = SpecifierSet(dependencies.torch_requirement(shipped["numpy"]))
+
+    def check(torch_version):
+        installed = dict(shipped, torch=torch_version)
+        return torch_version, resolve(python, installed, str(tmp_path / torch_version))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each dry run waits mostly on the package index
+        outcomes = dict(pool.map(check, TORCH_FOR_PYTHON[python]))
+    wrong = []
+    for torch_version, (resolved, chosen) in outcomes.items():
+        accepted = torch_version in requirement
+        if accepted != resolved:
+            wrong.append(f"torch {torch_version}: module {'accepts' if accepted else 'refuses'}, pip: {chosen}")
+        elif resolved:
+            installed = dict(shipped, torch=torch_version)
+            replaced = [name for name, version in installed.items()
+                        if chosen.get(name, version + "+slicer") != version + "+slicer"]
+            if replaced or "monai" not in chosen:
+                wrong.append(f"torch {torch_version}: replaces {replaced} or no MONAI: {chosen}")
+    assert not wrong, wrong
+    assert any(resolved for resolved, _ in outcomes.values()), "no torch at all can run on " + slicer
+
+
+@pytest.mark.parametrize("slicer", list(SLICERS))
+def test_an_intel_mac_is_told_in_one_line_before_anything_is_downloaded(slicer):
+    """PyTorch stopped at 2.2.2 for Intel Macs: enough beside Slicer 5.8's numpy 1.26, not beside numpy 2."""
+    numpy_version = SLICERS[slicer][1]["numpy"]
+    problem = dependencies.installation_problem("Darwin", "x86_64", numpy_version)
+    if dependencies.LAST_TORCH_FOR_INTEL_MACS in SpecifierSet(dependencies.torch_requirement(numpy_version)):
+        assert problem is None
+    else:
+        assert problem and "\n" not in problem and "Slicer 5.8" in problem, problem
+    for system, machine in (("Darwin", "arm64"), ("Windows", "AMD64"), ("Linux", "x86_64")):
+        assert dependencies.installation_problem(system, machine, numpy_version) is None
+
+
+def test_the_torch_asked_for_follows_the_numpy_installed():
+    assert dependencies.torch_requirement("1.26.4") == dependencies.TORCH_REQUIREMENT == ">=2.2"
+    assert dependencies.torch_requirement("2.0.2") == dependencies.torch_requirement("2.4.6") == ">=2.4.1"
 
 
 def oldest_allowed(package):

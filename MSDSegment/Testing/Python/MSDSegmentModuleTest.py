@@ -33,7 +33,7 @@ class MSDSegmentModuleTest(ScriptedLoadableModuleTest):
 def runLogicTests(test):
     """Each test body once, on a cleared scene; a body that cannot run (no data) is logged as skipped. Without
     PyTorch or the packages the engine needs, the whole run is reported as a skip, never as a pass."""
-    missing = (["PyTorch" + dependencies.TORCH_REQUIREMENT] if dependencies.torch_needed() else []) \
+    missing = (["PyTorch" + dependencies.torch_requirement()] if dependencies.torch_needed() else []) \
         + dependencies.unmet_requirements()
     if missing:
         message = ("MSDSegment logic tests NOT RUN: install " + ", ".join(missing)
