@@ -447,8 +447,7 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             if cancel is not None or onError is not None:
                 raise MSDSegmentError("A background run is stopped by its cancel() and reports in finished()")
-            batch = mrml.VolumeBatch(volumeNodes, task, list(outputNodes or []) + [None] * len(volumeNodes),
-                                     modelsDir)
+            batch = mrml.VolumeBatch(volumeNodes, task, outputNodes, modelsDir)
             return self.startInBackground(batch, task, device, precision, tta, keepLargest, modelsDir, progress,
                                           finished)
         self.installDependencies()

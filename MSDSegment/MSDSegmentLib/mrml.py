@@ -450,12 +450,14 @@ def item_nodes(item):
 
 class VolumeBatch:
     """Volumes (each a node, or [T2, ADC]) for the background runner: each result is imported as it comes, into
-    a new segmentation node or the output node given for it, so a cancel or a later failure keeps it."""
+    the output node given for it (output_nodes: for the first volumes) or a new one, so a cancel or a later
+    failure keeps it."""
 
     def __init__(self, items, task, output_nodes=None, models_dir=None):
         self.items = [item_nodes(item) for item in items]
         self.task = task
-        self.output_nodes = list(output_nodes or [None] * len(self.items))
+        outputs = list(output_nodes or [])  # the first ones given, the rest new
+        self.output_nodes = outputs + [None] * (len(self.items) - len(outputs))
         self.models_dir = models_dir
         self.names = [nodes[0].GetName() if nodes[0] is not None else "no volume" for nodes in self.items]
 
@@ -490,10 +492,7 @@ class FrameBatch:
         self.names = [f"frame {index + 1}" for index in range(frames)]
 
     def prepare(self, index, folder):
-        frame = self.sequence.GetNthDataNode(index)
-        path = os.path.join(folder, "input0.nrrd")
-        sitk.WriteImage(volume_to_image(frame, self.names[index]), path, useCompression=False)
-        return [path]
+        return write_inputs([self.sequence.GetNthDataNode(index)], folder)
 
     def collect(self, index, label_path):
         return frame_segmentation(read_image(label_path), self.sequence.GetNthDataNode(index), self.card,
