@@ -14,12 +14,13 @@ process is started by a transport: the module's QProcess glue in Slicer, Subproc
 
 import json
 import os
-import re
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .errors import MSDSegmentError, describe_error
@@ -273,8 +274,6 @@ class BackgroundSegmentation:
 
     def wait(self, timeout=None):
         """Block until the run has ended, pumping the transport's events (scripts; tests)."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.ended:
             if deadline is not None and time.monotonic() > deadline:
