@@ -1,8 +1,10 @@
 """MSDSegment: segment the liver, spleen and pancreas in CT and the prostate zones in MR with bundled U-Nets.
 
 The classes here are thin: the engine (MSDSegmentLib) does the segmentation without Qt or Slicer,
-and MSDSegmentLib.mrml turns volume nodes into a segmentation node. Importing this file must stay
-cheap: torch and MONAI are imported only when a segmentation runs (never at Slicer's start-up).
+MSDSegmentLib.mrml turns volume nodes into segmentation nodes, and MSDSegmentLib.background runs the engine
+in one background process per batch, which is how every panel run goes (MSDSegmentLib.application holds the
+QProcess glue). Importing this file must stay cheap: torch and MONAI are never imported into Slicer's process
+by the panel, and by a script only when it segments in this process (waitForCompletion=True).
 """
 
 import enum
