@@ -1,17 +1,16 @@
 """MSDSegment: segment the liver, spleen and pancreas in CT and the prostate zones in MR with bundled U-Nets.
 
 The classes here are thin: the engine (MSDSegmentLib) does the segmentation without Qt or Slicer,
-and MSDSegmentLib.mrml turns volume nodes into a segmentation node. Importing this file must stay
-cheap: torch and MONAI are imported only when a segmentation runs (never at Slicer's start-up).
+MSDSegmentLib.mrml turns volume nodes into segmentation nodes, and MSDSegmentLib.background runs the engine
+in one background process per batch, which is how every panel run goes (MSDSegmentLib.application holds the
+QProcess glue). Importing this file must stay cheap: torch and MONAI are never imported into Slicer's process
+by the panel, and by a script only when it segments in this process (waitForCompletion=True).
 """
 
 import enum
-import importlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from typing import Annotated, Optional
 
 import qt
@@ -23,7 +22,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MSDSegmentLib import background, dependencies, modelcard, mrml, terminology
+import MSDSegmentLib
+from MSDSegmentLib import application, background, dependencies, modelcard, mrml
 from MSDSegmentLib.errors import Cancelled, MSDSegmentError
 
 DATA_CREDITS = """
@@ -76,24 +76,7 @@ Built on 3D Slicer, MONAI and PyTorch. The models were trained on BTCV (Landman 
 Medical Segmentation Decathlon prostate data (Radboud University Nijmegen Medical Centre, CC BY-SA 4.0).
 """
         # The segments' codes must be known to the Terminologies module before any scene uses them.
-        slicer.app.connect("startupCompleted()", loadTerminology)
-
-
-def loadTerminology():
-    """Load the extension's terminology context (every code of the model cards) into the Terminologies module.
-
-    Called when Slicer has started and again by the logic (the module may be loaded after start-up); loading
-    a context again replaces it."""
-    try:
-        terminologiesLogic = slicer.modules.terminologies.logic()
-    except AttributeError:
-        logging.warning("MSDSegment: the Terminologies module is not loaded; segments keep their codes but "
-                        "Slicer cannot show them")
-        return False
-    if terminologiesLogic.LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE) != terminology.CONTEXT_NAME:
-        logging.error(f"MSDSegment: could not load the terminology {terminology.TERMINOLOGY_FILE}")
-        return False
-    return True
+        slicer.app.connect("startupCompleted()", application.load_terminology)
 
 
 #
@@ -135,6 +118,7 @@ class MSDSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     show3D: bool = False
     allFrames: bool = False
+    batchVolumes: list[vtkMRMLScalarVolumeNode]  # "Also segment": further volumes, each segmented alone
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.1)] = 0.5
 
 
@@ -164,17 +148,22 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.cards = self.logic.catalogue()
         self.ui.progressBar.hide()
         self.ui.volumesTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        self.ui.smoothingSliderWidget.tracking = False  # rebuild the surfaces once, when the slider is let go
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
+        # clicked, not toggled: restoring a scene sets the box without building surfaces nobody asked for.
+        self.ui.show3DCheckBox.connect("clicked(bool)", self.onShow3DClicked)
+        self.ui.smoothingSliderWidget.connect("valueChanged(double)", self.onSmoothingChanged)
+        # No parameter node connector exists for a checkable node combo box: this one is kept in step by hand.
+        self.ui.batchVolumesComboBox.connect("checkedNodesChanged()", self.onBatchVolumesChecked)
         self.initializeParameterNode()
 
     def onReload(self) -> None:
-        """Reload MSDSegmentLib too (Slicer's reload re-executes only this file)."""
-        for name in sorted(name for name in sys.modules if name.startswith("MSDSegmentLib.")):
-            importlib.reload(sys.modules[name])
+        """Reload MSDSegmentLib too (Slicer's reload re-executes only this file), each module after those it
+        imports, so that they share one copy of each class (an engine error is still an MSDSegmentError)."""
+        MSDSegmentLib.reload_modules()
         ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
@@ -238,40 +227,40 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setEnabled(enabled)
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        """Show what the chosen task needs, fill in the ADC, and say whether Segment can run."""
+        """Show what the chosen task and input allow, fill in the ADC, and say whether Segment can run."""
         node = self._parameterNode
         card = self.cards.get(node.task) if node else None
-        needsAdc = card is not None and len(card.channels) > 1
-        self.ui.adcVolumeLabel.visible = needsAdc
-        self.ui.adcVolumeSelector.visible = needsAdc
+        choice = self.panelChoice()
+        self.ui.adcVolumeLabel.visible = self.ui.adcVolumeSelector.visible = choice.needs_adc
         self.ui.taskDescriptionLabel.text = card.description if card else ""
-        mirrorAxes = bool(card and any(stage.mirror_axes for stage in card.stages))
-        self.ui.testTimeMirroringCheckBox.enabled = mirrorAxes
-        self.ui.smoothingSliderWidget.enabled = bool(node and node.show3D)
-        inSequence = bool(node and node.inputVolume and self.logic.sequenceOf(node.inputVolume)[1] is not None)
-        self.ui.allFramesCheckBox.visible = inSequence and not needsAdc
-        if node and needsAdc and node.inputVolume and not node.adcVolume:
+        self.ui.testTimeMirroringCheckBox.enabled = bool(card and any(stage.mirror_axes for stage in card.stages))
+        self.ui.allFramesCheckBox.visible = choice.in_sequence and not choice.needs_adc
+        self.showBatchVolumes(node.batchVolumes if node else [])
+        for widget in (self.ui.batchVolumesLabel, self.ui.batchVolumesComboBox):
+            widget.enabled = not choice.batch_unavailable
+            widget.toolTip = choice.batch_unavailable or "Further volumes to segment with the same task, each alone"
+        self.ui.show3DCheckBox.enabled = not choice.surfaces_unavailable
+        self.ui.show3DCheckBox.toolTip = choice.surfaces_unavailable or "Build the segments' 3-D surfaces"
+        self.ui.smoothingSliderWidget.enabled = bool(node and node.show3D) and not choice.surfaces_unavailable
+        if node and choice.needs_adc and node.inputVolume and not node.adcVolume:
             guess = self.logic.guessAdcVolume(node.inputVolume)
             if guess:
                 node.adcVolume = guess  # triggers this update again, with the ADC set
                 return
         if self.run is not None:
             return
-        missing = self.missingInput(node, card, needsAdc)
-        self.ui.segmentButton.enabled = not missing
-        self.ui.segmentButton.toolTip = missing or "Run the model on the input volume"
+        self.ui.segmentButton.enabled = not choice.missing
+        self.ui.segmentButton.toolTip = choice.missing or "Run the model on the input volume"
 
-    @staticmethod
-    def missingInput(node, card, needsAdc) -> str:
+    def panelChoice(self):
+        """What Segment would run, from the parameter node only (never from what the widgets show)."""
+        node = self._parameterNode
         if node is None:
-            return "No parameter node"
-        if card is None or modelcard.missing_weights(card):
-            return f"The model for '{node.task}' is not installed"
-        if not node.inputVolume:
-            return "Select an input volume"
-        if needsAdc and not node.adcVolume:
-            return "Select the ADC volume"
-        return ""
+            choice = mrml.PanelChoice("", None)
+            choice.missing = "No parameter node"
+            return choice
+        return mrml.PanelChoice(node.task, self.cards.get(node.task), node.inputVolume, node.adcVolume,
+                                node.allFrames, node.outputSegmentation)
 
     def onSegmentButton(self) -> None:
         if self.run is not None:
@@ -279,66 +268,38 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.run.cancel()
             return
         node = self._parameterNode
-        card = self.cards[node.task]
-        adc = node.adcVolume if len(card.channels) > 1 else None
+        choice = self.panelChoice()
         self.showVolumes(None)
-        batch = [volume for volume in self.ui.batchVolumesComboBox.checkedNodes() if volume is not node.inputVolume]
-        allFrames = node.allFrames and self.ui.allFramesCheckBox.visible
-        if adc is None and (allFrames or batch):  # the sequence's frames, else the input and the volumes checked
-            self.segmentInThisProcess([node.inputVolume] + ([] if allFrames else batch), allFrames)
-            return
+        batch = [] if choice.batch_unavailable else [volume for volume in node.batchVolumes if volume is not None]
+        options = dict(device=node.device.value, precision=node.precision.value, tta=node.testTimeMirroring,
+                       keepLargest=node.keepLargestComponent, waitForCompletion=False, progress=self.onProgress,
+                       finished=self.onFinished)
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self.logic.installDependencies(report=self.showInstalling)
             self.ui.statusLabel.text = ""
-            self.run = self.logic.segment(node.inputVolume, node.task, adc, node.outputSegmentation,
-                                          device=node.device.value, precision=node.precision.value,
-                                          tta=node.testTimeMirroring,
-                                          keepLargest=node.keepLargestComponent, waitForCompletion=False,
-                                          progress=self.onProgress, finished=self.onFinished)
+            if choice.all_frames:
+                self.run = self.logic.segmentSequence(node.inputVolume, node.task, **options)
+            else:  # the input (with its ADC for the prostate) into the output chosen, then each volume checked
+                first = [node.inputVolume, node.adcVolume] if choice.needs_adc else node.inputVolume
+                others = [volume for volume in batch if volume is not node.inputVolume]
+                self.run = self.logic.segmentMany([first] + others, node.task,
+                                                  outputNodes=[node.outputSegmentation], **options)
             self.setRunning(True)
 
-    def segmentInThisProcess(self, volumes, allFrames) -> None:
-        """Several volumes, or every frame of the input's sequence, in Slicer's process: the progress bar shows
-        the whole batch and the status line the volume and its stage; Cancel stops the batch between network
-        windows (what finished stays, the unfinished one leaves nothing)."""
-        node = self._parameterNode
-        self.cancelRequested = False
-        self.run = self  # the Segment button now cancels (see cancel())
-        self.setRunning(True)
-        options = dict(device=node.device.value, precision=node.precision.value, tta=node.testTimeMirroring,
-                       keepLargest=node.keepLargestComponent, progress=self.onBatchProgress,
-                       cancel=lambda: self.cancelRequested)
-        failures, results = [], []
+    def onBatchVolumesChecked(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.batchVolumes = list(self.ui.batchVolumesComboBox.checkedNodes())
+
+    def showBatchVolumes(self, volumes) -> None:
+        """Check the volumes the parameter node lists, and only those (without writing them back)."""
+        comboBox = self.ui.batchVolumesComboBox
+        wanted = {volume.GetID() for volume in volumes if volume is not None}
+        wasBlocked = comboBox.blockSignals(True)
         try:
-            self.logic.installDependencies(report=self.showInstalling)
-            if allFrames:
-                results = [self.logic.segmentSequence(volumes[0], node.task, **options)]
-            else:
-                results = self.logic.segmentMany(volumes, node.task, **options,
-                                                 onError=lambda index, error: failures.append(
-                                                     f"{volumes[index].GetName()}: {mrml.describe_error(error)}"))
-        except Exception as error:
-            failures.append(mrml.describe_error(error))
+            for volume in list(comboBox.checkedNodes()) + list(comboBox.uncheckedNodes()):
+                comboBox.setCheckState(volume, qt.Qt.Checked if volume.GetID() in wanted else qt.Qt.Unchecked)
         finally:
-            self.run = None
-            self.setRunning(False)
-        done = [result for result in results if result is not None]
-        for result in done:
-            self.logic.showSurfaces(result, node.show3D, node.surfaceSmoothing)
-        if done:
-            self.showVolumes(done[-1])
-        stopped = " Cancelled: the rest was not segmented." if self.cancelRequested else ""
-        self.ui.statusLabel.text = f"Done: {len(done)} of {len(results) or len(volumes)} segmented.{stopped}" + \
-            "".join(f"\nFailed: {failure}" for failure in failures)
-        if failures and not self.cancelRequested:
-            slicer.util.errorDisplay("Some volumes could not be segmented.", detailedText="\n".join(failures))
-
-    def cancel(self) -> None:
-        self.cancelRequested = True
-
-    def onBatchProgress(self, fraction, text) -> None:
-        self.onProgress(fraction, text)
-        slicer.app.processEvents()  # keeps the Cancel button alive between network windows
+            comboBox.blockSignals(wasBlocked)
 
     def showInstalling(self, text) -> None:
         """Say what is being installed: pip blocks the GUI for minutes on the first run."""
@@ -358,32 +319,44 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.updateGUIFromParameterNode()
 
-    def onProgress(self, fraction, stage) -> None:
+    def onProgress(self, fraction, text) -> None:
+        """The bar shows the whole batch; the line names the volume, how far it is and its stage."""
         self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = stage
+        self.ui.statusLabel.text = text
 
-    def onFinished(self, segmentationNode, error, warnings) -> None:
+    def onFinished(self, outcome) -> None:
         self.run = None
         self.setRunning(False)
         node = self._parameterNode
-        if segmentationNode is not None:
-            node.outputSegmentation = segmentationNode  # the next run replaces it
-            self.logic.showSurfaces(segmentationNode, node.show3D, node.surfaceSmoothing)
-            self.showVolumes(segmentationNode)
-            self.ui.statusLabel.text = "Done." + "".join(f"\nWarning: {w}" for w in warnings)
-        elif isinstance(error, Cancelled):
-            self.ui.statusLabel.text = "Cancelled: nothing was changed."
-        else:
-            message = mrml.describe_error(error)
-            self.ui.statusLabel.text = f"Failed: {message}"
-            slicer.util.errorDisplay(f"Segmentation failed: {message}", detailedText=getattr(error, "details", ""))
+        done = outcome.done
+        if done and not mrml.is_sequence_output(outcome.output):
+            if outcome.results[0] is not None:
+                node.outputSegmentation = outcome.results[0]  # the next run of this input replaces it
+            with slicer.util.tryWithErrorDisplay("Cannot build the 3-D surfaces.", waitCursor=True):
+                for segmentation in done:
+                    self.logic.showSurfaces(segmentation, node.show3D, node.surfaceSmoothing)
+        self.showVolumes(outcome.output)
+        self.ui.statusLabel.text = outcome.report()
+        for index, error in sorted(outcome.errors.items()):  # the whole output, for whoever reports a bug
+            logging.error(f"MSDSegment: {outcome.names[index]}: {error}\n{getattr(error, 'details', '')}")
+        if outcome.errors and not outcome.cancelled:
+            slicer.util.errorDisplay(outcome.report(),
+                                     detailedText="\n\n".join(getattr(error, "details", "")
+                                                              for error in outcome.errors.values()))
 
-    def onShow3DToggled(self, show) -> None:
+    def onShow3DClicked(self, show) -> None:
         """Show or hide the surfaces of the current result (built with the smoothing chosen)."""
         node = self._parameterNode
         if node and node.outputSegmentation and self.run is None:
             with slicer.util.tryWithErrorDisplay("Cannot build the 3-D surfaces.", waitCursor=True):
                 self.logic.showSurfaces(node.outputSegmentation, show, node.surfaceSmoothing)
+
+    def onSmoothingChanged(self, smoothing) -> None:
+        """Rebuild surfaces already shown with the new smoothing (none are built if there were none)."""
+        node = self._parameterNode
+        if node and node.outputSegmentation and self.run is None:
+            with slicer.util.tryWithErrorDisplay("Cannot build the 3-D surfaces.", waitCursor=True):
+                self.logic.updateSurfaceSmoothing(node.outputSegmentation, smoothing)
 
     def showVolumes(self, segmentationNode) -> None:
         """Fill the volumes table from a result; None empties it (a run started or failed)."""
@@ -407,137 +380,24 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 2, qualityItem)
 
 
-class BackgroundSegmentation:
-    """One run of the engine's command line in a separate process, the GUI staying responsive.
-
-    Why a process and not a worker thread: the engine is Python (resampling, post-processing) that
-    would hold the GIL for seconds at a time and freeze the GUI; a process can be stopped at once
-    (a thread only between sliding windows); an out-of-memory or a crash in PyTorch cannot take Slicer
-    down; and torch is never loaded into Slicer's process. The cost is writing the input to a
-    temporary file and loading the model in each run (about a second each). MRML nodes are only
-    touched here, in the main thread, when the process has finished.
-
-    progress(fraction, stage text) is called as the engine reports; finished(segmentation node or None,
-    error or None, warnings) once, at the end (errors.Cancelled after cancel()).
-    """
-
-    def __init__(self, logic, inputNodes, task, outputNode, device, precision, tta, keepLargest, progress, finished):
-        self.logic = logic
-        self.inputNodes = inputNodes
-        self.task = task
-        self.outputNode = outputNode
-        self.arguments = dict(device=device, precision=precision, tta=tta, keep_largest=keepLargest)
-        self.progress = progress
-        self.onFinished = finished
-        self.workspace = None
-        self.process = None
-        self.cancelled = False
-        self.pendingOutput = ""
-        self.errorOutput = ""
-
-    def start(self) -> None:
-        self.workspace = background.Workspace()
-        try:
-            inputs = mrml.write_inputs(self.inputNodes, self.workspace.folder)
-            arguments = background.segment_arguments(self.task, inputs, self.workspace.output, **self.arguments)
-            self.process = qt.QProcess()
-            environment = qt.QProcessEnvironment.systemEnvironment()
-            environment.insert("PYTHONPATH", background.python_path(environment.value("PYTHONPATH")))
-            self.process.setProcessEnvironment(environment)
-            self.process.setWorkingDirectory(background.MODULE_FOLDER)
-            self.process.connect("readyReadStandardOutput()", self.readOutput)
-            self.process.connect("readyReadStandardError()", self.readErrors)
-            self.process.connect("finished(int,QProcess::ExitStatus)", self.finished)
-            executable = pythonExecutable()
-            self.process.start(executable, arguments)
-            if not self.process.waitForStarted(10000):
-                raise MSDSegmentError(f"Cannot start {executable}: {self.process.errorString()}")
-        except Exception:
-            self.release()
-            self.workspace.remove()
-            raise
-
-    def isRunning(self) -> bool:
-        return self.process is not None and self.process.state() != qt.QProcess.NotRunning
-
-    def cancel(self) -> None:
-        """Stop the engine at once. PythonSlicer is a launcher whose child, python-real, runs the engine:
-        killing the launcher would leave the child running, but the child shares its standard input and
-        exits when that closes (--exit-when-stdin-closes)."""
-        self.cancelled = True
-        if self.isRunning():
-            self.process.closeWriteChannel()
-            self.process.kill()  # finished() follows, which cleans up
-
-    def readOutput(self) -> None:
-        self.pendingOutput += self.process.readAllStandardOutput().data().decode("utf-8", "replace")
-        *lines, self.pendingOutput = self.pendingOutput.split("\n")
-        for line in lines:
-            progress = background.parse_progress(line)
-            if progress is not None and self.progress is not None:
-                self.progress(*progress)
-
-    def readErrors(self) -> None:
-        self.errorOutput += self.process.readAllStandardError().data().decode("utf-8", "replace")
-
-    def finished(self, exitCode, exitStatus) -> None:
-        self.readOutput()
-        self.readErrors()
-        node, error = None, None
-        try:
-            if self.cancelled:
-                error = Cancelled()
-            elif exitStatus != qt.QProcess.NormalExit or exitCode != 0:
-                error = MSDSegmentError(background.error_message(self.errorOutput, exitCode))
-                error.details = self.errorOutput  # the whole output, for the error dialog's details
-                logging.error(f"MSDSegment: the segmentation process failed (exit code {exitCode}):\n"
-                              f"{self.errorOutput}")
-            else:
-                node = self.logic.importResult(self.workspace.output, self.inputNodes[0], self.task, self.outputNode)
-        except Exception as exception:
-            logging.exception("Importing the segmentation failed")
-            error = exception
-        finally:
-            self.workspace.remove()
-            self.release()
-        if self.onFinished is not None:
-            self.onFinished(node, error, background.warnings_in(self.errorOutput))
-
-    def release(self) -> None:
-        """Disconnect the process and let Qt delete it: PythonQt's connections would otherwise keep this run,
-        its process and its input nodes alive after every run."""
-        if self.process is None:
-            return
-        self.process.disconnect("readyReadStandardOutput()", self.readOutput)
-        self.process.disconnect("readyReadStandardError()", self.readErrors)
-        self.process.disconnect("finished(int,QProcess::ExitStatus)", self.finished)
-        self.process.deleteLater()
-        self.process = None
-
-
-def pythonExecutable():
-    """Slicer's own Python interpreter (PythonSlicer), which sees the packages installed in Slicer."""
-    executable = shutil.which("PythonSlicer")
-    if not executable:
-        raise MSDSegmentError("Slicer's Python interpreter (PythonSlicer) was not found on the PATH")
-    return executable
-
-
 #
 # MSDSegmentLogic
 #
 
 
 class MSDSegmentLogic(ScriptedLoadableModuleLogic):
-    """Everything the module does without its GUI; the MRML work itself is in MSDSegmentLib.mrml.
+    """Everything the module does without its GUI; the MRML work is in MSDSegmentLib.mrml and the background runner
+    in MSDSegmentLib.background.
 
-    From the Python console: `MSDSegmentLogic().segment(volumeNode, task="spleen")`, or without blocking:
-    `run = MSDSegmentLogic().segment(volumeNode, "spleen", waitForCompletion=False, finished=callback)`.
+    From the Python console: `MSDSegmentLogic().segment(volumeNode, task="spleen")` runs in this process and
+    returns the segmentation. With waitForCompletion=False, segment, segmentMany and segmentSequence run the
+    engine in one background process, as the panel does, and return the run at once: run.cancel() stops it,
+    run.wait() blocks until it ends (pumping Slicer's events) and returns its Outcome.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        loadTerminology()  # in case the module was loaded after Slicer's start-up
+        application.load_terminology()  # in case the module was loaded after Slicer's start-up
 
     def getParameterNode(self):
         return MSDSegmentParameterNode(super().getParameterNode())
@@ -557,31 +417,73 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
         precision: auto, fp32, bf16 or fp16 for the network (auto: the fastest the model card shows to keep
         the task's validation Dice on this hardware).
 
-        waitForCompletion=False: run the engine in a background process (as the panel does) and return the
-        BackgroundSegmentation at once; its cancel() stops it. progress(fraction, stage) reports, and
-        finished(segmentation node or None, error or None, warnings) is called when it ends. Needs Slicer's
-        event loop (the GUI, or slicer.app.processEvents() in a script).
+        waitForCompletion=False: run in a background process (see the class) and return the run;
+        finished(segmentation node or None, error or None, warnings) is called when it ends.
         """
-        self.installDependencies()
         inputs = [inputVolumeNode] + ([adcVolumeNode] if adcVolumeNode is not None else [])
         if not waitForCompletion:
-            if modelsDir is not None or cancel is not None:
-                raise MSDSegmentError("A background run uses the bundled models and is stopped by its cancel()")
-            run = BackgroundSegmentation(self, inputs, task, outputSegmentationNode, device, precision, tta,
-                                         keepLargest, progress, finished)
-            run.start()
-            return run
+            def reportOne(outcome):
+                error = outcome.errors.get(0) or (Cancelled() if outcome.cancelled else None)
+                if finished is not None:
+                    finished(outcome.results[0], None if outcome.results[0] is not None else error, outcome.warnings)
+
+            return self.segmentMany([inputs], task, device, tta, keepLargest, progress, cancel, modelsDir=modelsDir,
+                                    precision=precision, outputNodes=[outputSegmentationNode],
+                                    waitForCompletion=False, finished=reportOne)
+        self.installDependencies()
         return mrml.segment(inputs, task, outputSegmentationNode, device=device, tta=tta, keep_largest=keepLargest,
                             progress=progress, cancel=cancel, models_dir=modelsDir, precision=precision)
 
-    @staticmethod
-    def importResult(labelPath, inputVolumeNode, task, outputSegmentationNode=None, modelsDir=None):
-        """Import a label map written by the command line for this input (the GUI's background path)."""
-        if outputSegmentationNode is not None and outputSegmentationNode.GetScene() is None:
-            outputSegmentationNode = None  # deleted while the model ran: make a new one
-        if inputVolumeNode.GetScene() is None:
-            raise MSDSegmentError("The input volume was removed from the scene while the model ran")
-        return mrml.import_label_file(labelPath, inputVolumeNode, task, outputSegmentationNode, modelsDir)
+    def segmentMany(self, volumeNodes, task="liver", device="auto", tta=False, keepLargest=True, progress=None,
+                    cancel=None, onError=None, modelsDir=None, precision="auto", outputNodes=None,
+                    waitForCompletion=True, finished=None):
+        """Segment each volume on its own (for the prostate each item is [T2, ADC]); a volume that fails, whatever
+        the error, fails alone and the others complete.
+
+        waitForCompletion=True: in this process; returns the segmentation nodes in input order, None where a
+        volume failed or was not reached; onError(index, error) gets each failure (default: a logged warning);
+        cancel() -> bool stops the batch, the results finished stay. progress(fraction of the batch, text).
+        waitForCompletion=False: one background process serves the batch; returns the run, and
+        finished(Outcome) is called at the end (Outcome.results, .errors by index, .report()).
+        outputNodes: the segmentation node to refill for each volume (None: a new one)."""
+        if not waitForCompletion:
+            if cancel is not None or onError is not None:
+                raise MSDSegmentError("A background run is stopped by its cancel() and reports in finished()")
+            batch = mrml.VolumeBatch(volumeNodes, task, outputNodes, modelsDir)
+            return self.startInBackground(batch, task, device, precision, tta, keepLargest, modelsDir, progress,
+                                          finished)
+        self.installDependencies()
+        return mrml.segment_many(volumeNodes, task, device=device, tta=tta, keep_largest=keepLargest,
+                                 progress=progress, cancel=cancel, on_error=onError, models_dir=modelsDir,
+                                 precision=precision)
+
+    def segmentSequence(self, volumeNode, task="liver", device="auto", tta=False, keepLargest=True,
+                        progress=None, cancel=None, modelsDir=None, precision="auto", waitForCompletion=True,
+                        finished=None):
+        """Segment every frame of the sequence that volumeNode shows into a segmentation sequence played by the
+        same browser. It is recorded only when every frame is done: a bad frame or a cancel adds nothing.
+
+        waitForCompletion=True: in this process; returns the segmentation node that shows the current frame.
+        waitForCompletion=False: one background process serves every frame; returns the run, and
+        finished(Outcome) is called at the end (Outcome.output: the segmentation node, or None)."""
+        if not waitForCompletion:
+            if cancel is not None:
+                raise MSDSegmentError("A background run is stopped by its cancel()")
+            batch = mrml.FrameBatch(volumeNode, task, modelsDir)
+            return self.startInBackground(batch, task, device, precision, tta, keepLargest, modelsDir, progress,
+                                          finished)
+        self.installDependencies()
+        return mrml.segment_sequence(volumeNode, task, device=device, tta=tta, keep_largest=keepLargest,
+                                     progress=progress, cancel=cancel, models_dir=modelsDir, precision=precision)
+
+    def startInBackground(self, batch, task, device, precision, tta, keepLargest, modelsDir, progress, finished):
+        """Start one engine process (Slicer's Python) for a batch; torch is never imported into this process."""
+        self.installDependencies()
+        options = dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
+                       models_dir=modelsDir)
+        return background.BackgroundSegmentation(batch, options, application.EngineProcess,
+                                                 background.worker_program(application.python_executable()),
+                                                 progress, finished).start()
 
     @staticmethod
     def segmentVolumes(segmentationNode):
@@ -593,27 +495,10 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
         """Build (with this smoothing factor, 0-1) or remove the segments' 3-D surfaces."""
         mrml.show_surfaces(segmentationNode, show, smoothing)
 
-    def segmentMany(self, volumeNodes, task="liver", device="auto", tta=False, keepLargest=True, progress=None,
-                    cancel=None, onError=None, modelsDir=None, precision="auto"):
-        """Segment each volume on its own (for the prostate each item is [T2, ADC]); returns the segmentation
-        nodes in input order, None where a volume failed or was not reached.
-
-        A bad volume fails alone: onError(index, error) gets its one-line reason (default: a logged warning),
-        and the others complete. cancel() -> bool stops the batch: finished results stay, the unfinished one
-        leaves nothing. progress(fraction of the batch, text naming the volume and its stage)."""
-        self.installDependencies()
-        return mrml.segment_many(volumeNodes, task, device=device, tta=tta, keep_largest=keepLargest,
-                                 progress=progress, cancel=cancel, on_error=onError, models_dir=modelsDir,
-                                 precision=precision)
-
-    def segmentSequence(self, volumeNode, task="liver", device="auto", tta=False, keepLargest=True,
-                        progress=None, cancel=None, modelsDir=None, precision="auto"):
-        """Segment every frame of the sequence that volumeNode shows into a segmentation sequence played by the
-        same sequence browser; returns the segmentation node that shows the current frame. A bad frame or a
-        cancel leaves the scene as it was."""
-        self.installDependencies()
-        return mrml.segment_sequence(volumeNode, task, device=device, tta=tta, keep_largest=keepLargest,
-                                     progress=progress, cancel=cancel, models_dir=modelsDir, precision=precision)
+    @staticmethod
+    def updateSurfaceSmoothing(segmentationNode, smoothing):
+        """Rebuild the surfaces with this smoothing if they are shown; returns whether they were rebuilt."""
+        return mrml.update_surface_smoothing(segmentationNode, smoothing)
 
     @staticmethod
     def sequenceOf(volumeNode):
@@ -627,55 +512,8 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def installDependencies(askConfirmation=True, report=None):
         """Install PyTorch (through the PyTorch extension) and Resources/requirements.txt on first use.
-
-        report(text), if given, is told what is being installed (each step blocks for a while). The packages
-        that Slicer and the PyTorch extension installed (torch, numpy, scipy, SimpleITK) are pinned, so pip
-        picks versions that fit them instead of replacing them."""
-        problem = dependencies.installation_problem()
-        if problem:  # said before anything is downloaded
-            raise MSDSegmentError(problem)
-        if dependencies.torch_needed():
-            if report:
-                report("Installing PyTorch (through the PyTorch extension)...")
-            installTorch(askConfirmation)
-        unmet = dependencies.unmet_requirements()
-        if not unmet:
-            return
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "MSDSegment needs these Python packages: " + ", ".join(unmet) + ". Install them now?",
-                "MSDSegment: install packages"):
-            raise MSDSegmentError("The packages MSDSegment needs are not installed: " + ", ".join(unmet))
-        if report:
-            report("Installing Python packages: " + ", ".join(unmet) + "...")
-        with tempfile.TemporaryDirectory(prefix="MSDSegment-pip-") as folder:
-            constraints = os.path.join(folder, "constraints.txt")
-            with open(constraints, "w", encoding="utf-8") as stream:
-                stream.write(dependencies.constraints_text(dependencies.installed_versions()))
-            slicer.util.pip_install(dependencies.pip_arguments(constraints))
-        still = dependencies.unmet_requirements()
-        if still:
-            raise MSDSegmentError("These packages could not be installed: " + ", ".join(still) + " (see the log)")
-
-
-def installTorch(askConfirmation=True):
-    """PyTorch from the PyTorch extension (it picks the CUDA or CPU build), else plain pip after asking."""
-    try:
-        import PyTorchUtils
-    except ImportError:
-        PyTorchUtils = None
-    requirement = dependencies.torch_requirement()
-    if PyTorchUtils is not None:
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
-                                                              torchVersionRequirement=requirement)
-        if torch is None:
-            raise MSDSegmentError("PyTorch is needed to run the models and was not installed")
-        return
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            "MSDSegment needs PyTorch, and the PyTorch extension (which picks the right GPU build) is not "
-            "installed. Install the default PyTorch build with pip now (about 1 GB or more)?",
-            "MSDSegment: install PyTorch"):
-        raise MSDSegmentError("PyTorch is needed to run the models and was not installed")
-    slicer.util.pip_install("torch" + requirement)
+        report(text), if given, is told what is being installed (each step blocks for a while)."""
+        application.install_dependencies(askConfirmation, report)
 
 
 #
@@ -684,72 +522,28 @@ def installTorch(askConfirmation=True):
 
 
 class MSDSegmentTest(ScriptedLoadableModuleTest):
-    """Runs, inside Slicer, the same logic tests as pytest (MSDSegmentLib/selftests.py) on the real
-    application scene with the bundled models. Real data is taken from MSDSEGMENT_DATA (or the
-    repository's ../shared/data); without it the CT tests use a synthetic phantom."""
+    """Inside Slicer: a check of the logic and the parameter node, then the module's logic tests (the same bodies
+    pytest runs with slicer-core, in MSDSegment/Testing/Python) where the module runs from its source tree.
+    ctest runs those from the source tree too (MSDSegment/Testing/Python/CMakeLists.txt)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        import unittest
+        self.setUp()
+        self.test_parameter_node_defaults()
+        testsFolder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Testing", "Python")
+        if not os.path.isfile(os.path.join(testsFolder, "MSDSegmentModuleTest.py")):
+            self.delayDisplay("The logic tests live in the source tree (MSDSegment/Testing/Python): not run here")
+            return
+        if testsFolder not in sys.path:
+            sys.path.insert(0, testsFolder)
+        import MSDSegmentModuleTest
 
-        from MSDSegmentLib import selftests
+        MSDSegmentModuleTest.runLogicTests(self)
 
-        missing = (["PyTorch" + dependencies.torch_requirement()] if dependencies.torch_needed() else []) \
-            + dependencies.unmet_requirements()
-        if missing:  # reported as a skip with a warning, never as a pass
-            message = ("MSDSegment self-test NOT RUN: install " + ", ".join(missing)
-                       + " first (click Segment once, or MSDSegmentLogic().installDependencies()).")
-            logging.warning(message)
-            self.delayDisplay(message, 3000)
-            raise unittest.SkipTest(message)
-        root = tempfile.mkdtemp(prefix="MSDSegmentTest-")
-        try:
-            for index, name in enumerate(selftests.TESTS + selftests.TRAINED_MODEL_TESTS):
-                self.setUp()
-                self.delayDisplay(name, 100)
-                folder = os.path.join(root, str(index))
-                os.makedirs(folder)
-                try:
-                    getattr(selftests, name)(self.context(folder))
-                except unittest.SkipTest as reason:
-                    logging.info(f"{name} skipped: {reason}")
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        self.delayDisplay("Test passed")
-
-    def context(self, folder):
-        from MSDSegmentLib import selftests
-
-        data = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-        btcv = firstCase(os.path.join(data, "BTCV-Abdomen"))
-        ctPath = btcv.get("image") or selftests.write_phantom_ct(os.path.join(folder, "phantom_ct.nrrd"))
-        return selftests.Context(
-            scene=slicer.mrmlScene,
-            load_volume=lambda path, name: slicer.util.loadVolume(path, {"name": name, "show": False}),
-            new_scene=newScene, models_dir=modelcard.MODELS_DIR, folder=folder, ct_path=ctPath,
-            ct_labels_path=btcv.get("label", ""),
-            prostate_path=firstCase(os.path.join(data, "Task05_Prostate")).get("image", ""),
-            python=pythonExecutable())
-
-
-def firstCase(folder):
-    """{'image': path, 'label': path} of an MSD-layout data set's first training case, {} if absent."""
-    import json
-
-    try:
-        with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as stream:
-            case = json.load(stream)["training"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        return {}
-    return {key: os.path.normpath(os.path.join(folder, value)) for key, value in case.items()}
-
-
-def newScene():
-    """An empty scene that can hold segmentations (for reloading a saved file away from the main scene)."""
-    scene = slicer.vtkMRMLScene()
-    for nodeClass in (slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLSegmentationDisplayNode,
-                      slicer.vtkMRMLSegmentationStorageNode):
-        scene.RegisterNodeClass(nodeClass())
-    return scene
+    def test_parameter_node_defaults(self):
+        node = MSDSegmentLogic().getParameterNode()
+        self.assertIn(node.task, modelcard.TASKS)
+        self.assertFalse(node.allFrames or node.show3D)
+        self.delayDisplay("Parameter node checked")

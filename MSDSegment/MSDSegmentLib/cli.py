@@ -84,7 +84,9 @@ class Reporter:
             self.bar.close()
 
 
-def segment_case(inputs, output, args, say):
+def segment_case(inputs, output, args, say, progress=None):
+    """Segment one case into `output` and its summary beside it. progress(fraction, stage), if given, replaces
+    the terminal's progress report (the background worker's JSON lines)."""
     from .engine import discard_preloads, preload, segment
     from .imageio import read_channels, write_labels
 
@@ -97,10 +99,10 @@ def segment_case(inputs, output, args, say):
         discard_preloads()
         raise
     read_seconds = time.perf_counter() - started
-    reporter = Reporter(args.quiet, args.progress_lines)
+    reporter = Reporter(args.quiet or progress is not None, args.progress_lines)
     try:
         result = segment(channels, args.task, device=args.device, tta=args.tta, keep_largest=not args.no_largest,
-                         progress=reporter, models_dir=args.models_dir, precision=args.precision)
+                         progress=progress or reporter, models_dir=args.models_dir, precision=args.precision)
     finally:
         reporter.close()
     for warning in result.warnings:

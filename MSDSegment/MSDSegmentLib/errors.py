@@ -18,3 +18,12 @@ class Cancelled(MSDSegmentError):
 
     def __init__(self, message="Segmentation cancelled."):
         super().__init__(message)
+
+
+def describe_error(error):
+    """The one line shown to a user for an engine error or an unexpected one (any exception)."""
+    if isinstance(error, MSDSegmentError):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return "Out of memory" + (f": {error}" if str(error) else "")
+    return f"Unexpected error: {type(error).__name__}: {error}"

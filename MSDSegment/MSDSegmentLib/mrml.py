@@ -21,12 +21,13 @@ import vtk
 from vtk.util import numpy_support
 
 from . import modelcard
-from .errors import InputError, MSDSegmentError
+from .errors import InputError, describe_error
 from .imageio import read_image
 from .terminology import entry_string
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
 SMOOTHING_PARAMETER = "Smoothing factor"  # of the binary label map to closed surface conversion
 QUALITY_TAG = "MSDSegment.Quality"  # a segment's quality entry (JSON): saved with it in .seg.nrrd
 GEOMETRY_TOLERANCE_MM = 1e-3      # a result file must lie on its input's grid to this precision
@@ -260,14 +261,17 @@ def remove_node(node):
 def import_label_file(path, input_node, task, output_node=None, models_dir=None):
     """Import a label map file written by the command line for `input_node` (the background-process path)."""
     card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
-    quality = {}
-    try:  # the command line's summary beside the labels holds each segment's quality, by name
+    return import_labels(read_image(path), input_node, card, output_node, quality_of_labels(path, card))
+
+
+def quality_of_labels(path, card):
+    """{label value: quality entry} from the command line's summary beside a label file ({} if none)."""
+    try:
         with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as stream:
             by_name = json.load(stream).get("quality", {})
-        quality = {label.value: by_name[label.name] for label in card.trained_labels if label.name in by_name}
     except (OSError, ValueError):
-        pass
-    return import_labels(read_image(path), input_node, card, output_node, quality)
+        return {}
+    return {label.value: by_name[label.name] for label in card.trained_labels if label.name in by_name}
 
 
 def segment(input_nodes, task, output_node=None, *, device="auto", tta=False, keep_largest=True,
@@ -293,7 +297,8 @@ def segment_many(inputs, task, *, progress=None, cancel=None, on_error=None, **o
 
     Returns the segmentation nodes in input order, None where an input failed or was not reached. A bad input
     fails alone: on_error(index, error) gets its one-line reason (default: a logged warning) and the others go
-    on. cancel() stops the whole batch; the results already finished stay, the unfinished one leaves nothing.
+    on, whatever it raised. cancel() stops the whole batch; the results already finished stay, the unfinished one
+    leaves nothing.
     progress(fraction of the batch, text naming the volume)."""
     from .errors import Cancelled
 
@@ -310,8 +315,8 @@ def segment_many(inputs, task, *, progress=None, cancel=None, on_error=None, **o
             results[index] = segment(item, task, progress=report, cancel=cancel, **options)
         except Cancelled:
             break
-        except MSDSegmentError as error:
-            (on_error or (lambda i, e: logging.warning(f"MSDSegment: {label}: {e}")))(index, error)
+        except Exception as error:  # whatever it raised (torch's RuntimeError, a MemoryError), it fails alone
+            (on_error or (lambda i, e: logging.warning(f"MSDSegment: {label}: {describe_error(e)}")))(index, error)
     return results
 
 
@@ -344,15 +349,9 @@ def segment_sequence(volume_node, task, *, progress=None, cancel=None, **options
     Nothing is added to the scene until every frame is done: a bad frame or a cancel leaves it as it was."""
     from .engine import segment as run_engine
 
-    check_volume(volume_node)
-    browser, sequence = sequence_of(volume_node)
-    if sequence is None:
-        raise InputError(f"'{volume_node.GetName()}' is not a frame of a sequence (no sequence browser plays it)")
+    _, sequence = sequence_and_browser(volume_node)
     frames = sequence.GetNumberOfDataNodes()
-    results = slicer.vtkMRMLSequenceNode()
-    results.SetIndexName(sequence.GetIndexName())
-    results.SetIndexUnit(sequence.GetIndexUnit())
-    results.SetIndexType(sequence.GetIndexType())
+    segmentations = []
     for index in range(frames):
         frame = sequence.GetNthDataNode(index)
 
@@ -364,8 +363,29 @@ def segment_sequence(volume_node, task, *, progress=None, cancel=None, **options
                             **options)
         for warning in result.warnings:
             logging.warning(f"MSDSegment: frame {index + 1}: {warning}")
-        results.SetDataNodeAtValue(frame_segmentation(result.labels, frame, result.card, result.quality),
-                                   sequence.GetNthIndexValue(index))
+        segmentations.append(frame_segmentation(result.labels, frame, result.card, result.quality))
+    return record_sequence(volume_node, task, segmentations)
+
+
+def sequence_and_browser(volume_node):
+    """(browser, sequence) that play `volume_node`; a one-line error if it is no frame of a sequence."""
+    check_volume(volume_node)
+    browser, sequence = sequence_of(volume_node)
+    if sequence is None:
+        raise InputError(f"'{volume_node.GetName()}' is not a frame of a sequence (no sequence browser plays it)")
+    return browser, sequence
+
+
+def record_sequence(volume_node, task, segmentations):
+    """Add the frames' segmentations as a segmentation sequence played by the volume's browser, beside the
+    volume sequence (same index values); returns the segmentation node that shows the current frame."""
+    browser, sequence = sequence_and_browser(volume_node)
+    results = slicer.vtkMRMLSequenceNode()
+    results.SetIndexName(sequence.GetIndexName())
+    results.SetIndexUnit(sequence.GetIndexUnit())
+    results.SetIndexType(sequence.GetIndexType())
+    for index, segmentation in enumerate(segmentations):
+        results.SetDataNodeAtValue(segmentation, sequence.GetNthIndexValue(index))
     results.SetName(f"{segmentation_name(volume_node, task)} sequence")
     scene = volume_node.GetScene()
     scene.AddNode(results)
@@ -377,6 +397,36 @@ def segment_sequence(volume_node, task, *, progress=None, cancel=None, **options
         proxy.CreateDefaultDisplayNodes()
     place_beside(proxy, volume_node)
     return proxy
+
+
+def is_sequence_output(segmentation_node):
+    """Whether a segmentation node shows a frame of a segmentation sequence (its content follows the browser)."""
+    return segmentation_node is not None and sequence_of(segmentation_node)[1] is not None
+
+
+class PanelChoice:
+    """What a click on the panel's Segment button runs, from the panel's parameters (the parameter node), never
+    from what its widgets show. Each `..._unavailable` is "" or the reason the panel shows for it."""
+
+    def __init__(self, task, card, input_node=None, adc_node=None, all_frames=False, output_node=None):
+        self.needs_adc = card is not None and len(card.channels) > 1
+        self.in_sequence = input_node is not None and sequence_of(input_node)[1] is not None
+        self.all_frames = bool(all_frames) and self.in_sequence and not self.needs_adc
+        self.batch_unavailable = (
+            f"The {task} task takes a T2 volume with its ADC: segment other cases one at a time"
+            if self.needs_adc else "Every frame of the sequence is segmented" if self.all_frames else "")
+        self.surfaces_unavailable = (
+            "3-D surfaces are not built for a segmentation sequence (they would show one frame only): use the "
+            "Segment Editor's Show 3D on the frame shown"
+            if self.all_frames or is_sequence_output(output_node) else "")
+        if card is None or modelcard.missing_weights(card):
+            self.missing = f"The model for '{task}' is not installed"
+        elif input_node is None:
+            self.missing = "Select an input volume"
+        elif self.needs_adc and adc_node is None:
+            self.missing = "Select the ADC volume"
+        else:
+            self.missing = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +441,69 @@ def write_inputs(input_nodes, folder):
         sitk.WriteImage(image, path, useCompression=False)
         paths.append(path)
     return paths
+
+
+def item_nodes(item):
+    """An input of a batch as its list of volume nodes (a volume, or [T2, ADC])."""
+    return list(item) if isinstance(item, (list, tuple)) else [item]
+
+
+class VolumeBatch:
+    """Volumes (each a node, or [T2, ADC]) for the background runner: each result is imported as it comes, into
+    the output node given for it (output_nodes: for the first volumes) or a new one, so a cancel or a later
+    failure keeps it."""
+
+    def __init__(self, items, task, output_nodes=None, models_dir=None):
+        self.items = [item_nodes(item) for item in items]
+        self.task = task
+        outputs = list(output_nodes or [])  # the first ones given, the rest new
+        self.output_nodes = outputs + [None] * (len(self.items) - len(outputs))
+        self.models_dir = models_dir
+        self.names = [nodes[0].GetName() if nodes[0] is not None else "no volume" for nodes in self.items]
+
+    def prepare(self, index, folder):
+        return write_inputs(self.items[index], folder)
+
+    def collect(self, index, label_path):
+        input_node, output_node = self.items[index][0], self.output_nodes[index]
+        if input_node.GetScene() is None:
+            raise InputError("The input volume was removed from the scene while the model ran")
+        if output_node is not None and output_node.GetScene() is None:
+            output_node = None  # deleted while the model ran: make a new one
+        return import_label_file(label_path, input_node, self.task, output_node, self.models_dir)
+
+    def complete(self, outcome):
+        """Count only the segmentations still in the scene; show the last one."""
+        outcome.results = [node if node is not None and node.GetScene() is not None else None
+                           for node in outcome.results]
+        outcome.output = outcome.done[-1] if outcome.done else None
+
+
+class FrameBatch:
+    """Every frame of the sequence a volume node shows, for the background runner. The segmentation sequence is
+    recorded at the end and only if every frame was segmented: a failed frame or a cancel adds nothing."""
+
+    def __init__(self, volume_node, task, models_dir=None):
+        _, self.sequence = sequence_and_browser(volume_node)
+        self.volume_node = volume_node
+        self.task = task
+        self.card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+        frames = self.sequence.GetNumberOfDataNodes()
+        self.names = [f"frame {index + 1}" for index in range(frames)]
+
+    def prepare(self, index, folder):
+        return write_inputs([self.sequence.GetNthDataNode(index)], folder)
+
+    def collect(self, index, label_path):
+        return frame_segmentation(read_image(label_path), self.sequence.GetNthDataNode(index), self.card,
+                                  quality_of_labels(label_path, self.card))
+
+    def complete(self, outcome):
+        if outcome.cancelled or outcome.errors or self.volume_node.GetScene() is None:
+            outcome.results = [None] * len(outcome.results)
+            outcome.notes.append("The segmentation sequence needs every frame: nothing was added.")
+            return
+        outcome.output = record_sequence(self.volume_node, self.task, outcome.results)
 
 
 def segment_volumes_ml(segmentation_node):
@@ -460,6 +573,18 @@ def show_surfaces(segmentation_node, show, smoothing=0.5):
         segmentation_node.CreateClosedSurfaceRepresentation()
 
 
+def update_surface_smoothing(segmentation_node, smoothing):
+    """Rebuild the 3-D surfaces with this smoothing factor if they are shown and were built with another one;
+    returns whether they were rebuilt. A segmentation without surfaces gets none (they are the user's choice)."""
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.ContainsRepresentation(CLOSED_SURFACE):
+        return False
+    if segmentation.GetConversionParameter(SMOOTHING_PARAMETER) == f"{float(smoothing):g}":
+        return False
+    show_surfaces(segmentation_node, True, smoothing)
+    return True
+
+
 def guess_adc_volume(scene, t2_node=None):
     """The scalar volume whose name says ADC, preferring one in the same study as the T2 volume."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -480,9 +605,3 @@ def guess_adc_volume(scene, t2_node=None):
         candidates = same_study or candidates
     return candidates[0] if candidates else None
 
-
-def describe_error(error):
-    """The one-line message shown to the user for an engine error or an unexpected one."""
-    if isinstance(error, MSDSegmentError):
-        return str(error)
-    return f"Unexpected error: {type(error).__name__}: {error}"

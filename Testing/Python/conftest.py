@@ -7,7 +7,8 @@ import sys
 import pytest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY):
+MODULE_TESTS = os.path.join(REPOSITORY, "MSDSegment", "Testing", "Python")  # the module's test bodies
+for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY, MODULE_TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 

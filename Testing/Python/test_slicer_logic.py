@@ -1,18 +1,20 @@
 """The Slicer module's MRML logic (MSDSegmentLib.mrml) on a real scene built from slicer-core.
 
-The test bodies live in MSDSegmentLib/selftests.py so that the module's self-test (MSDSegmentTest,
-run by ctest inside Slicer) runs exactly the same checks. Here they get real BTCV / MSD prostate files
+The test bodies live in MSDSegment/Testing/Python/MSDSegmentLogicTests.py so that the module's tests inside
+Slicer (MSDSegmentTest, registered with ctest) run exactly the same checks. Here they get real BTCV / MSD prostate files
 and small random-weight models written by Training's export code (structure, not accuracy).
 """
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 from conftest import BTCV, PROSTATE
-from MSDSegmentLib import modelcard, selftests
+import MSDSegmentLogicTests as selftests
+from MSDSegmentLib import modelcard
 
 
 def first_case(folder, key="image"):
@@ -49,3 +51,38 @@ def test_mrml_logic_with_bundled_models(name, slicer_session, new_slicer_scene, 
     if not cards or any(modelcard.missing_weights(card) for card in cards.values()):
         pytest.skip(f"no bundled models with weights in {modelcard.MODELS_DIR}")
     getattr(selftests, name)(make_context(slicer_session, new_slicer_scene, modelcard.MODELS_DIR, str(tmp_path)))
+
+
+NO_TORCH_SCRIPT = """
+import sys
+sys.path[:0] = {paths!r}
+from slicer_fixture import SlicerSession
+import MSDSegmentLogicTests as bodies
+from MSDSegmentLib import background, mrml
+
+session = SlicerSession().publish()
+path = bodies.write_phantom_ct({folder!r} + "/ct.nrrd")
+volumes = [session.load_volume(path, "CT %d" % index) for index in (1, 2)]
+options = dict(task="spleen", device="cpu", models_dir={models!r})
+program = background.worker_program(sys.executable)
+outcome = background.BackgroundSegmentation(mrml.VolumeBatch(volumes, "spleen", models_dir={models!r}), options,
+                                            background.SubprocessTransport, program).start().wait(600)
+assert len(outcome.done) == 2, outcome.report()
+heavy = sorted(name for name in ("torch", "monai", "scipy") if name in sys.modules)
+assert not heavy, heavy
+print("segmented in the background without torch here:", outcome.report())
+"""
+
+
+def test_the_background_path_never_imports_torch_into_this_process(tiny_models_dir, tmp_path):
+    """The panel's path (volumes written, one engine process, results imported into the scene) in a fresh
+    interpreter with a real MRML scene: it segments, and torch, MONAI and SciPy are never imported there."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from conftest import MODULE_TESTS, REPOSITORY
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = NO_TORCH_SCRIPT.format(paths=[os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY, MODULE_TESTS, here],
+                                    folder=str(tmp_path), models=tiny_models_dir)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done: 2 of 2 segmented." in result.stdout

@@ -14,12 +14,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPOSITORY
-from MSDSegmentLib import background, dependencies, selftests
-from MSDSegmentLib.cli import Reporter, build_parser
+import MSDSegmentLogicTests as selftests
+from MSDSegmentLib import background, dependencies, worker
+from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib.imageio import looks_like_ct, validate_channels
 
 MODULE = os.path.join(REPOSITORY, "MSDSegment")
 MODULE_SCRIPT = os.path.join(MODULE, "MSDSegment.py")
+APPLICATION_SCRIPT = os.path.join(MODULE, "MSDSegmentLib", "application.py")
 UI_FILE = os.path.join(MODULE, "Resources", "UI", "MSDSegment.ui")
 
 # What the widget code relies on: widget name -> (class, node types of a node selector).
@@ -35,6 +37,7 @@ EXPECTED_WIDGETS = {
     "outputSegmentationSelector": ("qMRMLNodeComboBox", ["vtkMRMLSegmentationNode"]),
     "show3DCheckBox": ("QCheckBox", None),
     "allFramesCheckBox": ("QCheckBox", None),
+    "batchVolumesLabel": ("QLabel", None),
     "batchVolumesComboBox": ("qMRMLCheckableNodeComboBox", ["vtkMRMLScalarVolumeNode"]),
     "smoothingSliderWidget": ("ctkSliderWidget", None),
     "segmentButton": ("QPushButton", None),
@@ -129,8 +132,15 @@ def test_every_parameter_is_bound_to_one_widget_of_the_right_kind(ui):
         if parameter is not None:
             assert parameter not in bound, f"{parameter} bound twice"
             bound[parameter] = widget
-    assert set(bound) == set(fields), f"fields {sorted(fields)} vs bound widgets {sorted(bound)}"
+    # connectGui has no connector for a checkable node combo box: that parameter is kept in step by the widget code.
+    manual = {"batchVolumes": "batchVolumesComboBox"}
+    assert set(bound) == set(fields) - set(manual), f"fields {sorted(fields)} vs bound widgets {sorted(bound)}"
+    for parameter, name in manual.items():
+        assert widgets(ui)[name].get("class") == "qMRMLCheckableNodeComboBox"
+        assert f"self._parameterNode.{parameter} = list(self.ui.{name}.checkedNodes())" in module_source()
     for parameter, annotation in fields.items():
+        if parameter in manual:
+            continue
         widget = bound[parameter]
         if annotation.startswith("vtkMRML"):
             assert widget.get("class") == "qMRMLNodeComboBox" and node_types(widget) == [annotation], parameter
@@ -157,7 +167,7 @@ def test_module_never_imports_torch_at_start_up():
             top_level.add((node.module or "").split(".")[0])
     assert not top_level & {"torch", "monai", "scipy", "skimage", "nibabel"}, top_level
     script = ("import sys; sys.path.insert(0, %r)\n"
-              "from MSDSegmentLib import background, dependencies, modelcard, mrml, selftests\n"
+              "from MSDSegmentLib import background, dependencies, modelcard, mrml, worker\n"
               "modelcard.catalogue()\n"
               "heavy = sorted(m for m in ('torch', 'monai', 'scipy') if m in sys.modules)\n"
               "assert not heavy, heavy\n") % MODULE
@@ -165,9 +175,9 @@ def test_module_never_imports_torch_at_start_up():
 
 
 def test_engine_package_imports_without_slicer():
-    """Everything in MSDSegmentLib but mrml.py works where slicer and vtk do not exist."""
+    """Everything in MSDSegmentLib but mrml.py and application.py works where slicer, vtk and qt do not exist."""
     names = sorted(name[:-3] for name in os.listdir(os.path.join(MODULE, "MSDSegmentLib"))
-                   if name.endswith(".py") and name not in ("mrml.py", "__main__.py"))
+                   if name.endswith(".py") and name not in ("mrml.py", "application.py", "__main__.py"))
     script = ("import sys; sys.path.insert(0, %r)\n"
               "sys.modules['slicer'] = None; sys.modules['vtk'] = None; sys.modules['qt'] = None\n"
               "import importlib\n"
@@ -179,33 +189,42 @@ def test_engine_package_imports_without_slicer():
 # Background process exchange and dependencies
 
 
-def test_segment_arguments_are_accepted_by_the_command_line():
-    arguments = background.segment_arguments("prostate", ["t2.nrrd", "adc.nrrd"], "out.nrrd", device="cpu",
-                                             tta=True, keep_largest=False, models_dir="/models")
-    assert arguments[:2] == ["-m", "MSDSegmentLib"]
-    parsed = build_parser().parse_args(arguments[2:])
-    assert (parsed.task, parsed.inputs, parsed.output, parsed.device) == ("prostate", ["t2.nrrd", "adc.nrrd"],
-                                                                         "out.nrrd", "cpu")
-    assert parsed.tta and parsed.no_largest and parsed.progress_lines and parsed.models_dir == "/models"
-    default = build_parser().parse_args(background.segment_arguments("liver", ["ct.nrrd"], "o.nrrd")[2:])
-    assert not default.tta and not default.no_largest
+def test_worker_command_is_accepted_by_the_worker():
+    program = background.worker_program("python")
+    assert program == ["python", "-m", "MSDSegmentLib.worker"]
+    command = background.worker_command(program, "prostate", device="cpu", tta=True, keep_largest=False,
+                                        models_dir="/models")
+    parsed = worker.build_parser().parse_args(command[len(program):])
+    assert (parsed.task, parsed.device, parsed.tta, parsed.no_largest, parsed.models_dir) == \
+        ("prostate", "cpu", True, True, "/models")
+    default = worker.build_parser().parse_args(background.worker_command([], "liver"))
+    assert not default.tta and not default.no_largest and default.precision == "auto"
 
 
-def test_progress_lines_of_the_command_line_are_parsed(capsys):
-    reporter = Reporter(quiet=False, lines=True)
-    for fraction, stage in ((0.0, "Loading model"), (0.4271, "Running network"), (1.0, "Done")):
-        reporter(fraction, stage)
+def test_worker_events_are_parsed_and_other_output_ignored(capsys):
+    worker.emit("progress", job=2, fraction=0.5, stage="Running network")
+    worker.emit("failed", job=1, error="Unexpected error: RuntimeError: x", details="Traceback...", pid=7)
+    print("a warning torch printed on standard output")
     lines = capsys.readouterr().out.splitlines()
-    assert [background.parse_progress(line) for line in lines] == \
-        [(0.0, "Loading model"), (0.427, "Running network"), (1.0, "Done")]
-    assert background.parse_progress("liver: 1520 mL") is None
-    assert background.parse_progress("PROGRESS 1.7 over") == (1.0, "over")
+    events = [background.parse_event(line) for line in lines]
+    assert events[0] == {"event": "progress", "job": 2, "fraction": 0.5, "stage": "Running network"}
+    assert events[1]["event"] == "failed" and events[1]["error"].startswith("Unexpected error") and events[2] is None
+    assert background.parse_event(worker.EVENT_PREFIX + "{not json") is None
+    job = json.loads(background.job_line(3, ["a.nrrd"], "out.nrrd"))
+    assert job == {"job": 3, "inputs": ["a.nrrd"], "output": "out.nrrd"} and json.loads(background.END_LINE)["end"]
+
+
+def test_outcome_report_counts_what_is_in_the_scene():
+    outcome = background.Outcome(["A", "B", "C"], ["node A", None, "node C"], cancelled=False)
+    outcome.errors[1] = MSDSegmentError("Unexpected error: RuntimeError: boom")
+    outcome.warnings.append("C: The input does not look like CT")
+    assert outcome.report().splitlines() == ["Done: 2 of 3 segmented.", "Failed: B: Unexpected error: RuntimeError: boom",
+                                             "Warning: C: The input does not look like CT"]
 
 
 def test_error_message_is_the_last_error_line():
     stderr = "msdsegment: warning: The input does not look like CT\nmsdsegment: error: Input not found: x.nrrd\n"
     assert background.error_message(stderr, 2) == "Input not found: x.nrrd"
-    assert background.warnings_in(stderr) == ["The input does not look like CT"]
     assert background.error_message("Traceback...\nMemoryError\n", 1) == "MemoryError"
     assert "exit code -9" in background.error_message("", -9)
 
@@ -273,7 +292,7 @@ def test_every_listed_module_file_exists_and_every_file_is_listed(module_cmake):
         assert os.path.isfile(os.path.join(MODULE, item)), f"listed but missing: {item}"
     on_disk = {"MSDSegment.py"} | {f"MSDSegmentLib/{name}" for name in os.listdir(os.path.join(MODULE, "MSDSegmentLib"))
                                    if name.endswith(".py")}
-    assert set(scripts) == on_disk
+    assert set(scripts) == on_disk, "the module's scripts (its tests are not shipped: MSDSegment/Testing)"
     globbed = re.findall(r"Resources/Models/\*\.(\w+)", module_cmake)
     for folder, _, names in os.walk(os.path.join(MODULE, "Resources")):
         for name in names:
@@ -284,6 +303,22 @@ def test_every_listed_module_file_exists_and_every_file_is_listed(module_cmake):
                 assert relative in resources, f"resource not listed: {relative}"
     assert "WITH_GENERIC_TESTS" in module_cmake
     assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", module_cmake)
+    assert re.search(r"if\(BUILD_TESTING\).*add_subdirectory\(\s*Testing\s*\).*endif", module_cmake, re.DOTALL)
+
+
+def test_module_tests_are_registered_with_ctest():
+    """The logic test bodies live where Slicer keeps a module's tests and ctest runs them inside Slicer."""
+    tests = os.path.join(MODULE, "Testing")
+    with open(os.path.join(tests, "CMakeLists.txt"), encoding="utf-8") as stream:
+        assert re.search(r"add_subdirectory\(\s*Python\s*\)", stream.read())
+    with open(os.path.join(tests, "Python", "CMakeLists.txt"), encoding="utf-8") as stream:
+        registered = re.findall(r"slicer_add_python_unittest\(\s*SCRIPT\s+(\S+?)\s*\)", stream.read())
+    assert registered == ["MSDSegmentModuleTest.py"]
+    source = open(os.path.join(tests, "Python", "MSDSegmentModuleTest.py"), encoding="utf-8").read()
+    assert "class MSDSegmentModuleTest(ScriptedLoadableModuleTest)" in source
+    assert "bodies.TESTS + bodies.TRAINED_MODEL_TESTS" in source
+    assert "MSDSegmentModuleTest.runLogicTests(self)" in method_source("MSDSegmentTest", "runTest")
+    assert not os.path.exists(os.path.join(MODULE, "MSDSegmentLib", "selftests.py")), "one copy of each body"
 
 
 def test_extension_metadata():
@@ -344,44 +379,115 @@ def test_self_test_runs_each_test_once():
     assert set(names) == {name for name in dir(selftests) if name.startswith("test_")}
 
 
-def method_source(class_name, method_name):
-    tree = ast.parse(module_source())
+def method_source(class_name, method_name, path=MODULE_SCRIPT):
+    with open(path, encoding="utf-8") as stream:
+        tree = ast.parse(stream.read())
     cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
     method = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == method_name)
     return ast.unparse(method)
 
 
 def test_background_run_releases_its_process_and_cancel_closes_stdin():
-    """Every signal connected to the QProcess is disconnected and the process deleted when a run ends (or
-    fails to start): PythonQt's connections would otherwise keep each run, its process and its input nodes
-    alive. Cancel closes the engine's standard input before killing the launcher (the engine, a child of
-    the launcher, exits when its standard input closes)."""
-    source = module_source()
+    """Every signal connected to the QProcess is disconnected and the process deleted when it ends (or fails to
+    start): PythonQt's connections would otherwise keep each run, its process and its input nodes alive. Stop
+    closes the engine's standard input before killing the launcher (the engine, a child of the launcher, exits
+    when its standard input closes)."""
+    with open(APPLICATION_SCRIPT, encoding="utf-8") as stream:
+        source = stream.read()
     connected = set(re.findall(r"self\.process\.connect\(([^)]*\))", source))
     disconnected = set(re.findall(r"self\.process\.disconnect\(([^)]*\))", source))
     assert connected and connected == disconnected
-    release = method_source("BackgroundSegmentation", "release")
+    release = method_source("EngineProcess", "release", APPLICATION_SCRIPT)
     assert "deleteLater()" in release and "self.process = None" in release
-    assert "self.release()" in method_source("BackgroundSegmentation", "finished")
-    assert "self.release()" in method_source("BackgroundSegmentation", "start")
-    cancel = method_source("BackgroundSegmentation", "cancel")
-    assert cancel.index("closeWriteChannel()") < cancel.index("kill()")
-    assert "--exit-when-stdin-closes" in background.segment_arguments("liver", ["ct.nrrd"], "o.nrrd")
+    assert "self.release()" in method_source("EngineProcess", "finished", APPLICATION_SCRIPT)
+    assert "self.release()" in method_source("EngineProcess", "start", APPLICATION_SCRIPT)
+    stop = method_source("EngineProcess", "stop", APPLICATION_SCRIPT)
+    assert stop.index("closeWriteChannel()") < stop.index("kill()")
 
 
 def test_failures_show_the_whole_output_and_the_table_is_cleared():
-    assert "detailedText=" in method_source("MSDSegmentWidget", "onFinished")
-    assert "error.details = self.errorOutput" in method_source("BackgroundSegmentation", "finished")
+    finished = method_source("MSDSegmentWidget", "onFinished")
+    assert "detailedText=" in finished and "outcome.report()" in finished and "logging.error" in finished
     assert "self.showVolumes(None)" in method_source("MSDSegmentWidget", "onSegmentButton")
 
 
-def test_reload_reloads_the_engine_package():
+def test_every_panel_run_goes_through_the_background_process():
+    """The panel starts every run (one volume, a batch, every frame) with waitForCompletion=False: the engine
+    and torch stay out of Slicer's process; nothing in the module segments in Slicer's process for the panel."""
+    segment = method_source("MSDSegmentWidget", "onSegmentButton")
+    calls = re.findall(r"self\.logic\.(segment\w*)\(", segment)
+    assert sorted(calls) == ["segmentMany", "segmentSequence"]
+    assert "waitForCompletion=False" in segment
+    widget = ast.unparse(next(node for node in ast.parse(module_source()).body
+                              if isinstance(node, ast.ClassDef) and node.name == "MSDSegmentWidget"))
+    assert "mrml.segment" not in widget, "the panel segments in Slicer's process"
+    assert "startInBackground" in method_source("MSDSegmentLogic", "segmentMany")
+    assert "startInBackground" in method_source("MSDSegmentLogic", "segmentSequence")
+    assert "self.segmentMany(" in method_source("MSDSegmentLogic", "segment")
+
+
+def test_panel_state_is_never_read_from_widget_visibility():
+    """What a click runs comes from the parameter node: no widget's visibility or enabled state is read."""
+    tree = ast.parse(module_source())
+    reads = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and node.attr in ("visible", "isVisible", "enabled", "isEnabled") and isinstance(node.ctx, ast.Load)]
+    assert not reads, f"widget state read: {reads}"
+    choice = method_source("MSDSegmentWidget", "panelChoice")
+    assert "self.ui" not in choice and "node.allFrames" in choice and "mrml.PanelChoice(" in choice
+    assert "self.panelChoice()" in method_source("MSDSegmentWidget", "onSegmentButton")
+    assert "self.panelChoice()" in method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
+
+
+def test_a_task_that_takes_no_extra_volumes_disables_also_segment_and_says_why():
+    """The widget shows what mrml.PanelChoice decides (tested on a real scene in MSDSegmentLogicTests)."""
+    update = method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
+    assert "self.ui.batchVolumesLabel, self.ui.batchVolumesComboBox" in update
+    assert "widget.enabled = not choice.batch_unavailable" in update
+    assert "widget.toolTip = choice.batch_unavailable" in update
+    segment = method_source("MSDSegmentWidget", "onSegmentButton")
+    assert "[] if choice.batch_unavailable else" in segment and "node.batchVolumes" in segment
+    assert "checkedNodes" not in segment, "the volumes to segment come from the parameter node"
+    assert "list[vtkMRMLScalarVolumeNode]" in parameter_fields()["batchVolumes"]
+
+
+def test_show_3d_follows_the_user_and_the_slider():
+    """Show 3D reacts to the user's click only (restoring a scene sets the box: no surfaces are built), the slider
+    rebuilds shown surfaces once it is let go, and a sequence has the option disabled with the reason."""
+    setup = method_source("MSDSegmentWidget", "setup")
+    assert "show3DCheckBox.connect('clicked(bool)', self.onShow3DClicked)" in setup and "toggled" not in setup
+    assert "smoothingSliderWidget.connect('valueChanged(double)', self.onSmoothingChanged)" in setup
+    assert "smoothingSliderWidget.tracking = False" in setup
+    assert "updateSurfaceSmoothing" in method_source("MSDSegmentWidget", "onSmoothingChanged")
+    update = method_source("MSDSegmentWidget", "updateGUIFromParameterNode")
+    assert "self.ui.show3DCheckBox.enabled = not choice.surfaces_unavailable" in update
+    assert "self.ui.show3DCheckBox.toolTip = choice.surfaces_unavailable" in update
+    assert "is_sequence_output" in method_source("MSDSegmentWidget", "onFinished")
+
+
+def test_reload_reloads_the_engine_package_in_dependency_order():
+    """After Reload the modules share one copy of each error class (alphabetical order would re-execute
+    `engine` before `errors`, and the engine's errors would escape their handlers). Run in another
+    interpreter: reloading here would give this test session's modules new classes."""
     reload = method_source("MSDSegmentWidget", "onReload")
-    assert "importlib.reload" in reload and "MSDSegmentLib." in reload
-    assert "ScriptedLoadableModuleWidget.onReload(self)" in reload
-
-
+    assert "MSDSegmentLib.reload_modules()" in reload and "ScriptedLoadableModuleWidget.onReload(self)" in reload
+    script = ("import sys, importlib; sys.path.insert(0, %r)\n"
+              "import MSDSegmentLib\n"
+              "from MSDSegmentLib import background, cli, engine, errors, imageio, worker\n"
+              "def same():\n"
+              "    m = sys.modules\n"
+              "    return all(getattr(m[name], cls) is getattr(m['MSDSegmentLib.errors'], cls)\n"
+              "               for name in ('MSDSegmentLib.engine', 'MSDSegmentLib.background', 'MSDSegmentLib.cli')\n"
+              "               for cls in ('MSDSegmentError',)) and \\\n"
+              "        m['MSDSegmentLib.engine'].Cancelled is m['MSDSegmentLib.errors'].Cancelled\n"
+              "MSDSegmentLib.reload_modules()\n"
+              "assert same(), 'dependency order'\n"
+              "for name in sorted(n for n in sys.modules if n.startswith('MSDSegmentLib.')):\n"
+              "    importlib.reload(sys.modules[name])\n"
+              "print('alphabetical order keeps the classes:', same())\n") % MODULE
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "alphabetical order keeps the classes: False" in result.stdout, "the check cannot tell the orders apart"
 def test_terminology_is_loaded_at_start_up():
-    source = module_source()
-    assert 'slicer.app.connect("startupCompleted()", loadTerminology)' in source
-    assert "LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE)" in source
+    assert 'slicer.app.connect("startupCompleted()", application.load_terminology)' in module_source()
+    with open(APPLICATION_SCRIPT, encoding="utf-8") as stream:
+        assert "LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE)" in stream.read()

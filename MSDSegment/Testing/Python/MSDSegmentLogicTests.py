@@ -2,8 +2,9 @@
 
 Each `test_*` function takes a `Context`: the scene, how to load a file through Slicer's volume
 reader, a model folder, a scratch folder and the real data files. They import slicer only when run,
-so this file stays importable without Slicer like the rest of MSDSegmentLib. A test that cannot run
-(missing data set) raises unittest.SkipTest, which pytest and unittest both report as a skip.
+so this file can be listed without Slicer. A test that cannot run (missing data set) raises
+unittest.SkipTest, which pytest and unittest both report as a skip. pytest runs them from
+Testing/Python/test_slicer_logic.py, Slicer from MSDSegmentModuleTest.py beside this file.
 """
 
 import hashlib
@@ -139,7 +140,7 @@ def node_ids(scene):
 
 def volume_state(node):
     """What must not change in an input node: name, geometry, voxels, transform."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     voxels = sitk.GetArrayFromImage(mrml.volume_to_image(node))
     return (node.GetName(), mrml.ijk_to_ras(node).tobytes(), hashlib.sha256(voxels.tobytes()).hexdigest(),
@@ -147,7 +148,7 @@ def volume_state(node):
 
 
 def segmentation_state(node):
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     segmentation = node.GetSegmentation()
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
@@ -158,7 +159,7 @@ def reference_grid(matrix, size):
     """An empty vtkOrientedImageData with a volume's IJK-to-RAS matrix and size."""
     import slicer
 
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     grid = slicer.vtkOrientedImageData()
     grid.SetExtent(0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1)
@@ -220,7 +221,7 @@ def world_centroid(segmentation_node, segment_id):
 
 def expected_centroid(labels, value):
     """RAS centroid of one label value of a SimpleITK label map (from its LPS geometry)."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     k, j, i = np.nonzero(sitk.GetArrayViewFromImage(labels) == value)
     ijk = np.stack([i, j, k, np.ones_like(i)]).astype(float)
@@ -251,13 +252,13 @@ def terminology_of(segment):
 
 
 def card(ctx, task):
-    from . import modelcard
+    from MSDSegmentLib import modelcard
 
     return modelcard.find_card(task, ctx.models_dir)
 
 
 def segment(ctx, nodes, task, **options):
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     return mrml.segment(nodes, task, device="cpu", models_dir=ctx.models_dir, **options)
 
@@ -311,7 +312,7 @@ def test_every_code_is_in_the_shipped_terminology(ctx):
     as Slicer loads it at start-up) holds each category and type, so no entry reads as invalid."""
     import slicer
 
-    from . import modelcard, terminology
+    from MSDSegmentLib import modelcard, terminology
 
     logic = slicer.vtkSlicerTerminologiesModuleLogic()
     assert logic.LoadTerminologyFromFile(terminology.TERMINOLOGY_FILE) == terminology.CONTEXT_NAME
@@ -330,14 +331,14 @@ def test_every_code_is_in_the_shipped_terminology(ctx):
 
 
 def geometry_of(volume_node):
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     return mrml.ijk_to_ras(volume_node), volume_node.GetImageData().GetDimensions()
 
 
 def test_untrained_labels_get_no_segment(ctx):
     """Only the card's trained labels become segments (a label a card lists as not trained yet gets none)."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     liver = card(ctx, "liver")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -350,7 +351,7 @@ def test_untrained_labels_get_no_segment(ctx):
 
 def test_import_is_voxel_exact_and_in_world_place(ctx):
     """The segmentation holds exactly the engine's voxels, at the same RAS positions, on the full real CT."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -370,9 +371,23 @@ def test_import_is_voxel_exact_and_in_world_place(ctx):
         assert abs(volumes[label.name] - count * voxel_ml) < 1e-6 * max(1.0, count * voxel_ml)
 
 
+def saved_and_restored(ctx, node, name):
+    """The segmentation saved as .seg.nrrd and read back into a new scene."""
+    path = os.path.join(ctx.folder, name)
+    storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    assert storage.WriteData(node)
+    scene = ctx.new_scene()
+    restored = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(path)
+    assert reader.ReadData(restored)
+    return restored
+
+
 def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
     """Saved as .seg.nrrd and read into a new scene: same voxels, same world place, same names and codes."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     liver = card(ctx, "liver")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -384,16 +399,7 @@ def test_seg_nrrd_round_trip_in_fresh_scene(ctx):
         segment_ = node.GetSegmentation().GetSegment(segment_id)
         saved[segment_id] = (segment_.GetName(), segment_.GetColor(), terminology_of(segment_),
                              mask_on_grid(node, segment_id, matrix, size), world_centroid(node, segment_id))
-    path = os.path.join(ctx.folder, "CT liver segmentation.seg.nrrd")
-    storage = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(path)
-    assert storage.WriteData(node)
-
-    scene = ctx.new_scene()
-    reloaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(path)
-    assert reader.ReadData(reloaded)
+    reloaded = saved_and_restored(ctx, node, "CT liver segmentation.seg.nrrd")
     segmentation = reloaded.GetSegmentation()
     assert sorted(segmentation.GetSegmentIDs()) == sorted(saved)
     for segment_id, (name, color, terminology, mask, centroid) in saved.items():
@@ -453,7 +459,7 @@ def test_reoriented_inputs_give_the_same_voxels(ctx):
 
 def test_oblique_input_result_lands_in_world_place(ctx):
     """Labels found on an oblique copy of the CT lie where the same anatomy lies in the original."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     base = ctx.load_volume(cropped_ct(ctx), "CT")
@@ -502,7 +508,7 @@ def field_of_view(volume_node, matrix, size):
     import vtk
     from vtk.util import numpy_support
 
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     inside = slicer.vtkOrientedImageData()
     dims = volume_node.GetImageData().GetDimensions()
@@ -515,7 +521,7 @@ def field_of_view(volume_node, matrix, size):
 
 def test_replace_keeps_node_id(ctx):
     """Replacing a chosen segmentation refills that node: same ID, same name, old segments gone."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -561,7 +567,7 @@ def segmentation_nodes(scene):
 def test_a_batch_with_a_bad_volume_in_the_middle(ctx):
     """Each volume of a batch is segmented on its own: the bad one fails with its one-line reason and adds
     nothing, the others complete, and the results come back in input order."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     first = ctx.load_volume(cropped_ct(ctx), "CT 1")
     bad = constant_volume(ctx, "blank")
@@ -579,8 +585,35 @@ def test_a_batch_with_a_bad_volume_in_the_middle(ctx):
     assert any(text.startswith("CT 3 (3 of 3): ") for _, text in reports)
 
 
+def test_a_runtime_error_in_this_process_stays_with_its_volume(ctx):
+    """The script path (segmentMany in Slicer's process): a plain RuntimeError from the engine on the middle
+    volume fails that volume alone with its one-line reason."""
+    from MSDSegmentLib import engine, mrml
+    from MSDSegmentLib.errors import describe_error
+
+    volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(1, 4)]
+    real_segment, calls, errors = engine.segment, [], {}
+
+    def segment_failing_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_segment(*args, **kwargs)
+
+    engine.segment = segment_failing_on_the_second  # mrml looks it up at each call
+    try:
+        results = mrml.segment_many(volumes, "spleen", device="cpu", models_dir=ctx.models_dir,
+                                    on_error=lambda index, error: errors.setdefault(index, error))
+    finally:
+        engine.segment = real_segment
+    assert results[1] is None and segmentation_nodes(ctx.scene) == [results[0], results[2]]
+    assert list(errors) == [1] and isinstance(errors[1], RuntimeError)
+    assert describe_error(errors[1]) == \
+        "Unexpected error: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 def test_cancel_stops_a_batch_and_keeps_what_finished(ctx):
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(3)]
     finished = []
@@ -617,7 +650,7 @@ def sequence_of_ct_frames(ctx, frames):
 def test_every_frame_of_a_sequence_is_segmented_into_a_segmentation_sequence(ctx):
     """The frames are segmented one by one, as each would be alone, into a segmentation sequence that the same
     browser plays beside the volume; the segmentation shown follows the frame shown."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     proxy, sequence, browser = sequence_of_ct_frames(ctx, 3)
     shown = mrml.segment_sequence(proxy, "spleen", device="cpu", models_dir=ctx.models_dir)
@@ -642,15 +675,15 @@ def test_every_frame_of_a_sequence_is_segmented_into_a_segmentation_sequence(ctx
 
 
 def segment_frame_alone(ctx, frame):
-    from .engine import segment as run_engine
-    from . import mrml
+    from MSDSegmentLib.engine import segment as run_engine
+    from MSDSegmentLib import mrml
 
     labels = run_engine([mrml.volume_to_image(frame)], "spleen", device="cpu", models_dir=ctx.models_dir).labels
     return sitk.GetArrayFromImage(labels) == 1
 
 
 def test_a_bad_frame_leaves_the_scene_as_it_was(ctx):
-    from . import errors, mrml
+    from MSDSegmentLib import errors, mrml
 
     ctx.cache["bad frame"] = True
     proxy, _, _ = sequence_of_ct_frames(ctx, 3)
@@ -671,9 +704,33 @@ def test_a_bad_frame_leaves_the_scene_as_it_was(ctx):
         raise AssertionError("a volume outside any sequence was accepted")
 
 
+def test_the_panel_choice_comes_from_its_parameters(ctx):
+    """What the panel's Segment button runs follows its parameters: every frame only for an input in a sequence
+    and a one-channel task; a two-channel task (prostate) takes no extra volumes and says why; a sequence gets no
+    3-D surfaces and says why; what is missing is named."""
+    from MSDSegmentLib import mrml
+
+    prostate, spleen = card(ctx, "prostate"), card(ctx, "spleen")
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    alone = mrml.PanelChoice("spleen", spleen, ct, all_frames=True)
+    assert not (alone.in_sequence or alone.all_frames or alone.batch_unavailable or alone.surfaces_unavailable)
+    assert alone.missing == ""
+    two_channels = mrml.PanelChoice("prostate", prostate, ct)
+    assert two_channels.needs_adc and "takes a T2 volume with its ADC" in two_channels.batch_unavailable
+    assert two_channels.missing == "Select the ADC volume" and not mrml.PanelChoice("prostate", prostate, ct, ct).missing
+    proxy, _, _ = sequence_of_ct_frames(ctx, 2)
+    frames = mrml.PanelChoice("spleen", spleen, proxy, all_frames=True)
+    assert frames.all_frames and frames.batch_unavailable and "segmentation sequence" in frames.surfaces_unavailable
+    one_frame = mrml.PanelChoice("spleen", spleen, proxy, all_frames=False)
+    assert one_frame.in_sequence and not (one_frame.all_frames or one_frame.surfaces_unavailable)
+    assert not mrml.PanelChoice("prostate", prostate, proxy, ct, all_frames=True).all_frames
+    assert mrml.PanelChoice("spleen", spleen).missing == "Select an input volume"
+    assert mrml.PanelChoice("spleen", None, ct).missing == "The model for 'spleen' is not installed"
+
+
 def test_default_input_is_never_a_label_map(ctx):
     """The panel's default input is the first scalar volume that is not a label map."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     labels = ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     assert mrml.default_input_volume(ctx.scene) is None
@@ -683,7 +740,7 @@ def test_default_input_is_never_a_label_map(ctx):
 
 def test_surfaces_follow_the_show_3d_choice(ctx):
     """Surfaces are built with the chosen smoothing when asked for, and removed when not."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     ct = ctx.load_volume(cropped_ct(ctx), "CT")
@@ -700,9 +757,41 @@ def test_surfaces_follow_the_show_3d_choice(ctx):
     assert segmentation.ContainsRepresentation(mrml.BINARY_LABELMAP)
 
 
+def surface_points(node):
+    from vtk.util import numpy_support
+
+    surface = node.GetSegmentation().GetSegment("Segment_1").GetRepresentation("Closed surface")
+    return numpy_support.vtk_to_numpy(surface.GetPoints().GetData()).copy()
+
+
+def test_the_smoothing_slider_rebuilds_shown_surfaces_only(ctx):
+    """A new smoothing rebuilds the surfaces shown (the slider's job) and builds none where none are shown; a
+    scene restored from a file has surfaces only if they were saved with it."""
+    from MSDSegmentLib import mrml
+
+    spleen = card(ctx, "spleen")
+    ct = ctx.load_volume(cropped_ct(ctx), "CT")
+    node = mrml.import_labels(threshold_labels(mrml.volume_to_image(ct), spleen), ct, spleen)
+    assert not mrml.update_surface_smoothing(node, 0.8)
+    assert not node.GetSegmentation().ContainsRepresentation("Closed surface"), "surfaces built unasked"
+    mrml.show_surfaces(node, True, 0.1)
+    rough = surface_points(node)
+    assert mrml.update_surface_smoothing(node, 0.8)
+    assert node.GetSegmentation().GetConversionParameter(mrml.SMOOTHING_PARAMETER) == "0.8"
+    smooth = surface_points(node)
+    assert rough.shape != smooth.shape or not np.allclose(rough, smooth), "the surfaces did not change"
+    assert not mrml.update_surface_smoothing(node, 0.8), "rebuilt with the smoothing they already have"
+
+    for shown in (False, True):
+        mrml.show_surfaces(node, shown, 0.8)
+        restored = saved_and_restored(ctx, node, f"saved {shown}.seg.nrrd")
+        assert restored.GetSegmentation().ContainsRepresentation("Closed surface") == shown
+        assert not mrml.update_surface_smoothing(restored, 0.8), "a restored scene's surfaces were rebuilt"
+
+
 def test_cancel_leaves_scene_unchanged(ctx):
     """Cancelling, before or during the network, changes nothing: no new node, the output untouched."""
-    from . import errors, mrml
+    from MSDSegmentLib import errors, mrml
 
     ct = ctx.load_volume(cropped_ct(ctx), "CT")
     spleen = card(ctx, "spleen")
@@ -732,7 +821,7 @@ def test_bad_inputs_leave_no_node(ctx):
     import vtk
     from vtk.util import numpy_support
 
-    from . import errors, mrml
+    from MSDSegmentLib import errors, mrml
 
     ct = ctx.load_volume(cropped_ct(ctx), "CT")
     spleen = card(ctx, "spleen")
@@ -782,7 +871,7 @@ def test_bad_inputs_leave_no_node(ctx):
 
 def test_removing_a_new_segmentation_leaves_nothing_behind(ctx):
     """The clean-up used when an import fails removes the node, its display node and its hierarchy item."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -799,7 +888,7 @@ def test_input_under_transform_output_follows(ctx):
     """A segmentation of a transformed volume sits under the same transform (same world place)."""
     import vtk
 
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     spleen = card(ctx, "spleen")
     ct = ctx.load_volume(need(ctx.ct_path, "real CT"), "CT")
@@ -838,7 +927,7 @@ def test_adc_under_a_transform_is_moved_onto_the_t2(ctx):
     under a non-linear transform is refused with a one-line error and nothing changes."""
     import vtk
 
-    from . import errors, mrml
+    from MSDSegmentLib import errors, mrml
 
     t2 = ctx.load_volume(cropped_ct(ctx), "T2")
     adc = ctx.load_volume(cropped_ct(ctx), "ADC")
@@ -880,31 +969,34 @@ def test_adc_under_a_transform_is_moved_onto_the_t2(ctx):
     assert node_ids(ctx.scene) == ids and not os.path.exists(os.path.join(ctx.folder, "input0.nrrd"))
 
 
-def engine_process(ctx, arguments, folder, launcher=()):
-    """Start the engine's command line as the module does: its standard input an open pipe (the engine
-    stops when it closes), output to files in `folder`. `launcher`: a command that runs it as a child."""
-    from . import background
-
-    environment = dict(os.environ, PYTHONPATH=background.python_path(os.environ.get("PYTHONPATH", "")))
-    outputs = [open(os.path.join(folder, name), "w+", encoding="utf-8") for name in ("stdout.txt", "stderr.txt")]
-    process = subprocess.Popen(list(launcher) + [ctx.python] + arguments, stdin=subprocess.PIPE,
-                               stdout=outputs[0], stderr=outputs[1], env=environment)
-    return process, outputs
+FAULTY_ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty_engine.py")
 
 
-def run_engine_process(ctx, arguments, folder):
-    """(exit code, stdout, stderr) of one engine run in another process, as the module runs it."""
-    process, outputs = engine_process(ctx, arguments, folder)
-    try:
-        returncode = process.wait(timeout=600)
-    finally:
-        process.stdin.close()
-    texts = []
-    for stream in outputs:
-        stream.seek(0)
-        texts.append(stream.read())
-        stream.close()
-    return (returncode, *texts)
+def engine_program(ctx, fault=None):
+    """The engine process's program as the module starts it (under a launcher outside Slicer). fault: (an
+    exception name or "crash", the call of engine.segment that meets it), through faulty_engine.py."""
+    from MSDSegmentLib import background
+
+    program = background.worker_program(ctx.python) if fault is None else [ctx.python, FAULTY_ENGINE, *map(str, fault)]
+    return list(ctx.launcher) + program
+
+
+def run_in_background(ctx, batch, fault=None, cancel_when=None, **options):
+    """(Outcome, [(fraction, text)]) of a background run of `batch` with the test models on the CPU.
+    cancel_when(fraction, text) -> bool cancels the run from its progress report."""
+    from MSDSegmentLib import background
+
+    reports = []
+
+    def progress(fraction, text):
+        reports.append((fraction, text))
+        if cancel_when is not None and cancel_when(fraction, text):
+            run.cancel()
+
+    options = dict(dict(task=batch.task, device="cpu", models_dir=ctx.models_dir), **options)
+    run = background.BackgroundSegmentation(batch, options, background.SubprocessTransport,
+                                            engine_program(ctx, fault), progress=progress)
+    return run.start().wait(timeout=900), reports
 
 
 def live_processes_mentioning(text):
@@ -925,85 +1017,162 @@ def live_processes_mentioning(text):
     return found
 
 
-def test_cancel_ends_the_engine_process(ctx):
-    """Cancel as the module does it (close the engine's standard input, kill the process started) while the
-    engine runs under a launcher: within 2 s no engine process is left, and no result file is written."""
+def mask_of(segmentation_node, volume_node):
+    return mask_on_grid(segmentation_node, "Segment_1", *geometry_of(volume_node))
+
+
+def test_background_batch_runs_in_one_engine_process(ctx):
+    """The panel's path for several volumes: one engine process serves the batch; each result is imported as it
+    is done, in input order, with its quality; progress names each volume and rises to 1 overall; the
+    segmentations are those the engine makes in this process."""
+    from MSDSegmentLib import mrml
+
+    volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(1, 4)]
+    target = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my result")
+    batch = mrml.VolumeBatch(volumes, "spleen", [target, None, None], ctx.models_dir)
+    outcome, reports = run_in_background(ctx, batch)
+    assert not outcome.errors and not outcome.cancelled, outcome.report()
+    assert len(set(outcome.processes)) == 1, f"{len(set(outcome.processes))} engine processes served one batch"
+    assert outcome.results[0] is target and target.GetName() == "my result"
+    assert [node.GetName() for node in outcome.results[1:]] == ["CT 2 spleen segmentation", "CT 3 spleen segmentation"]
+    assert segmentation_nodes(ctx.scene) == outcome.results and outcome.output is outcome.results[-1]
+    assert outcome.report().startswith("Done: 3 of 3 segmented.")
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(text.startswith("CT 2 (2 of 3), ") for _, text in reports)
+    in_process = segment(ctx, volumes[0], "spleen")
+    assert np.array_equal(mask_of(target, volumes[0]), mask_of(in_process, volumes[0]))
+    assert mrml.quality_from_tags(target) == mrml.quality_from_tags(in_process)
+    assert set(mrml.quality_from_tags(target)) == {"Spleen"}
+
+
+def test_background_two_channel_case(ctx):
+    """The panel's prostate path: [T2, ADC] written as two channels, one engine process, the result on the T2's
+    grid named after it; the same labels as in Slicer's process."""
+    from MSDSegmentLib import mrml
+
+    small = os.path.join(ctx.folder, "small.nrrd")  # the prostate's fine grid makes many windows: keep it small
+    sitk.WriteImage(sitk.ReadImage(cropped_ct(ctx))[40:88, 40:88, 12:28], small)
+    t2 = ctx.load_volume(small, "T2")
+    adc = ctx.load_volume(small, "ADC")
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([[t2, adc]], "prostate", models_dir=ctx.models_dir))
+    assert not outcome.errors, outcome.report()
+    node = outcome.output
+    assert node.GetName() == "T2 prostate segmentation" and outcome.report() == "Done: 1 of 1 segmented."
+    in_process = segment(ctx, [t2, adc], "prostate")
+    for label in card(ctx, "prostate").trained_labels:
+        segment_id = mrml.segment_id(label)
+        assert np.array_equal(mask_on_grid(node, segment_id, *geometry_of(t2)),
+                              mask_on_grid(in_process, segment_id, *geometry_of(t2)))
+
+
+def test_any_error_stays_with_its_own_volume(ctx):
+    """A plain RuntimeError, a MemoryError or the engine process dying on the middle volume of three: the other
+    two are done and in the scene, the report says "2 of 3" and why the middle one failed."""
+    from MSDSegmentLib import mrml
+
+    volumes = [ctx.load_volume(cropped_ct(ctx), f"CT {index}") for index in range(1, 4)]
+    expected = {"RuntimeError": "Unexpected error: RuntimeError: injected on call 2",
+                "MemoryError": "Out of memory: injected on call 2", "crash": "engine process died on call 2"}
+    for kind, message in expected.items():
+        before = segmentation_nodes(ctx.scene)
+        outcome, _ = run_in_background(ctx, mrml.VolumeBatch(volumes, "spleen", models_dir=ctx.models_dir),
+                                       fault=(kind, 2))
+        added = [node for node in segmentation_nodes(ctx.scene) if node not in before]
+        assert outcome.results[1] is None and added == [outcome.results[0], outcome.results[2]], kind
+        assert [node.GetName() for node in added] == ["CT 1 spleen segmentation", "CT 3 spleen segmentation"]
+        assert list(outcome.errors) == [1] and message in str(outcome.errors[1]), (kind, str(outcome.errors[1]))
+        assert_one_line_error(outcome.errors[1])
+        assert outcome.report().splitlines()[:2] == ["Done: 2 of 3 segmented.", f"Failed: CT 2: {outcome.errors[1]}"]
+        if kind != "crash":  # one process served all three, the failure included
+            assert len(set(outcome.processes)) == 1, kind
+        else:
+            assert len(set(outcome.processes)) == 2, "a new engine process should take the volume left"
+            assert outcome.errors[1].details, "the dead process's output is kept for the error's details"
+
+
+def test_a_volume_that_cannot_be_written_fails_alone_and_the_engine_refuses_a_blank_one(ctx):
+    """Inputs that fail before the engine (no voxels) and in it (a constant volume): each fails with its one-line
+    reason, the others are done."""
+    from MSDSegmentLib import mrml
+
+    first = ctx.load_volume(cropped_ct(ctx), "CT 1")
+    empty = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    blank = constant_volume(ctx, "blank")
+    last = ctx.load_volume(cropped_ct(ctx), "CT 4")
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([first, empty, blank, last], "spleen",
+                                                         models_dir=ctx.models_dir))
+    assert sorted(outcome.errors) == [1, 2] and [node.GetName() for node in outcome.done] == \
+        ["CT 1 spleen segmentation", "CT 4 spleen segmentation"]
+    for error in outcome.errors.values():
+        assert_one_line_error(error)
+    assert "has no voxels" in str(outcome.errors[1])
+    assert segmentation_nodes(ctx.scene) == outcome.done
+
+
+def test_cancel_ends_the_engine_process_and_keeps_what_finished(ctx):
+    """Cancel as the module does it (close the engine's standard input, kill the process started) while the engine
+    runs the second volume under a launcher: within 2 s no engine process is left; the first volume's result
+    stays, nothing else is added, and the temporary files are gone."""
     import time
 
-    from . import background
+    from MSDSegmentLib import mrml
 
     if not os.path.isdir("/proc/self"):
         raise unittest.SkipTest("needs /proc to list processes (Linux)")
-    workspace = background.Workspace()
-    try:
-        path = write_phantom_ct(os.path.join(workspace.folder, "large_ct.nrrd"), size=(320, 320, 240),
-                                spacing=(1.0, 1.0, 1.0))
-        arguments = background.segment_arguments("liver", [path], workspace.output, device="cpu",
-                                                 models_dir=ctx.models_dir)
-        process, outputs = engine_process(ctx, arguments, workspace.folder, ctx.launcher)
-        try:
-            deadline = time.monotonic() + 300
-            while "Preprocessing" not in open(outputs[0].name, encoding="utf-8").read():
-                assert process.poll() is None and time.monotonic() < deadline, "the engine did not start"
-                time.sleep(0.05)
-            engines = [pid for pid in live_processes_mentioning(workspace.output) if pid != process.pid]
-            assert engines, "no engine process found under the launcher"
-            process.stdin.close()
-            process.kill()
-            process.wait()
-            stopped = time.monotonic()
-            while live_processes_mentioning(workspace.output) and time.monotonic() - stopped < 2.0:
-                time.sleep(0.05)
-            left = live_processes_mentioning(workspace.output)
-            assert not left, f"engine processes still running 2 s after cancel: {left}"
-        finally:
-            for stream in outputs:
-                stream.close()
-            if process.poll() is None:
-                process.kill()
-        assert not os.path.exists(workspace.output)
-    finally:
-        workspace.remove()
+    small = ctx.load_volume(cropped_ct(ctx), "CT 1")
+    large = ctx.load_volume(write_phantom_ct(os.path.join(ctx.folder, "large_ct.nrrd"), size=(320, 320, 240),
+                                             spacing=(1.0, 1.0, 1.0)), "large")
+    marker = os.path.realpath(ctx.models_dir)  # on the engine's command line (and its launcher's)
+    engines = []
+
+    def cancel_when(fraction, text):
+        if text.startswith("large (2 of 3)") and "Preprocessing" in text and not engines:
+            engines.extend(live_processes_mentioning(marker))
+            return True
+        return False
+
+    batch = mrml.VolumeBatch([small, large, small], "liver", models_dir=marker)
+    outcome, _ = run_in_background(ctx, batch, cancel_when=cancel_when, models_dir=marker)
+    assert engines, "the engine never reached the second volume"
+    stopped = time.monotonic()
+    while set(engines) & set(live_processes_mentioning(marker)) and time.monotonic() - stopped < 2.0:
+        time.sleep(0.05)
+    left = set(engines) & set(live_processes_mentioning(marker))
+    assert not left, f"engine processes still running 2 s after cancel: {sorted(left)}"
+    assert outcome.cancelled and outcome.results[0] is not None and outcome.results[1:] == [None, None]
+    assert segmentation_nodes(ctx.scene) == [outcome.results[0]]
+    assert outcome.report().startswith("Done: 1 of 3 segmented. Cancelled")
 
 
-def test_background_process_path(ctx):
-    """The GUI's path: input written to files, the command line run in another process with progress
-    lines, its label file imported: the same segmentation as the in-process call."""
-    from . import background, mrml
+def test_every_frame_in_one_engine_process(ctx):
+    """The panel's path for a sequence: every frame in one engine process, recorded as the segmentation sequence
+    that the in-process path makes; a failed frame adds nothing and says why."""
+    from MSDSegmentLib import mrml
 
-    ct = ctx.load_volume(cropped_ct(ctx), "CT")
-    workspace = background.Workspace()
-    try:
-        inputs = mrml.write_inputs([ct], workspace.folder)
-        arguments = background.segment_arguments("spleen", inputs, workspace.output, device="cpu",
-                                                 models_dir=ctx.models_dir)
-        returncode, stdout, stderr = run_engine_process(ctx, arguments, workspace.folder)
-        assert returncode == 0, background.error_message(stderr, returncode)
-        progress = [background.parse_progress(line) for line in stdout.splitlines()]
-        fractions = [item[0] for item in progress if item is not None]
-        assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
-        from_process = mrml.import_label_file(workspace.output, ct, "spleen", models_dir=ctx.models_dir)
-        with open(os.path.splitext(workspace.output)[0] + ".json", encoding="utf-8") as stream:
-            summary = json.load(stream)
-    finally:
-        workspace.remove()
-    assert not os.path.exists(workspace.folder)
-    in_process = segment(ctx, ct, "spleen")
-    matrix, size = geometry_of(ct)
-    assert np.array_equal(mask_on_grid(from_process, "Segment_1", matrix, size),
-                          mask_on_grid(in_process, "Segment_1", matrix, size))
-    volumes = {name: ml for name, _, ml in mrml.segment_volumes_ml(from_process)}
-    for name, ml in summary["volumes_ml"].items():
-        assert abs(volumes[name] - ml) < 0.01
-    # Each segment carries its quality (what the panel's table shows), by either path, and keeps it in .seg.nrrd.
-    quality = mrml.quality_from_tags(from_process)
-    assert set(quality) == {"Spleen"} and quality == mrml.quality_from_tags(in_process) == summary["quality"]
+    proxy, sequence, browser = sequence_of_ct_frames(ctx, 3)
+    outcome, reports = run_in_background(ctx, mrml.FrameBatch(proxy, "spleen", ctx.models_dir))
+    assert not outcome.errors and len(set(outcome.processes)) == 1, outcome.report()
+    shown = outcome.output
+    results = browser.GetSequenceNode(shown)
+    assert results is not None and results.GetNumberOfDataNodes() == 3
+    assert mrml.is_sequence_output(shown) and not mrml.is_sequence_output(segment(ctx, proxy, "spleen"))
+    for index in range(3):
+        matrix, size = geometry_of(sequence.GetNthDataNode(index))
+        assert np.array_equal(mask_on_grid(results.GetNthDataNode(index), "Segment_1", matrix, size),
+                              segment_frame_alone(ctx, sequence.GetNthDataNode(index)))
+    assert any(text.startswith("frame 3 (3 of 3), ") for _, text in reports)
+
+    ids = node_ids(ctx.scene)
+    outcome, _ = run_in_background(ctx, mrml.FrameBatch(proxy, "spleen", ctx.models_dir), fault=("RuntimeError", 2))
+    assert list(outcome.errors) == [1] and outcome.output is None and node_ids(ctx.scene) == ids
+    assert "nothing was added" in outcome.report()
 
 
 def test_prostate_t2_and_adc_on_another_grid(ctx):
     """Prostate: T2 and an ADC on a coarser grid; the ADC is found by name; the result is on the T2 grid."""
-    from . import mrml
-    from .imageio import read_channels
+    from MSDSegmentLib import mrml
+    from MSDSegmentLib.imageio import read_channels
 
     t2, adc = read_channels([need(ctx.prostate_path, "real prostate MR")])
     size = np.array(t2.GetSize())
@@ -1034,7 +1203,7 @@ def test_prostate_t2_and_adc_on_another_grid(ctx):
 
 def test_adc_guess_prefers_same_study(ctx):
     """With several ADC-named volumes, the one in the T2's study is chosen; none when no name says ADC."""
-    from . import mrml
+    from MSDSegmentLib import mrml
 
     path = cropped_ct(ctx)
     t2 = ctx.load_volume(path, "T2 axial")
