@@ -1,17 +1,17 @@
 """Command line: `python -m MSDSegmentLib segment ...` and `python -m MSDSegmentLib tasks` (also `msdsegment`)."""
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
 
 from .errors import MSDSegmentError
-from .imageio import LABEL_SUFFIXES, atomic_output, label_suffix
+from .imageio import LABEL_SUFFIXES, label_suffix, write_json_atomically
 
 PROG = "msdsegment"
 EXIT_CANCELLED = 130  # as a shell reports a process stopped by Ctrl+C
+FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 
 
 def build_parser():
@@ -23,7 +23,15 @@ def build_parser():
     run.add_argument("--task", required=True, help="liver, spleen, pancreas or prostate")
     target = run.add_mutually_exclusive_group(required=True)
     target.add_argument("--output", help="label map for one case (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha)")
-    target.add_argument("--output-dir", help="folder for several cases: <input name>.nii.gz each")
+    target.add_argument("--output-dir", help="folder for several cases: <input name>.nii.gz each (see --format)")
+    run.add_argument("--format", choices=list(FORMATS),
+                     help="--output-dir's files (default nii.gz); dicom-seg: a DICOM Segmentation object for each "
+                          "DICOM series input, referencing it (with --output: an output ending in .dcm)")
+    run.add_argument("--cluster", metavar="local:N|auto|ray://HOST:PORT",
+                     help="with --output-dir: run the cases on Ray, N local workers or a running cluster; resumable, "
+                          "with OUT/summary.csv and summary.json (pip install \"msdsegment[cluster]\")")
+    run.add_argument("--workers", type=int,
+                     help="workers on a running cluster (default: one per GPU, else one per 4 CPUs)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="the network's arithmetic; auto: bf16 on CPUs with native bf16, fp16 on a GPU, where "
@@ -42,7 +50,7 @@ def build_parser():
 
 
 def output_stem(path):
-    suffix = label_suffix(path)
+    suffix = ".dcm" if path.lower().endswith(".dcm") else label_suffix(path)
     return path[: -len(suffix)]
 
 
@@ -52,11 +60,6 @@ def case_name(path):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def write_json_atomically(data, path):
-    with atomic_output(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
 
 
 class Reporter:
@@ -90,7 +93,7 @@ def segment_case(inputs, output, args, say, progress=None):
     from .engine import discard_preloads, preload, segment
     from .imageio import read_channels, write_labels
 
-    label_suffix(output)  # refuse an unsupported output format before any work
+    sources = check_output(output, inputs)  # refuse an unsupported output before any work
     preload(args.task, args.device, args.precision, args.models_dir)  # while the input is read
     started = time.perf_counter()
     try:
@@ -108,7 +111,12 @@ def segment_case(inputs, output, args, say, progress=None):
     for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
-    write_labels(output, result.labels, result.card)
+    if sources is not None:
+        from .dicomseg import write_segmentation
+
+        write_segmentation(output, result.labels, result.card, sources)
+    else:
+        write_labels(output, result.labels, result.card)
     timings = {"read": read_seconds, **result.timings, "write": time.perf_counter() - started}
     summary = {
         "task": args.task, "inputs": [os.path.abspath(p) for p in inputs], "output": os.path.abspath(output),
@@ -125,6 +133,25 @@ def segment_case(inputs, output, args, say, progress=None):
     write_json_atomically(summary, output_stem(output) + ".json")
     say(f"{output}: " + ", ".join(f"{n} {ml:.1f} mL" for n, ml in summary["volumes_ml"].items())
         + f" ({sum(timings.values()):.1f} s on {result.device}, {result.precision})")
+
+
+def check_output(output, inputs):
+    """Refuse an output format the inputs cannot give; for a DICOM SEG, the source images' headers."""
+    if output.lower().endswith(".dcm"):
+        from .dicomseg import source_series
+
+        return source_series(inputs)
+    label_suffix(output)
+    return None
+
+
+def output_suffix(args):
+    return FORMATS[args.format or "nii.gz"]
+
+
+def batch_outputs(args):
+    """--output-dir's file for each input: <input name><format's suffix>."""
+    return [os.path.join(args.output_dir, case_name(path) + output_suffix(args)) for path in args.inputs]
 
 
 def list_tasks(models_dir):
@@ -166,9 +193,9 @@ def segment_batch(args, say):
     if not os.path.isdir(args.output_dir):
         raise MSDSegmentError(f"Output folder does not exist: {args.output_dir}")
     failed = []
-    for path in args.inputs:
+    for path, output in zip(args.inputs, batch_outputs(args)):
         try:
-            segment_case([path], os.path.join(args.output_dir, case_name(path) + ".nii.gz"), args, say)
+            segment_case([path], output, args, say)
         except (MSDSegmentError, MemoryError) as error:
             failed.append(path)
             print(f"{PROG}: error: {path}: {error or 'out of memory'}", file=sys.stderr)
@@ -198,8 +225,15 @@ def main(argv=None):
             return 0
         say = (lambda text: None) if args.quiet else print
         if args.output:
+            if args.cluster or (args.format and not args.output.lower().endswith(FORMATS[args.format])):
+                raise MSDSegmentError("--cluster and --format go with --output-dir (--output takes its format "
+                                      "from its suffix: .dcm for DICOM SEG)")
             segment_case(args.inputs, args.output, args, say)
             return 0
+        if args.cluster:
+            from .cluster import segment_on_ray
+
+            return segment_on_ray(args, batch_outputs(args), output_suffix(args), segment_case, say)
         return segment_batch(args, say)
     except MSDSegmentError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Reading inputs (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps atomically."""
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -27,7 +28,8 @@ def available_memory():
     return None
 
 
-def _dicom_files(folder):
+def dicom_series_files(folder):
+    """The files of the main DICOM series in a folder, in slice order (the volume SimpleITK reads)."""
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(folder)
     if not series:
@@ -63,7 +65,7 @@ def _main_stack(files):
 def _reader(path):
     if os.path.isdir(path):
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(_dicom_files(path))
+        reader.SetFileNames(dicom_series_files(path))
         return reader
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
@@ -213,6 +215,11 @@ def atomic_output(path, suffix):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_json_atomically(data, path):
+    with atomic_output(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2)
 
 
 def write_labels(path, image, card=None):
