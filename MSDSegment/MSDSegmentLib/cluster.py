@@ -264,7 +264,8 @@ class Pool:
             while pending and sum(1 for _, a in self.queued.values() if a is actor) < CASES_QUEUED_PER_WORKER:
                 case = pending.popleft()
                 case.attempts += 1
-                self.queued[actor.segment.remote([case.path], case.name, suffix)] = (case, actor)
+                inputs = [os.path.abspath(case.path)]  # a worker's folder is not the command's
+                self.queued[actor.segment.remote(inputs, case.name, suffix)] = (case, actor)
 
     def next_result(self):
         """(case, the worker's row, or None when the worker died)."""

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPOSITORY, require, BTCV
+from MSDSegmentLib.errors import MSDSegmentError
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install '.[cluster]')")
 pytest.importorskip("highdicom", reason="the cluster extra is not installed (pip install '.[cluster]')")
@@ -95,6 +96,37 @@ def command_line(pid):
         return ""
 
 
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_sockets():
+    """{socket inode: local address in /proc/net's hex} of every TCP socket listening on this machine."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as stream:
+                next(stream)
+                for line in stream:
+                    fields = line.split()
+                    if fields[3] == "0A":  # LISTEN
+                        found[fields[9]] = fields[1].split(":")[0]
+        except OSError:
+            continue
+    return found
+
+
+def socket_inodes(pid):
+    inodes = set()
+    try:
+        for descriptor in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:
+        pass
+    return inodes
+
+
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as stream:
@@ -105,16 +137,20 @@ def alive(pid):
 
 def run_cli(arguments, kill_a_busy_worker=False):
     """The command line in a process of its own: (exit code, stdout, stderr, pids of the workers killed).
-    Watches every process it starts (Ray's included) and asserts that none outlives it."""
+    Watches every process it starts (Ray's included): asserts that none listens beyond the loopback and that none
+    outlives it."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY]))
     process = subprocess.Popen([sys.executable, "-m", "MSDSegmentLib", "segment"] + arguments, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, killed = set(), []
+    seen, killed, listening = set(), [], {}
 
     def watch():
         while process.poll() is None:
             below = descendants(process.pid)
             seen.update(below)
+            sockets = listening_sockets()
+            for pid in below | {process.pid}:
+                listening.update({inode: (pid, sockets[inode]) for inode in socket_inodes(pid) if inode in sockets})
             busy = [pid for pid in below if command_line(pid).startswith(WORKER_TITLE)]
             if kill_a_busy_worker and busy and not killed:
                 time.sleep(1.0)  # well inside the case: it takes several seconds
@@ -132,7 +168,31 @@ def run_cli(arguments, kill_a_busy_worker=False):
         time.sleep(0.5)
     left = [f"{pid}: {command_line(pid)}" for pid in seen if alive(pid)]
     assert not left, f"processes left behind: {left}"
+    exposed = [f"{command_line(pid) or pid} on {address}" for pid, address in listening.values()
+               if address not in LOOPBACK_HEX]
+    assert not exposed, f"listening beyond the loopback: {exposed}"
     return process.returncode, out, err, killed
+
+
+def test_cluster_forms_and_misuse_are_refused_in_one_line_before_anything_starts(tmp_path, capsys):
+    from MSDSegmentLib.cli import main
+    from MSDSegmentLib.cluster import parse_cluster
+
+    assert parse_cluster("local:3").workers == 3 and parse_cluster("local:3").address == "local"
+    assert parse_cluster("auto", 2).workers == 2 and parse_cluster("ray://head:10001").address == "ray://head:10001"
+    for text in ("local:0", "local:x", "ray://", "head:6379", ""):
+        with pytest.raises(MSDSegmentError):
+            parse_cluster(text)
+    ct = str(tmp_path / "ct.nii.gz")
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), ct)
+    for arguments, message in ((["--output", str(tmp_path / "x.nii.gz"), "--cluster", "local:2"], "go with --output-dir"),
+                               (["--output-dir", str(tmp_path), "--cluster", "local:0"], "--cluster local:N wants"),
+                               (["--output-dir", str(tmp_path / "missing"), "--cluster", "local:1"],
+                                "Output folder does not exist")):
+        assert main(["segment", "--task", "spleen"] + arguments + [ct]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("msdsegment: error: ") and message in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz"]
 
 
 def labels_of(path):
@@ -298,3 +358,17 @@ def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts
     assert description.segmented_property_category.value == "123037004"
     colour = highdicom.color.CIELabColor.from_dicom_value(description.RecommendedDisplayCIELabValue).to_rgb()
     np.testing.assert_allclose(colour, (157, 108, 162), atol=1)  # the card's spleen colour
+
+    # dcmqi, the reader of Slicer's QuantitativeReporting, reads the same segment, codes, colour and voxels.
+    converted = tmp_path / "dcmqi"
+    converted.mkdir()
+    tool = os.path.join(os.path.dirname(sys.executable), "segimage2itkimage")
+    subprocess.run([tool, "--inputDICOM", str(seg_dir / "series.dcm"), "--outputDirectory", str(converted),
+                    "--outputType", "nii"], check=True, capture_output=True, timeout=300)
+    with open(converted / "meta.json", encoding="utf-8") as stream:
+        attributes = json.load(stream)["segmentAttributes"][0][0]
+    assert attributes["SegmentLabel"] == "Spleen" and attributes["recommendedDisplayRGBValue"] == [157, 108, 162]
+    assert attributes["SegmentedPropertyTypeCodeSequence"]["CodeValue"] == SPLEEN_CODE[1]
+    read_by_dcmqi = sitk.Resample(sitk.ReadImage(str(converted / "1.nii.gz")), labels, sitk.Transform(),
+                                  sitk.sitkNearestNeighbor, 0)  # dcmqi keeps only the slices with the segment
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_by_dcmqi) > 0, expected == 1)
