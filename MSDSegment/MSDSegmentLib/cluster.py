@@ -236,7 +236,7 @@ class Progress:
         else:
             self.failed += 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"failed {self.failed}")
+            self.bar.set_postfix_str(f"failed {self.failed}", refresh=False)
             self.bar.update(1)
         elif self.lines:
             print(f"PROGRESS {(self.done + self.failed) / self.total:.3f} {self.text()}", flush=True)
