@@ -22,7 +22,8 @@ def build_parser():
                      help="NIfTI, NRRD, MHA or DICOM folder; prostate: one 4-D file or T2 then ADC")
     run.add_argument("--task", required=True, help="liver, spleen, pancreas or prostate")
     target = run.add_mutually_exclusive_group(required=True)
-    target.add_argument("--output", help="label map for one case (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha)")
+    target.add_argument("--output", help="label map for one case (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha), or a DICOM "
+                                         "SEG (.dcm) for a DICOM series input")
     target.add_argument("--output-dir", help="folder for several cases: <input name>.nii.gz each (see --format)")
     run.add_argument("--format", choices=list(FORMATS),
                      help="--output-dir's files (default nii.gz); dicom-seg: a DICOM Segmentation object for each "
