@@ -239,10 +239,18 @@ def bad_input(real_cts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster_run(real_cts, bad_input, tmp_path_factory):
-    """Two local workers on the three CTs with a bad input among them."""
+def dicom_series(real_cts, tmp_path_factory):
+    """The third CT as a DICOM series, and again without a Frame of Reference UID."""
+    folder = tmp_path_factory.mktemp("dicom")
+    return (write_dicom_series(real_cts[2], str(folder / "series")),
+            write_dicom_series(real_cts[2], str(folder / "no-frame-of-reference"), frame_of_reference=False))
+
+
+@pytest.fixture(scope="module")
+def cluster_run(real_cts, bad_input, dicom_series, tmp_path_factory):
+    """Two local workers on the three CTs and the DICOM series, with a bad input among them."""
     folder = str(tmp_path_factory.mktemp("cluster"))
-    inputs = [real_cts[0], bad_input] + real_cts[1:]
+    inputs = [real_cts[0], bad_input] + real_cts[1:] + [dicom_series[0]]
     code, out, err, _ = run_cli(["--task", "spleen", "--output-dir", folder, "--cluster", "local:2"] + inputs)
     return folder, inputs, code, out, err
 
@@ -263,8 +271,8 @@ def test_two_local_workers_give_the_single_process_outputs_voxel_for_voxel(clust
     with open(os.path.join(folder, "summary.csv"), encoding="utf-8") as stream:
         header, *lines = stream.read().splitlines()
     assert header.startswith("input,case,status,reason,seconds,output") and "Spleen mL" in header
-    assert len(lines) == 4
-    assert "4/4 cases: 3 done, 1 failed" in out
+    assert len(lines) == 5
+    assert "5/5 cases: 4 done, 1 failed" in out
     assert not leftovers(folder)
 
 
@@ -273,11 +281,11 @@ def test_a_bad_input_among_good_ones_fails_alone(cluster_run):
     assert code == 2
     lines = err.strip().splitlines()
     assert f"msdsegment: error: {inputs[1]}: {inputs[1]} contains NaN voxels" in "\n".join(lines)
-    assert lines[-1] == f"msdsegment: error: 1 of 4 inputs failed: {inputs[1]}"
+    assert lines[-1] == f"msdsegment: error: 1 of 5 inputs failed: {inputs[1]}"
     row = summary_rows(folder)["with_nan.nii.gz"]
     assert row["status"] == "failed" and "contains NaN voxels" in row["reason"] and row["output"] == ""
-    assert sorted(os.listdir(folder)) == sorted([f"{name}{suffix}" for name in CASES for suffix in (".json", ".nii.gz")]
-                                                + ["summary.csv", "summary.json"])
+    assert sorted(os.listdir(folder)) == sorted([f"{name}{suffix}" for name in CASES + ("series",)
+                                                 for suffix in (".json", ".nii.gz")] + ["summary.csv", "summary.json"])
 
 
 def test_a_second_run_skips_what_is_done_and_redoes_the_rest(cluster_run, reference, tmp_path):
@@ -289,7 +297,7 @@ def test_a_second_run_skips_what_is_done_and_redoes_the_rest(cluster_run, refere
         stream.truncate(100)
     code, out, err, _ = run_cli(["--task", "spleen", "--output-dir", folder, "--cluster", "local:2"] + inputs)
     assert code == 2, err                            # the bad input is tried again, and fails again
-    assert "1 of 4 inputs already done with this model (summary.json): skipped" in out
+    assert "2 of 5 inputs already done with this model (summary.json): skipped" in out
     assert os.stat(outputs[CASES[0]]).st_mtime_ns == kept
     for name in CASES:
         np.testing.assert_array_equal(labels_of(outputs[name]), reference[name])
@@ -297,9 +305,9 @@ def test_a_second_run_skips_what_is_done_and_redoes_the_rest(cluster_run, refere
     stamps = {name: os.stat(path).st_mtime_ns for name, path in outputs.items()}
     code, out, err, _ = run_cli(["--task", "spleen", "--output-dir", folder, "--cluster", "local:2"] + inputs[2:])
     assert code == 0, err
-    assert "2 of 2 inputs already done" in out
+    assert "3 of 3 inputs already done" in out
     assert stamps == {name: os.stat(path).st_mtime_ns for name, path in outputs.items()}
-    assert len(summary_rows(folder)) == 4            # the earlier inputs keep their rows
+    assert len(summary_rows(folder)) == 5            # the earlier inputs keep their rows
 
 
 def test_a_worker_killed_mid_case_has_its_cases_redone_elsewhere(real_cts, reference, tmp_path):
@@ -317,11 +325,9 @@ def test_a_worker_killed_mid_case_has_its_cases_redone_elsewhere(real_cts, refer
     assert not leftovers(folder)
 
 
-def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts, tmp_path):
-    complete = write_dicom_series(real_cts[2], str(tmp_path / "series"))
-    without_frame = write_dicom_series(real_cts[2], str(tmp_path / "no-frame-of-reference"), frame_of_reference=False)
-    labels_dir, seg_dir = tmp_path / "labels", tmp_path / "seg"
-    labels_dir.mkdir()
+def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts, dicom_series, cluster_run, tmp_path):
+    complete, without_frame = dicom_series
+    seg_dir = tmp_path / "seg"
     seg_dir.mkdir()
     code, _, err, _ = run_cli(["--task", "spleen", "--output-dir", str(seg_dir), "--cluster", "local:1",
                                "--format", "dicom-seg", "--quiet", complete, without_frame, real_cts[0]])
@@ -331,9 +337,7 @@ def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts
     assert f"msdsegment: error: {real_cts[0]}: DICOM SEG output needs a DICOM series folder as input" in err
     assert sorted(os.listdir(seg_dir)) == ["series.dcm", "series.json", "summary.csv", "summary.json"]
 
-    code, _, err, _ = run_cli(["--task", "spleen", "--output-dir", str(labels_dir), "--quiet", complete])
-    assert code == 0, err
-    labels = sitk.ReadImage(str(labels_dir / "series.nii.gz"))
+    labels = sitk.ReadImage(os.path.join(cluster_run[0], "series.nii.gz"))  # the series' label map
     expected = sitk.GetArrayFromImage(labels)
     assert expected.any()
 
