@@ -376,3 +376,28 @@ def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts
     read_by_dcmqi = sitk.Resample(sitk.ReadImage(str(converted / "1.nii.gz")), labels, sitk.Transform(),
                                   sitk.sitkNearestNeighbor, 0)  # dcmqi keeps only the slices with the segment
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_by_dcmqi) > 0, expected == 1)
+
+
+def test_format_names_the_output_dir_files_and_dicom_seg_refuses_a_file_input(tmp_path, tiny_models_dir, capsys):
+    """Without --cluster: --format picks --output-dir's file type; a DICOM SEG of a NIfTI is refused in one line."""
+    from images import synthetic_ct
+    from MSDSegmentLib.cli import main
+
+    ct = str(tmp_path / "case.nii.gz")
+    sitk.WriteImage(synthetic_ct(), ct)
+    for name, format_ in (("nrrd", "seg.nrrd"), ("seg", "dicom-seg")):
+        folder = tmp_path / name
+        folder.mkdir()
+        code = main(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output-dir", str(folder),
+                     "--format", format_, "--quiet", ct])
+        err = capsys.readouterr().err
+        if format_ == "seg.nrrd":
+            assert code == 0, err
+            assert sorted(os.listdir(folder)) == ["case.json", "case.seg.nrrd"]
+            assert sitk.ReadImage(str(folder / "case.seg.nrrd")).GetMetaData("Segment0_Name") == "Spleen"
+        else:
+            assert code == 2
+            assert err.splitlines()[0] == (f"msdsegment: error: {ct}: DICOM SEG output needs a DICOM series folder "
+                                           f"as input, which it references: {ct} is not one (write .nii.gz, .nrrd, "
+                                           ".seg.nrrd or .mha instead)")
+            assert os.listdir(folder) == []
