@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -149,8 +148,17 @@ class CaseWorker:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         row["seconds"] = round(time.perf_counter() - started, 3)
-        row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        row["peak_rss_mb"] = peak_rss_mb()
         return row
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far (Linux: ru_maxrss in kB); None where it is not known."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @dataclass
@@ -306,9 +314,9 @@ def summary_header(args, card):
 
 def result_row(case, worker_row, header):
     """The summary row of a finished case."""
-    row = {"input": os.path.abspath(case.path), "case": case.name, "status": worker_row["status"], "reason": worker_row.get("reason", ""),
-           "seconds": worker_row["seconds"], "output": "", "attempts": case.attempts, "worker": worker_row["worker"],
-           "peak_rss_mb": worker_row["peak_rss_mb"]}
+    row = {"input": os.path.abspath(case.path), "case": case.name, "status": worker_row["status"],
+           "reason": worker_row.get("reason", ""), "seconds": worker_row["seconds"], "output": "",
+           "attempts": case.attempts, "worker": worker_row["worker"], "peak_rss_mb": worker_row["peak_rss_mb"]}
     if worker_row["status"] == "done":
         summary = worker_row["summary"]
         row.update(output=os.path.basename(case.output), output_sha256=None, model_sha256=header["model"]["sha256"],
@@ -362,9 +370,52 @@ def cases_to_run(summary, args, outputs, suffix, say):
     return pending
 
 
-def worker_died(case, pool):
-    return {"status": "failed", "seconds": 0.0, "worker": "", "peak_rss_mb": None,
-            "reason": f"its worker died {case.attempts} times (killed, or out of memory): {pool.last_death}"}
+def failure(reason):
+    """A worker's row for a case no worker could finish."""
+    return {"status": "failed", "reason": reason, "seconds": 0.0, "worker": "", "peak_rss_mb": None}
+
+
+def next_finished(pool, pending, suffix):
+    """(case, its worker's row) of the next case to finish, or None when its worker died and it went back to the
+    queue; a case fails when its workers died MAX_ATTEMPTS times, or when no worker is left."""
+    if pending and not pool.actors:
+        return pending.popleft(), failure(f"no worker left: {pool.last_death}")
+    pool.submit(pending, suffix)
+    case, worker_row = pool.next_result()
+    if worker_row is None and case.attempts < MAX_ATTEMPTS:
+        pending.appendleft(case)  # for whichever worker is free first
+        return None
+    return case, worker_row or failure(f"its worker died {case.attempts} times (killed, or out of memory): "
+                                       f"{pool.last_death}")
+
+
+def run_cases(ray, spec, args, pending, suffix, segment_case, summary, order, say):
+    """Segment the pending cases on the started Ray, recording each as it finishes; the inputs that failed."""
+    workers, cpus, gpus = worker_resources(ray, spec, args.device)
+    actor = ray.remote(CaseWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
+    settings = {key: getattr(args, key) for key in ("task", "device", "precision", "tta", "no_largest", "models_dir")}
+    pool = Pool(ray, lambda: actor.remote(settings, segment_case, cpus), workers, workers * MAX_ATTEMPTS)
+    progress = Progress(len(pending), args.quiet, args.progress_lines, say)
+    failed = []
+    try:
+        while pending or pool.queued:
+            finished = next_finished(pool, pending, suffix)
+            if finished is None:
+                continue
+            case, worker_row = finished
+            row = result_row(case, worker_row, summary.header)
+            if row["status"] == "done":
+                row["output_sha256"] = write_case(case.output, suffix, worker_row)
+            else:
+                failed.append(case.path)
+                print(f"{PROG}: error: {case.path}: {row['reason']}", file=sys.stderr, flush=True)
+            summary.rows[row["input"]] = row
+            summary.save(order)
+            progress.update(row)
+    finally:
+        progress.close()
+        pool.close()
+    return failed
 
 
 def segment_on_ray(args, outputs, suffix, segment_case, say):
@@ -380,40 +431,9 @@ def segment_on_ray(args, outputs, suffix, segment_case, say):
     failed = []
     if pending:
         ray = start_ray(spec)
-        pool = progress = None
         try:
-            workers, cpus, gpus = worker_resources(ray, spec, args.device)
-            actor = ray.remote(CaseWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
-            settings = {key: getattr(args, key) for key in ("task", "device", "precision", "tta", "no_largest",
-                                                            "models_dir")}
-            pool = Pool(ray, lambda: actor.remote(settings, segment_case, cpus), workers, workers * MAX_ATTEMPTS)
-            progress = Progress(len(pending), args.quiet, args.progress_lines, say)
-            while pending or pool.queued:
-                if pending and not pool.actors:
-                    worker_row = {"status": "failed", "seconds": 0.0, "worker": "", "peak_rss_mb": None,
-                                  "reason": f"no worker left: {pool.last_death}"}
-                    case = pending.popleft()
-                else:
-                    pool.submit(pending, suffix)
-                    case, worker_row = pool.next_result()
-                    if worker_row is None and case.attempts < MAX_ATTEMPTS:
-                        pending.appendleft(case)  # for whichever worker is free first
-                        continue
-                    worker_row = worker_row or worker_died(case, pool)
-                row = result_row(case, worker_row, summary.header)
-                if row["status"] == "done":
-                    row["output_sha256"] = write_case(case.output, suffix, worker_row)
-                else:
-                    failed.append(case.path)
-                    print(f"{PROG}: error: {case.path}: {row['reason']}", file=sys.stderr, flush=True)
-                summary.rows[row["input"]] = row
-                summary.save(order)
-                progress.update(row)
+            failed = run_cases(ray, spec, args, pending, suffix, segment_case, summary, order, say)
         finally:
-            if progress is not None:
-                progress.close()
-            if pool is not None:
-                pool.close()
             ray.shutdown()
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(args.inputs)} inputs failed: {', '.join(failed)}",

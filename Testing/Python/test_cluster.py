@@ -185,10 +185,10 @@ def test_cluster_forms_and_misuse_are_refused_in_one_line_before_anything_starts
             parse_cluster(text)
     ct = str(tmp_path / "ct.nii.gz")
     sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), ct)
-    for arguments, message in ((["--output", str(tmp_path / "x.nii.gz"), "--cluster", "local:2"], "go with --output-dir"),
-                               (["--output-dir", str(tmp_path), "--cluster", "local:0"], "--cluster local:N wants"),
-                               (["--output-dir", str(tmp_path / "missing"), "--cluster", "local:1"],
-                                "Output folder does not exist")):
+    misuses = ((["--output", str(tmp_path / "x.nii.gz"), "--cluster", "local:2"], "go with --output-dir"),
+               (["--output-dir", str(tmp_path), "--cluster", "local:0"], "--cluster local:N wants"),
+               (["--output-dir", str(tmp_path / "missing"), "--cluster", "local:1"], "Output folder does not exist"))
+    for arguments, message in misuses:
         assert main(["segment", "--task", "spleen"] + arguments + [ct]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("msdsegment: error: ") and message in lines[0], lines
