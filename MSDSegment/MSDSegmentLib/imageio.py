@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .integrity import readable_copy, unparsed_dicom_files
 from .terminology import entry_string
 
 LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -34,9 +35,13 @@ def dicom_series_files(folder):
     series = reader.GetGDCMSeriesIDs(folder)
     if not series:
         raise InputError(f"No DICOM series found in folder {folder}")
+    listed = [reader.GetGDCMSeriesFileNames(folder, uid) for uid in series]
+    unparsed = unparsed_dicom_files(folder, [path for files in listed for path in files])
+    if unparsed:  # read without it, the volume would miss a slice
+        raise InputError(f"The DICOM series in {folder} is refused: {os.path.basename(unparsed[0])} cannot be "
+                         f"read (a damaged file){f' and {len(unparsed) - 1} more' if len(unparsed) > 1 else ''}")
     # Several series in one folder: take the one with the most slices (the main volume).
-    files = max((reader.GetGDCMSeriesFileNames(folder, uid) for uid in series), key=len)
-    return _main_stack(list(files))
+    return _main_stack(list(max(listed, key=len)))
 
 
 def _main_stack(files):
@@ -49,13 +54,12 @@ def _main_stack(files):
         header.SetFileName(path)
         try:
             header.ReadImageInformation()
-        except RuntimeError:
-            kinds.append(None)
-            continue
+        except RuntimeError:  # listed in the series, yet its header cannot be read again: refuse the series
+            raise InputError(f"The DICOM series is refused: {path} cannot be read (a damaged file)") from None
         orientation = header.GetMetaData("0020|0037") if header.HasMetaDataKey("0020|0037") else ""
         kinds.append((tuple(np.round([float(v) for v in orientation.split("\\") if v.strip()], 3)),
                       header.GetSize()[:2]))
-    counts = {kind: kinds.count(kind) for kind in set(kinds) if kind is not None}
+    counts = {kind: kinds.count(kind) for kind in set(kinds)}
     if len(counts) <= 1:
         return files
     main = max(counts, key=counts.get)
@@ -72,8 +76,9 @@ def _reader(path):
     return reader
 
 
-def _check_fits_in_memory(path):
-    """Refuse, before loading pixels, a volume that cannot be processed in the memory available."""
+def _check_fits_in_memory(path, name):
+    """Refuse, before loading pixels, a volume that cannot be processed in the memory available (`name`: the
+    input `path` was made from, for the message)."""
     if os.path.isdir(path):
         return
     info = sitk.ImageFileReader()
@@ -83,45 +88,29 @@ def _check_fits_in_memory(path):
     available = available_memory()
     if available is not None and voxels * BYTES_PER_INPUT_VOXEL > available:
         needed = voxels * BYTES_PER_INPUT_VOXEL / 2**30
-        raise InputError(f"Volume too large for memory: {path} has {voxels:,} voxels "
+        raise InputError(f"Volume too large for memory: {name} has {voxels:,} voxels "
                          f"(needs about {needed:.1f} GiB, {available / 2**30:.1f} GiB available)")
 
 
 def itk_reason(error):
     """ITK's multi-line exception text reduced to its message, on one line."""
     text = " ".join(str(error).split())
-    text = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", text)
+    text = re.sub(r"(itk::|ITK )ERROR: \w+\(0x[0-9a-f]+\): ", "", text)
     text = re.sub(r"^Exception thrown in SimpleITK \w+: \S+:\d+: ", "", text)
     return text[:240]
 
 
-def nifti_has_nan(path):
-    """Whether a floating-point NIfTI file stores NaN voxels. ITK's NIfTI reader turns them into 0 without a
-    word, so they are looked for in the file itself (with nibabel, where it is installed)."""
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return False
-    try:
-        import nibabel
-    except ImportError:  # Slicer's Python: the module hands the engine NRRD files, which keep NaN
-        return False
-    try:
-        image = nibabel.load(path)
-        if not np.issubdtype(image.get_data_dtype(), np.floating):
-            return False  # integer voxels cannot be NaN
-        return bool(np.isnan(np.asanyarray(image.dataobj)).any())
-    except Exception:  # a file nibabel cannot read: ITK's reader says what is wrong with it
-        return False
-
-
 def read_image(path):
+    """The image at `path` (a file or a DICOM series folder), once it is known to be whole (integrity.py)."""
     if not os.path.exists(path):
         raise InputError(f"Input not found: {path}")
     try:
-        _check_fits_in_memory(path)
-        if nifti_has_nan(path):
-            raise InputError(f"{path} contains NaN voxels (a NIfTI reader would turn them into 0 and segment "
-                             "made-up values): replace them first")
-        return _reader(path).Execute()
+        with readable_copy(path) as readable:
+            try:
+                _check_fits_in_memory(readable, path)
+                return _reader(readable).Execute()
+            except RuntimeError as error:  # ITK names the file it read: the user's, not a temporary copy
+                raise RuntimeError(str(error).replace(readable, path)) from None
     except RuntimeError as error:
         raise InputError(f"Cannot read image {path}: {itk_reason(error)}") from None
 

@@ -124,7 +124,7 @@ def test_nan_in_a_nifti_file_is_refused(tmp_path, tiny_models_dir, capsys):
     output = str(tmp_path / "out.nii.gz")
     code, _, err = run(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output", output, path],
                        capsys)
-    assert_one_line_error(code, err, "contains NaN voxels")
+    assert_one_line_error(code, err, "contains NaN or infinite voxels")
     assert files_in(tmp_path) == ["nan.nii"]
 
 
