@@ -144,6 +144,8 @@ def nifti_header(path, name):
     for magic_at, magic, header_size, fields in NIFTI_LAYOUTS:
         if head[magic_at:magic_at + len(magic)] != magic:
             continue
+        if len(head) < header_size:
+            raise damaged("it is cut short inside its header")
         order = next((order for order in "<>" if struct.unpack(order + "i", head[:4])[0] == header_size), None)
         if order is None:
             raise damaged("its header size is not NIfTI's")
