@@ -2,6 +2,7 @@
 
 import threading
 import time
+import warnings as python_warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,45 @@ def pick_precision(precision, device, card):
         return precision
     candidate = "fp16" if device == "cuda" else "bf16" if native_bf16_cpu() else "fp32"
     return candidate if candidate in card.auto_precisions() else "fp32"
+
+
+def autocast_computes(precision, device):
+    """Whether PyTorch's autocast really computes a convolution in `precision` on `device`. On the CPU this is asked
+    of PyTorch itself: versions without fp16 CPU autocast turn it off with a warning and compute in fp32."""
+    import torch
+
+    if precision == "fp32":
+        return True
+    if device.startswith("cuda"):  # every CUDA GPU PyTorch supports has fp16; bf16 needs Ampere (8.0) or later
+        if precision == "fp16":
+            return True
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # PyTorch before 2.3 has no emulation to leave out
+            return bool(torch.cuda.is_bf16_supported())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    one = torch.ones(1, 1, 1, 1, 1)
+    with python_warnings.catch_warnings():
+        python_warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type="cpu", dtype=dtype):
+                return torch.nn.functional.conv3d(one, one).dtype == dtype
+        except RuntimeError:
+            return False
+
+
+def usable_precision(precision, device):
+    """(the precision the network runs in, a warning or None): `precision` where the device computes in it, else
+    fp32, the card's reference, with a warning saying why. Neither a silent fp32 run reported as fp16 nor a torch
+    error halfway through."""
+    if autocast_computes(precision, device):
+        return precision, None
+    if device.startswith("cuda"):
+        reason = "this GPU has no bf16 arithmetic (it needs an Ampere GPU or later)"
+    else:
+        import torch
+        reason = f"PyTorch {torch.__version__} does not compute in {precision} on the CPU"
+    return "fp32", f"{precision} was asked for but {reason}: the network ran in fp32"
 
 
 _networks = {}  # (weights, sha256, device) -> network: kept between calls (Slicer, batch runs)
@@ -243,7 +283,7 @@ class NetworkLoader:
     Python's GIL. result() waits for it and raises what it raised."""
 
     def __init__(self, card, device, precision):
-        self.device, self.precision, self.error = None, None, None
+        self.device, self.precision, self.error, self.warnings = None, None, None, []
         self.thread = threading.Thread(target=self.load, args=(card, device, precision), name="network-loader",
                                        daemon=True)
         self.thread.start()
@@ -253,7 +293,8 @@ class NetworkLoader:
             import scipy.ndimage  # noqa: F401  (post-processing's, imported here while the input is prepared)
 
             self.device = pick_device(device)
-            self.precision = pick_precision(precision, self.device, card)
+            self.precision, warning = usable_precision(pick_precision(precision, self.device, card), self.device)
+            self.warnings += [warning] if warning and precision != "auto" else []  # auto settles quietly
             for stage in card.stages:
                 network_for(stage, self.device)
         except BaseException as error:  # re-raised in the caller's thread
@@ -354,8 +395,10 @@ class Cascade:
         def stage_progress(fraction, text):
             report(start + share * (0.15 + 0.85 * fraction), text)
 
-        probabilities, self.device = run_network(stage, image, self.device, self.tta, stage_progress, self.cancel,
-                                                 self.precision)
+        probabilities, device = run_network(stage, image, self.device, self.tta, stage_progress, self.cancel,
+                                            self.precision)
+        if device != self.device:  # the CPU fallback of a GPU out of memory runs in fp32
+            self.device, self.precision = device, "fp32"
         if number and stage.blend_previous:
             probabilities = blend_previous(probabilities, stage, canonical, previous[0], card.stages[number - 1],
                                            previous[1], tumour_channels(card, stage))
@@ -510,6 +553,7 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     finally:  # a run that stops early (an error, a cancel) must not leave the loader importing at exit
         if loader is not None:
             loader.thread.join()
+    warnings += loader.warnings
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())

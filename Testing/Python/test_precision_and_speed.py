@@ -73,6 +73,76 @@ def test_bf16_gives_nearly_the_labels_of_fp32_and_the_summary_records_it(tmp_pat
     assert "fp32" in capsys.readouterr().out
 
 
+def network_output_types(models_dir, task):
+    """The dtypes the task's networks put out from now on (a forward hook on each), and a function removing the
+    hooks."""
+    seen, handles = set(), []
+    for stage in modelcard.find_card(task, models_dir).stages:
+        network = engine.network_for(stage, "cpu")
+        handles.append(network.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype)))
+    return seen, lambda: [handle.remove() for handle in handles]
+
+
+def segment_from_the_command_line(tmp_path, models_dir, precision, capsys):
+    path = str(tmp_path / "ct.nii.gz")
+    sitk.WriteImage(synthetic_ct(), path)
+    output = str(tmp_path / f"out-{precision}.nii.gz")
+    assert main(["segment", "--task", "spleen", "--models-dir", models_dir, "--device", "cpu", "--precision",
+                 precision, "--output", output, path]) == 0
+    with open(str(tmp_path / f"out-{precision}.json"), encoding="utf-8") as stream:
+        return json.load(stream), capsys.readouterr().err
+
+
+def test_fp16_asked_on_the_cpu_computes_in_fp16_and_the_summary_says_so(tmp_path, tiny_models_dir, capsys):
+    import torch
+    seen, remove = network_output_types(tiny_models_dir, "spleen")
+    try:
+        summary, err = segment_from_the_command_line(tmp_path, tiny_models_dir, "fp16", capsys)
+    finally:
+        remove()
+    assert seen == {torch.float16} and summary["precision"] == "fp16" and not summary["warnings"], (seen, err)
+
+
+def test_a_pytorch_without_fp16_on_the_cpu_runs_fp32_and_says_so(monkeypatch, tmp_path, tiny_models_dir, capsys):
+    """PyTorch before 2.3 turns CPU autocast to fp16 off with a warning and computes in fp32 (reproduced here by
+    wrapping torch.autocast): the run must not report fp16."""
+    import warnings
+
+    import torch
+    real_autocast = torch.autocast
+
+    def old_autocast(device_type, dtype=None, **options):
+        if device_type == "cpu" and dtype == torch.float16:
+            warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.")
+            options["enabled"] = False
+        return real_autocast(device_type, dtype=dtype, **options)
+
+    monkeypatch.setattr(torch, "autocast", old_autocast)
+    assert engine.usable_precision("fp16", "cpu")[0] == "fp32"
+    assert engine.usable_precision("bf16", "cpu") == ("bf16", None)
+    seen, remove = network_output_types(tiny_models_dir, "spleen")
+    try:
+        summary, err = segment_from_the_command_line(tmp_path, tiny_models_dir, "fp16", capsys)
+    finally:
+        remove()
+    assert seen == {torch.float32} and summary["precision"] == "fp32", (seen, summary["precision"])
+    assert any("fp16 was asked for" in warning and "ran in fp32" in warning for warning in summary["warnings"])
+    assert "warning: fp16 was asked for" in err
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_gpu_runs_only_where_the_gpu_has_it(monkeypatch, has_bf16):
+    """The capability query is faked (no GPU here): a GPU without bf16 (before Ampere) runs fp32 and says so,
+    instead of ending in a torch error; fp16 runs on every CUDA GPU."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+    precision, warning = engine.usable_precision("bf16", "cuda")
+    assert (precision, warning is None) == (("bf16", True) if has_bf16 else ("fp32", False))
+    assert has_bf16 or "no bf16" in warning
+    assert engine.usable_precision("fp16", "cuda") == ("fp16", None)
+    assert engine.usable_precision("fp32", "cuda") == ("fp32", None)
+
+
 def test_channel_argmax_is_numpy_s_argmax_with_ties_to_the_first_class():
     rng = np.random.default_rng(0)
     probabilities = rng.random((4, 30, 20, 10)).astype(np.float32)
