@@ -4,6 +4,7 @@ Its `tests/reference_files/` (Apache-2.0) hold real CT with TotalSegmentator's o
   example_ct_sm.nii.gz  upper abdomen, 3 mm, with liver, spleen and part of the pancreas
   example_seg.nii.gz    TotalSegmentator's segmentation of it (v2 classes: 1 spleen, 5 liver, 7 pancreas)
   example_ct.nii.gz     abdomen and pelvis, 3 mm
+  example_mr_sm.nii.gz  abdominal MR, 3 mm (the tests give it to a CT task, which must flag every segment)
 The archive is downloaded once with pip into `.downloads/` (git-ignored) and only these files are extracted.
 """
 
@@ -26,6 +27,7 @@ MEMBER_FOLDER = "totalsegmentator-2.18.0/tests/reference_files/"
 SMALL_CT = "example_ct_sm.nii.gz"
 SMALL_CT_SEGMENTATION = "example_seg.nii.gz"
 ABDOMEN_PELVIS_CT = "example_ct.nii.gz"
+SMALL_MR = "example_mr_sm.nii.gz"
 # TotalSegmentator v2 class values in example_seg.nii.gz
 REFERENCE_CLASSES = {"spleen": 1, "liver": 5, "pancreas": 7}
 CREDIT = ("Example CT and reference segmentation: TotalSegmentator 2.18.0 test files "

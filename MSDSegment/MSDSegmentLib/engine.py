@@ -476,6 +476,24 @@ def segment_quality(card, probabilities, label_array, box, distances, voxel_ml, 
     return quality
 
 
+def modality_mismatch(card, channel):
+    """Why the input does not look like the card's modality, or None: CT in HU has air and fat below -50, MR
+    intensities are not negative."""
+    if card.modality == "CT" and not looks_like_ct(channel):
+        return "the input does not look like CT (no voxels below -50 HU)"
+    if card.modality == "MR" and looks_like_ct(channel):
+        return "the input looks like CT, not MR (voxels below -50)"
+    return None
+
+
+def flag_every_segment(quality, reason):
+    """Mark every segment to be checked, `reason` first: a network given another modality than it learnt can
+    return confident, plausible-looking segments (an MR's spleen at 240 mL), so no segment of it is to be trusted."""
+    for entry in quality.values():
+        entry["reasons"].insert(0, reason)
+        entry["check"] = True
+
+
 def task_labels(cascade, card, target, keep_largest, report):
     """A single task's label map on the input grid (its own values), post-processed, the index box outside
     which it is all background (None if it is empty) and each label's quality (segment_quality)."""
@@ -539,8 +557,9 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     try:
         card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
         validate_channels(channels, card.channels)
-        if card.modality == "CT" and not looks_like_ct(channels[0]):
-            warnings.append(f"The input does not look like CT (no voxels below -50 HU) but task '{task}' expects CT")
+        mismatch = modality_mismatch(card, channels[0])
+        if mismatch:
+            warnings.append(f"{mismatch[0].upper()}{mismatch[1:]}: task '{task}' expects {card.modality}")
         report(0.0, "Loading model")
         loader = loader or NetworkLoader(card, device, precision)
         cascade = Cascade(channels, loader, tta, cancel)
@@ -554,6 +573,8 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
         if loader is not None:
             loader.thread.join()
     warnings += loader.warnings
+    if mismatch:
+        flag_every_segment(quality, mismatch)
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())

@@ -131,10 +131,24 @@ def test_prostate_adc_on_another_grid_is_resampled_onto_t2(tiny_models_dir):
     assert result.warnings == []
 
 
-def test_ct_task_warns_about_mr_looking_input(tiny_models_dir):
+def test_ct_task_warns_about_mr_looking_input_and_flags_every_segment(tiny_models_dir):
     t2 = split_channels(synthetic_mr())[0]
-    result = segment([t2], "spleen", models_dir=tiny_models_dir)
+    result = segment([t2], "liver", models_dir=tiny_models_dir)
     assert any("does not look like CT" in warning for warning in result.warnings)
+    assert sorted(result.quality) == [1, 2]  # the liver and its tumour, found or not
+    assert all(entry["check"] and entry["reasons"][0] == "the input does not look like CT (no voxels below -50 HU)"
+               for entry in result.quality.values()), result.quality
+
+
+def test_mr_task_given_a_ct_flags_every_segment(tiny_models_dir):
+    ct = sitk.Cast(synthetic_ct(), sitk.sitkFloat32)
+    result = segment([ct, ct], "prostate", models_dir=tiny_models_dir)
+    assert any("looks like CT" in warning and "expects MR" in warning for warning in result.warnings)
+    assert sorted(result.quality) == [1, 2] and all(
+        entry["check"] and entry["reasons"][0].startswith("the input looks like CT") for entry in result.quality.values())
+    t2, adc = split_channels(synthetic_mr())
+    assert not any(entry["check"] and "looks like CT" in " ".join(entry["reasons"])
+                   for entry in segment([t2, adc], "prostate", models_dir=tiny_models_dir).quality.values())
 
 
 def test_wrong_channel_count_is_refused(tiny_models_dir):

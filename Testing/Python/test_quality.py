@@ -3,16 +3,18 @@ that are wrong in ways a radiologist would not be warned of otherwise."""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from images import synthetic_ct
-from MSDSegmentLib import modelcard
+from conftest import REPOSITORY
+from MSDSegmentLib import modelcard, mrml
 from MSDSegmentLib.cli import main
 from MSDSegmentLib.engine import segment
-from MSDSegmentLib.imageio import read_channels
+from MSDSegmentLib.imageio import read_channels, read_image
 from MSDSegmentLib.mrml import quality_text
 from Training.quality import choose_threshold
 
@@ -99,3 +101,51 @@ def test_an_mr_given_to_a_ct_task_is_flagged():
     assert all(result.quality[value]["check"] for value in (1, 3, 4)), result.quality  # liver, spleen, pancreas
     assert all(any(reason.startswith(("not found", "volume", "not where")) for reason in result.quality[value]["reasons"])
                for value in (1, 3)), result.quality  # not just a confidence near the threshold
+
+
+def example_file(name):
+    """One of TotalSegmentator's example files (scripts/example_data.py: its source distribution, downloaded from
+    PyPI once into .downloads/)."""
+    if os.path.join(REPOSITORY, "scripts") not in sys.path:
+        sys.path.insert(0, os.path.join(REPOSITORY, "scripts"))
+    import example_data
+    try:
+        return example_data.example_file(getattr(example_data, name), say=lambda text: None)
+    except example_data.DataError as error:
+        pytest.skip(f"TotalSegmentator's example data not available: {error}")
+
+
+def require_bundled(task):
+    cards = modelcard.catalogue()
+    if task not in cards or modelcard.missing_weights(cards[task]):
+        pytest.skip(f"bundled {task} model not found")
+    return cards[task]
+
+
+def test_every_segment_of_a_ct_task_is_flagged_on_totalsegmentators_example_mr(tmp_path, slicer_session, capsys):
+    """The abdomen task (CT) on TotalSegmentator's example MR returned a 240 mL spleen with no flag. Every segment
+    is now flagged with the reason first: in the command line's summary, in the segments' tags that the module
+    imports, and in the text of the panel's table."""
+    card = require_bundled("abdomen")
+    mr = example_file("SMALL_MR")
+    output = str(tmp_path / "labels.nrrd")  # as the module's background process writes it
+    assert main(["segment", "--task", "abdomen", "--device", "cpu", "--quiet", "--output", output, mr]) == 0
+    assert "does not look like CT" in capsys.readouterr().err
+    with open(str(tmp_path / "labels.json"), encoding="utf-8") as stream:
+        summary = json.load(stream)
+    reason = "the input does not look like CT (no voxels below -50 HU)"
+    assert set(summary["quality"]) == {label.name for label in card.trained_labels}
+    assert all(entry["check"] and entry["reasons"][0] == reason for entry in summary["quality"].values()), summary
+    node = slicer_session.load_volume(mr, "MR")
+    tags = mrml.quality_from_tags(mrml.import_label_file(output, node, "abdomen"))
+    assert set(tags) == set(summary["quality"])
+    assert all(quality_text(entry).startswith(f"check this segment: {reason}") for entry in tags.values()), tags
+
+
+def test_a_ct_given_to_the_prostate_task_is_flagged():
+    require_bundled("prostate")
+    ct = read_image(example_file("SMALL_CT"))[30:90, 20:80, 5:25]  # 60 x 60 x 20 voxels of 3 mm: pelvis-sized
+    result = segment([ct, ct], "prostate", device="cpu")  # as T2 and as ADC
+    assert any("looks like CT" in warning for warning in result.warnings)
+    assert result.quality and all(entry["check"] and entry["reasons"][0].startswith("the input looks like CT")
+                                  for entry in result.quality.values()), result.quality
