@@ -48,7 +48,7 @@ def _main_stack(files):
     """The files of a series that make one volume: those with the most common slice orientation and size.
     Scanners store reformats and localisers in the same series (a coronal image among axial slices); read
     with the others they would make a volume of the wrong slice spacing."""
-    kinds = []
+    kinds, positions = [], []
     for path in files:
         header = sitk.ImageFileReader()
         header.SetFileName(path)
@@ -59,11 +59,27 @@ def _main_stack(files):
         orientation = header.GetMetaData("0020|0037") if header.HasMetaDataKey("0020|0037") else ""
         kinds.append((tuple(np.round([float(v) for v in orientation.split("\\") if v.strip()], 3)),
                       header.GetSize()[:2]))
+        positions.append(float(np.dot(header.GetOrigin(), np.reshape(header.GetDirection(), (3, 3))[:, 2])))
     counts = {kind: kinds.count(kind) for kind in set(kinds)}
-    if len(counts) <= 1:
-        return files
     main = max(counts, key=counts.get)
-    return [path for path, kind in zip(files, kinds) if kind == main]
+    stack = [(path, position) for path, kind, position in zip(files, kinds, positions) if kind == main]
+    _check_no_slice_missing(os.path.dirname(files[0]), [position for _, position in stack])
+    return [path for path, _ in stack]
+
+
+def _check_no_slice_missing(folder, positions):
+    """Refuse a stack with a gap twice its slice spacing or more: ITK would read it on one spacing, with no more
+    than a console warning, and put every slice after the gap in the wrong place. A file that lost its DICM
+    marker (no longer DICOM to GDCM) or was deleted leaves such a gap."""
+    if len(positions) < 3:
+        return
+    ordered = np.sort(positions)
+    steps = np.diff(ordered)
+    usual = float(np.median(steps))
+    if usual > 0 and steps.max() > 1.5 * usual:
+        gap = int(np.argmax(steps))
+        raise InputError(f"The DICOM series in {folder} is refused: a slice is missing between {ordered[gap]:.1f} "
+                         f"and {ordered[gap + 1]:.1f} mm (slices {usual:.2f} mm apart; a file damaged or absent)")
 
 
 def _reader(path):

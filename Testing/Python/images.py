@@ -1,5 +1,7 @@
 """Test images: synthetic CT/MR volumes and geometric variants of real ones (same anatomy, other grids)."""
 
+import os
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -83,3 +85,20 @@ def dice(a, b):
     a, b = a > 0, b > 0
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else 2 * np.logical_and(a, b).sum() / total
+
+
+def write_dicom_series(image, folder, suffix=".dcm"):
+    """One DICOM file per slice, as a scanner writes a CT series."""
+    os.makedirs(folder)
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")  # whatever the file names
+    writer.KeepOriginalImageUIDOn()
+    for z in range(image.GetSize()[2]):
+        slice_ = image[:, :, z]
+        slice_.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
+        slice_.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
+        slice_.SetMetaData("0020|0013", str(z))
+        slice_.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(os.path.join(folder, f"slice{z:03d}{suffix}"))
+        writer.Execute(slice_)

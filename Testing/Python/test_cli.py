@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPOSITORY
-from images import synthetic_ct, synthetic_mr
+from images import synthetic_ct, synthetic_mr, write_dicom_series
 from MSDSegmentLib.cli import main
 
 
@@ -145,20 +145,7 @@ def test_prostate_from_one_4d_file_or_t2_and_adc_files(tmp_path, tiny_models_dir
 
 def test_dicom_series_folder_is_read(tmp_path, tiny_models_dir, capsys):
     folder = tmp_path / "dicom"
-    folder.mkdir()
-    image = sitk.Cast(synthetic_ct(size=(48, 40, 12)), sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(image.GetSize()[2]):
-        slice_ = image[:, :, z]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, z))
-        slice_.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in origin))
-        slice_.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
-        slice_.SetMetaData("0020|0013", str(z))
-        slice_.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(slice_)
+    write_dicom_series(sitk.Cast(synthetic_ct(size=(48, 40, 12)), sitk.sitkInt16), str(folder))
     output = str(tmp_path / "out.nii.gz")
     code, _, err = run(["segment", "--task", "spleen", "--models-dir", tiny_models_dir, "--output", output,
                         str(folder)], capsys)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from images import synthetic_ct
+from images import synthetic_ct, write_dicom_series
 from MSDSegmentLib.cli import main
 from MSDSegmentLib.errors import InputError
 from MSDSegmentLib.imageio import read_image
@@ -185,22 +185,6 @@ def test_a_changed_byte_that_makes_a_float_voxel_nan_is_refused_in_either_byte_o
         os.remove(path)
 
 
-def write_dicom_series(image, folder):
-    """One DICOM file per slice, as a scanner writes a CT series."""
-    os.makedirs(folder)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(image.GetSize()[2]):
-        slice_ = image[:, :, z]
-        slice_.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
-        slice_.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
-        slice_.SetMetaData("0020|0013", str(z))
-        slice_.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(os.path.join(folder, f"slice{z:03d}.dcm"))
-        writer.Execute(slice_)
-
-
 def test_a_dicom_series_with_a_damaged_slice_is_refused(tmp_path, tiny_models_dir, capsys):
     """A slice cut (anywhere) or without its DICM marker would leave the volume a slice short: the series is
     refused, naming the file. A changed pixel byte cannot be told (DICOM pixel data carry no checksum)."""
@@ -222,3 +206,21 @@ def test_a_dicom_series_with_a_damaged_slice_is_refused(tmp_path, tiny_models_di
     with open(os.path.join(folder, "slice004.dcm"), "wb") as stream:
         stream.write(flipped(data, len(data) - 10))
     assert not np.array_equal(sitk.GetArrayFromImage(read_image(folder)), whole)
+
+
+def test_a_dicom_series_missing_a_slice_is_refused(tmp_path, tiny_models_dir, capsys):
+    """A slice file without the .dcm name, cut before its DICM marker, no longer looks like DICOM; deleted, it is
+    not there at all. Either way the series has a gap, which ITK would close without a word (every slice after it
+    misplaced): refused."""
+    source = str(tmp_path / "source")
+    write_dicom_series(small_ct(), source, suffix="")
+    for case in ("cut before the DICM marker", "deleted"):
+        folder = str(tmp_path / case.replace(" ", "_"))
+        shutil.copytree(source, folder)
+        path = os.path.join(folder, "slice004")
+        if case == "deleted":
+            os.remove(path)
+        else:
+            with open(path, "r+b") as stream:
+                stream.truncate(100)
+        assert_refused(segment_argv(folder, tmp_path, tiny_models_dir), str(tmp_path), capsys, "a slice is missing")
