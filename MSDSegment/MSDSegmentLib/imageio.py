@@ -68,9 +68,9 @@ def _main_stack(files):
 
 
 def _check_no_slice_missing(folder, positions):
-    """Refuse a stack with a gap twice its slice spacing or more: ITK would read it on one spacing, with no more
-    than a console warning, and put every slice after the gap in the wrong place. A file that lost its DICM
-    marker (no longer DICOM to GDCM) or was deleted leaves such a gap."""
+    """Refuse a stack with a gap over 1.5 times its usual slice spacing: ITK would read it on one spacing, with
+    no more than a console warning, and put every slice after the gap in the wrong place. A file that lost its
+    DICM marker (no longer DICOM to GDCM) or was deleted leaves such a gap."""
     if len(positions) < 3:
         return
     ordered = np.sort(positions)

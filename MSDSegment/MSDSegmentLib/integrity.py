@@ -40,6 +40,9 @@ NIFTI_LAYOUTS = ((344, b"n+1\0", 348, (("h", 70), ("h", 72), ("8h", 40), ("f", 1
                  (4, b"n+2\0", 540, (("h", 12), ("h", 14), ("8q", 16), ("q", 168))))
 NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
               1536: 128, 1792: 128, 2048: 256, 2304: 32}  # bits per voxel of each datatype code
+METAIMAGE_BYTES = {"met_char": 1, "met_uchar": 1, "met_short": 2, "met_ushort": 2, "met_int": 4, "met_uint": 4,
+                   "met_long": 4, "met_ulong": 4, "met_long_long": 8, "met_ulong_long": 8, "met_float": 4,
+                   "met_double": 8}  # bytes per value of MetaIO's element types
 DICOM_PREAMBLE = 128  # bytes before the "DICM" marker of a DICOM file
 
 
@@ -102,6 +105,25 @@ def raw_metaimage_header(source):
         return None
     kept = [line for line in lines if field(line, "=")[0] not in ("compresseddata", "compresseddatasize")]
     return b"CompressedData = False\n" + b"".join(kept)
+
+
+def check_metaimage_length(path, name):
+    """Refuse a MetaImage whose voxels, stored in the same file, are fewer than its header says: ITK refuses it too,
+    but prints MetaIO's own complaint to the console and blames a missing file."""
+    with open(path, "rb") as source:
+        lines = header_lines(source, lambda line: field(line, "=")[0] == "elementdatafile")
+        start = source.tell()
+    fields = dict(field(line, "=") for line in lines or [])
+    if fields.get("elementdatafile") != "local" or fields.get("compresseddata") == "true":
+        return
+    try:
+        values = int(np.prod([int(size) for size in fields["dimsize"].split()], dtype=np.int64))
+        size = values * int(fields.get("elementnumberofchannels", "1")) * METAIMAGE_BYTES[fields["elementtype"]]
+    except (KeyError, ValueError):
+        return  # a header ITK will refuse by itself
+    if os.path.getsize(path) - start < size:
+        raise InputError(f"Cannot read image {name}: it is cut short ({os.path.getsize(path) - start:,} of "
+                         f"{size:,} data bytes)")
 
 
 def decompressed_copy(path, folder):
@@ -204,6 +226,8 @@ def readable_copy(path):
             raise InputError(f"Cannot read image {path}: {error.strerror or error}") from None
         if readable.lower().endswith(".nii"):
             check_nifti(readable, path)
+        elif readable.lower().endswith(".mha"):
+            check_metaimage_length(readable, path)
         yield readable
     finally:
         shutil.rmtree(folder, ignore_errors=True)

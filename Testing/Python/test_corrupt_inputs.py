@@ -137,6 +137,20 @@ def test_every_damaged_file_is_refused_with_one_line_and_no_output(tmp_path, suf
             assert stream.read() == damaged, case  # the input is left as it was
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_an_uncompressed_nrrd_or_metaimage_cut_short_is_refused(tmp_path, suffix, tiny_models_dir, capsys):
+    path = str(tmp_path / ("ct" + suffix))
+    sitk.WriteImage(small_ct(), path, useCompression=False)
+    with open(path, "rb") as stream:
+        data = stream.read()
+    for at in (header_end(data, suffix) + 7, len(data) // 2, len(data) - 1):
+        with open(path, "wb") as stream:
+            stream.write(data[:at])
+        with pytest.raises(InputError):
+            read_image(path)
+        assert_refused(segment_argv(path, tmp_path, tiny_models_dir), str(tmp_path), capsys)
+
+
 def test_a_half_nii_gz_is_refused_not_segmented_with_zeros(tmp_path, tiny_models_dir, capsys):
     """The measured defect: half a .nii.gz was read with the missing half as zeros and segmented."""
     path = written(small_ct(), tmp_path, "ct.nii.gz")
