@@ -89,7 +89,8 @@ def raw_nrrd_header(source):
     if not lines:
         return None
     fields = dict(field(line, ":") for line in lines[1:] if b":" in line and not line.startswith(b"#"))
-    if fields.get("encoding") not in ("gzip", "gz") or {"data file", "datafile", "line skip", "byte skip"} & set(fields):
+    detached_or_skipped = {"data file", "datafile", "line skip", "byte skip"} & set(fields)
+    if fields.get("encoding") not in ("gzip", "gz") or detached_or_skipped:
         return None  # detached data, or skips whose meaning differs between compressed and raw data
     return b"".join(b"encoding: raw\n" if field(line, ":")[0] == "encoding" else line for line in lines)
 

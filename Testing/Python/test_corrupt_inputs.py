@@ -113,7 +113,8 @@ def test_a_whole_file_reads_as_itk_reads_it(tmp_path, suffix):
 def test_a_whole_4d_mr_reads_as_itk_reads_it(tmp_path):
     from images import synthetic_mr
     path = written(synthetic_mr(), tmp_path, "mr.nii.gz")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), sitk.GetArrayFromImage(sitk.ReadImage(path)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(path)))
 
 
 @pytest.mark.parametrize("suffix", FORMATS)

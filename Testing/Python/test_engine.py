@@ -144,8 +144,9 @@ def test_mr_task_given_a_ct_flags_every_segment(tiny_models_dir):
     ct = sitk.Cast(synthetic_ct(), sitk.sitkFloat32)
     result = segment([ct, ct], "prostate", models_dir=tiny_models_dir)
     assert any("looks like CT" in warning and "expects MR" in warning for warning in result.warnings)
-    assert sorted(result.quality) == [1, 2] and all(
-        entry["check"] and entry["reasons"][0].startswith("the input looks like CT") for entry in result.quality.values())
+    assert sorted(result.quality) == [1, 2]
+    assert all(entry["check"] and entry["reasons"][0].startswith("the input looks like CT")
+               for entry in result.quality.values())
     t2, adc = split_channels(synthetic_mr())
     assert not any(entry["check"] and "looks like CT" in " ".join(entry["reasons"])
                    for entry in segment([t2, adc], "prostate", models_dir=tiny_models_dir).quality.values())
