@@ -61,6 +61,12 @@ def build_parser():
     train.add_argument("--filters", type=int, nargs="+", metavar="N",
                        help="feature maps per network level instead of the model's, e.g. 4 8 16 (their count "
                             "caps the depth; a new plan records them)")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="forward-pass arithmetic: auto = fp16 on a GPU, fp32 on a CPU; bf16 uses a CPU's native "
+                            "bf16 (AVX-512 BF16, AMX) or a GPU's")
+    train.add_argument("--neighbours", action="store_true",
+                       help="learn every neighbouring organ the model lists (abdominal models: each BTCV organ) as "
+                            "its own context class; tasks still output only their labels (a new plan records them)")
     train.add_argument("--quiet", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="Dice, HD95 and volume error of a task's shipped model")

@@ -6,6 +6,13 @@ the MSD's own tasks and on BTCV (spleen = 1, liver = 6, pancreas = 11) without c
 
 from .tasks import FRAGMENT_GAP_MM
 
+# Every organ BTCV labels, by its dataset.json name. Trained with `--neighbours`, those a model does not segment
+# become its context classes: learnt so that its own organs end where they begin (the pancreas against the
+# duodenum's neighbours, the veins, the stomach), output by no task (the engine counts them as background).
+ABDOMINAL_ORGANS = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+                    "inferior vena cava", "portal vein and splenic vein", "pancreas", "right adrenal gland",
+                    "left adrenal gland"]
+
 MODELS = {
     "abdomen": {
         "description": "Spleen, liver and pancreas in contrast-enhanced abdominal CT.",
@@ -25,6 +32,7 @@ MODELS = {
         "filters": [8, 16, 32, 64, 128],
         "default_data": "../shared/data/BTCV-Abdomen",
         "exclude": [],
+        "neighbours": ABDOMINAL_ORGANS,
     },
     "prostate": {
         "description": "Prostate peripheral and transition zones in T2-weighted + ADC MR.",
@@ -138,6 +146,17 @@ def find_label(aliases, dataset_labels):
     """The dataset label value whose name (case-insensitive) is the first alias found, or None."""
     names = {str(name).lower(): int(value) for value, name in dataset_labels.items()}
     return next((names[alias.lower()] for alias in aliases if alias.lower() in names), None)
+
+
+def with_neighbours(model_name, model, dataset_labels):
+    """The model with each of its neighbours that the dataset labels and the model does not segment appended to
+    its classes, as its `context_classes`."""
+    context = [name for name in model.get("neighbours", []) if name not in model["classes"] and
+               find_label(model["sources"].get(name, [name]), dataset_labels) is not None]
+    if not context:
+        raise LabelMappingError(f"model '{model_name}' has no neighbour class that the dataset labels "
+                                f"(it lists {model.get('neighbours', [])})")
+    return dict(model, classes=model["classes"] + context, context_classes=context)
 
 
 def label_mapping(model, dataset_labels, overrides=None, targets=None, optional=()):

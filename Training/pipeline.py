@@ -6,7 +6,7 @@ from MSDSegmentLib.errors import MSDSegmentError
 
 from .cache import build_cache
 from .dataset import fold_split, read_dataset
-from .models import MODELS, label_mapping, parse_label_map
+from .models import MODELS, label_mapping, parse_label_map, with_neighbours
 from .plan import fingerprint, load_json, make_plan, save_json
 from .train import Distributed, train
 
@@ -31,9 +31,11 @@ def check_plan_matches(plan, args, plan_path):
     """An existing plan wins (a resumed run needs no options repeated); options that contradict it are refused."""
     filters = plan["network"]["filters"]
     if (getattr(args, "patch_size", None) and list(args.patch_size) != plan["patch_size"]) or \
-            (getattr(args, "filters", None) and list(args.filters)[:len(filters)] != filters):
-        raise MSDSegmentError(f"{plan_path} was made with patch {plan['patch_size']} and filters {filters}: "
-                              "use another --out (or delete that plan and its cache) to plan with other ones")
+            (getattr(args, "filters", None) and list(args.filters)[:len(filters)] != filters) or \
+            (getattr(args, "neighbours", False) and not plan.get("context_classes")):
+        raise MSDSegmentError(f"{plan_path} was made with patch {plan['patch_size']}, filters {filters} and context "
+                              f"classes {plan.get('context_classes', [])}: use another --out (or delete that plan "
+                              "and its cache) to plan with other ones")
 
 
 def prepare(args, log=print):
@@ -43,6 +45,8 @@ def prepare(args, log=print):
     model = model_config(args)
     data = dataset_folder(args, model)
     meta, cases = read_dataset(data)
+    if getattr(args, "neighbours", False):
+        model = with_neighbours(args.model, model, meta["labels"])
     for case in cases:
         case["merged"] = bool(model.get("merged_classes")) and (case["merged"] or
                                                                  case["id"] in model.get("merged_cases", []))

@@ -95,6 +95,8 @@ def make_plan(model_name, model, prints):
         "modality": model["modality"],
         "channels": model["channels"],
         "classes": model["classes"],
+        # Classes learnt as context only (the model's neighbours): no task outputs them.
+        "context_classes": model.get("context_classes", []),
         "spacing": spacing,
         "patch_size": model["patch_size"],
         "normalisation": choose_normalisation(prints, model["modality"]),

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from monai.losses import GeneralizedDiceLoss
 
+from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib.inference import predict_probabilities
 from MSDSegmentLib.network import build_network
 
@@ -126,6 +127,20 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
+AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_precision(requested, device_type):
+    """The arithmetic of the forward pass (weights, optimiser and loss scaling stay fp32). auto: fp16 with loss
+    scaling on a GPU, fp32 on a CPU; bf16 (autocast, no scaling: bf16 has fp32's range) on either; fp16 needs
+    a GPU (PyTorch's CPU fp16 kernels are slow and have no loss scaler)."""
+    if requested == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    if requested == "fp16" and device_type != "cuda":
+        raise MSDSegmentError("--precision fp16 trains only on a CUDA GPU; use bf16 or fp32 on a CPU")
+    return requested
+
+
 def learning_rate(base, step, total):
     """Polynomial decay (nnU-Net's schedule), a function of the step so that it resumes exactly."""
     return base * (1 - min(step, total - 1) / total) ** 0.9
@@ -222,7 +237,10 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
     if args.init_from:
         initialise_from(network, args.init_from, log)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=3e-5)
-    scaler = torch.amp.GradScaler("cuda") if dist.device.type == "cuda" else None
+    precision = training_precision(getattr(args, "precision", "auto"), dist.device.type)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    if precision != "fp32":
+        log(f"training in mixed precision: {precision} autocast on {dist.device.type}")
     sampler = PatchSampler(train_cases, plan["patch_size"], classes, plan["mirror_axes"], seed=args.seed + dist.rank,
                            lesions=TrainingLesions(plan))
     loss_function = DiceCELoss([plan["classes"].index(name) for name in plan.get("merged_classes", [])])
@@ -257,8 +275,9 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             group["lr"] = learning_rate(args.lr, step, args.steps)
         images, labels = sampler.sample(args.batch_size)
         images, labels = images.to(dist.device), labels.to(dist.device)
-        with torch.autocast(dist.device.type, dtype=torch.float16, enabled=scaler is not None):
-            loss = loss_function(model(images), labels)
+        with torch.autocast(dist.device.type, dtype=AUTOCAST_TYPES.get(precision), enabled=precision != "fp32"):
+            logits = model(images)
+        loss = loss_function(logits.float(), labels)  # the loss in fp32 whatever the forward pass's arithmetic
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -289,7 +308,10 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
             save_atomically(checkpoint_state(step, network, optimizer, scaler, sampler, best, args), last_path)
         elif dist.main and at_checkpoint:
             dice = validate(network, val_cases, plan, dist.device)
-            score = float(np.nanmean(dice))  # a class absent from every validation case does not count
+            # The run is judged by the classes tasks output: context classes are there to help them. A class absent
+            # from every validation case does not count.
+            score = float(np.nanmean([d for n, d in zip(plan["classes"][1:], dice)
+                                      if n not in plan.get("context_classes", [])]))
             row = {"step": step, **{f"dice_{n}": d for n, d in zip(plan["classes"][1:], dice)}, "mean": score}
             append_csv(os.path.join(run_dir, "val_log.csv"), row)
             log(f"step {step}: validation Dice " + ", ".join(f"{n} {d:.3f}" for n, d in zip(plan["classes"][1:], dice)))

@@ -53,6 +53,9 @@ class Stage:
     patch_size: list
     normalisation: dict
     classes: list                  # name of each output channel, channel 0 = background
+    # Classes learnt only so that the task's organs end where these begin (neighbouring organs): no task outputs
+    # them, and a task counts them, like every class it does not take, as background.
+    context_classes: list = field(default_factory=list)
     mirror_axes: list = field(default_factory=list)
     model: str = ""                # the trained model these weights are (Training's name for it)
     # A cascade's later stage sees only a region of interest: the box around the previous stage's

@@ -1021,3 +1021,17 @@ def test_locations_are_learnt_from_the_training_labels_into_the_card(trained, tm
                      "--relative-to", "kidney"]) == 2
     assert cli.main(["export", "--model", "abdomen", "--out", trained["out"], "--models-dir", models]) == 0
     assert modelcard.find_card("pancreas", models).trained_labels[0].location == location  # kept on re-export
+
+
+def test_bf16_trains_on_the_cpu_and_fp16_is_refused_there(synthetic_data, tmp_path, capsys):
+    """--precision bf16: the forward pass under CPU autocast (weights and optimiser stay fp32); fp16 needs a GPU."""
+    out = str(tmp_path)
+    train(synthetic_data, out, "--steps", "2", "--precision", "bf16")
+    assert "training in mixed precision: bf16 autocast on cpu" in capsys.readouterr().out
+    state = torch.load(os.path.join(out, "abdomen", "fold0", "last.ckpt"), weights_only=False)
+    assert state["step"] == 2 and all(value.dtype == torch.float32 for value in state["model"].values()
+                                      if value.is_floating_point())
+    argv = ["train", "--model", "abdomen", "--data", synthetic_data, "--out", out, "--steps", "3", "--resume",
+            "--precision", "fp16", "--device", "cpu", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "--precision fp16 trains only on a CUDA GPU" in capsys.readouterr().err
