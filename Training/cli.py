@@ -1,5 +1,5 @@
 """python -m Training {train, evaluate, precision, locations, quality, dicom-masks, pseudo-labels, lesion-stats,
-export}: see Training/README.md."""
+export, reproduce}: see Training/README.md."""
 
 import argparse
 import importlib
@@ -161,6 +161,20 @@ def build_parser():
     pseudo.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
     pseudo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    reproduce = commands.add_parser("reproduce", help="replay a shipped stage's recorded recipe (Training/recipes) "
+                                    "into a folder and export it there (resumable; CPU, GPU or torchrun)")
+    reproduce.add_argument("model", choices=sorted(MODELS))
+    reproduce.add_argument("--out", required=True, help="the folder to replay into (runs, weights, models/)")
+    reproduce.add_argument("--data", help="dataset folder for every run instead of each model's default")
+    reproduce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    reproduce.add_argument("--shorten", type=int, default=1, metavar="N",
+                           help="divide every run's step counts by N: the same runs, shorter (a check of the recipe)")
+    reproduce.add_argument("--train-flags", help="more train flags for every run, e.g. '--batch-size 4' or "
+                                                 "'--precision bf16'")
+    reproduce.add_argument("--recipes", help="folder of recipes (default: Training/recipes)")
+    reproduce.add_argument("--dry-run", action="store_true", help="list the runs it would replay, and stop")
+    reproduce.add_argument("--quiet", action="store_true")
+
     export = commands.add_parser("export", help="write weights and model cards into the extension")
     add_common(export)
     export.add_argument("--checkpoint", help="weights (.pt) or a training checkpoint (.ckpt) to export "
@@ -178,7 +192,7 @@ COMMANDS = {"train": ("pipeline", "run_training"), "evaluate": ("evaluate", "run
             "quality": ("quality", "run_quality"), "dicom-masks": ("dicom_masks", "run_conversion"),
             "pseudo-labels": ("pseudo_labels", "run_pseudo_labels"),
             "lesion-stats": ("lesion_statistics", "run_lesion_statistics"),
-            "export": ("export", "run_export")}
+            "export": ("export", "run_export"), "reproduce": ("reproduce", "run_reproduce")}
 
 
 def main(argv=None):

@@ -98,6 +98,12 @@ def with_locations(labels, card):
     return [dict(label, **known.get(label["name"], {})) for label in labels]
 
 
+def recipes_of(stages):
+    """Where the recorded recipe of each stage is (`python -m Training reproduce` replays it), by model."""
+    paths = {stage["model"]: f"Training/recipes/{stage['model']}.json" for stage in stages}
+    return {model: path for model, path in paths.items() if os.path.isfile(os.path.join(REPOSITORY, path))}
+
+
 def card_for(task_id, plan, stages, labels, training, metrics):
     task = TASKS[task_id]
     dataset = plan["dataset"]["name"]
@@ -107,7 +113,8 @@ def card_for(task_id, plan, stages, labels, training, metrics):
         "postprocessing": {"keep_largest": True, "min_tumour_ml": task.get("min_tumour_ml", MIN_TUMOUR_ML),
                            **{key: task[key] for key in ("min_tumour_confidence", "max_tumour_elongation")
                               if key in task}},
-        "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset)},
+        "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset),
+                     "recipes": recipes_of(stages)},
         "validation": metrics.get(task_id, {"note": "not yet measured"}),
         "licence": "Model weights: Apache-2.0. Training data: " + DATA_CREDITS.get(dataset, {}).get("licence", "see source"),
     }

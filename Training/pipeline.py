@@ -75,8 +75,10 @@ def prepare(args, log=print):
     return plan, cache, [case["id"] for case in cases if not case["merged"]], partly_labelled
 
 
-def run_training(args):
-    dist = Distributed(want_cuda=args.device != "cpu")
+def run_training(args, dist=None):
+    """`dist`: a process group that outlives this run (a replayed recipe's); by default one of its own."""
+    owned = dist is None
+    dist = dist or Distributed(want_cuda=args.device != "cpu")
     try:
         # Under torchrun rank 0 plans and caches first; the other ranks then find both done and read them.
         if not dist.main:
@@ -96,6 +98,7 @@ def run_training(args):
         # peer may never come, and torchrun stops it.
         dist.barrier()
     finally:
-        dist.close()
+        if owned:
+            dist.close()
     if dist.main:
         print(f"best validation Dice {best['dice']} at step {best['step']}")
