@@ -4,6 +4,8 @@ one replayed end to end by `python -m Training reproduce`, shortened and tiny, i
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +104,28 @@ def test_the_pancreas_recipe_replays_shortened_end_to_end_and_exports(tmp_path, 
     log = capsys.readouterr().out
     assert log.count(": done (step") == 8 and "initialised from" not in log
     assert sha256(os.path.join(models, "pancreas-fine.pt")) == exported
+
+
+def test_a_recipe_replays_under_torchrun(tmp_path):
+    """Two CPU ranks (gloo) replay a two-run recipe in one process group: rank 0 writes the weights the second run
+    starts from and the export, both ranks train both runs."""
+    data = write_dataset(str(tmp_path / "data"))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    recipe = {"model": "abdomen", "summary": "", "shipped": {}, "fidelity": "",
+              "runs": [{"name": "fold0", "fold": 0, "flags": ["--steps", "2", "--val-every", "1"], "history": "first"},
+                       {"name": "all", "fold": "all", "flags": ["--steps", "1", "--val-every", "1"],
+                        "init_from": {"run": "fold0", "weights": "best"}, "history": "second"}],
+              "ships": {"run": "all", "weights": "last"}}
+    (recipes / "abdomen.json").write_text(json.dumps(recipe))
+    out = str(tmp_path / "replay")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "Training",
+               "reproduce", "abdomen", "--out", out, "--data", data, "--recipes", str(recipes), "--device", "cpu",
+               "--train-flags", " ".join(TINY + ["--batch-size", "1"]), "--quiet"]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPOSITORY, os.path.join(REPOSITORY, "MSDSegment")]),
+                       OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 ranks at step 1: largest weight difference from rank 0 0\n" in result.stdout
+    assert "initialised from" in result.stdout and "abdomen-fold0-best.pt" in result.stdout
+    assert modelcard.find_card("spleen", os.path.join(out, "models")).stages[0].steps == 1
