@@ -46,7 +46,8 @@ MIN_TUMOUR_ML = 0.5
 def stage_entry(model_name, plan, weights_name, sha256, steps):
     entry = {"model": model_name, "weights": weights_name, "sha256": sha256, "network": plan["network"],
              "spacing": plan["spacing"], "patch_size": plan["patch_size"], "normalisation": plan["normalisation"],
-             "classes": plan["classes"], "context_classes": plan.get("context_classes", []), "mirror_axes": plan["mirror_axes"], "roi": plan.get("roi", {}),
+             "classes": plan["classes"], "context_classes": plan.get("context_classes", []),
+             "mirror_axes": plan["mirror_axes"], "roi": plan.get("roi", {}),
              "overlap": plan.get("inference_overlap", 0.5), "blend_previous": plan.get("blend_previous", 0.0),
              "steps": steps}
     if plan.get("tumour_blend_previous") is not None:

@@ -4,9 +4,11 @@ Builds the plan's network and draws batches with the training's own sampler (rea
 augmentation as in training) from a `python -m Training train` cache, then times forward + loss + backward +
 optimiser step (the network's share of a training step) for each arithmetic, interleaved in rounds so that a
 shared machine's load falls on all of them alike. The sampling is timed apart (the same for all). Prints a
-Markdown table. Not part of `make test`.
+Markdown table, and how far bf16 moves the loss and the gradient's direction from fp32 on the same weights and
+batches. Not part of `make test`.
 
-    python bench/bench_training_precision.py runs/neighbours/abdomen-fine --threads 1 --steps 5 --rounds 3
+    python bench/bench_training_precision.py runs/neighbours/abdomen-fine --threads 1 --steps 5 --rounds 3 \
+        [--init-from weights.pt]
 """
 
 import argparse
@@ -26,7 +28,7 @@ from MSDSegmentLib.network import build_network  # noqa: E402
 from Training.cache import label_count, load_case  # noqa: E402
 from Training.lesions import TrainingLesions  # noqa: E402
 from Training.sampling import PatchSampler  # noqa: E402
-from Training.train import AUTOCAST_TYPES, DiceCELoss  # noqa: E402
+from Training.train import AUTOCAST_TYPES, DiceCELoss, initialise_from  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16, channels-last": ("bf16", True)}
 
@@ -46,6 +48,27 @@ def step_seconds(network, optimizer, loss_function, batches, precision, channels
     return (time.perf_counter() - started) / len(batches)
 
 
+def gradient_agreement(plan, batches, loss_function, initial):
+    """Per batch, from the same weights: the bf16 loss against the fp32 one, and the cosine similarity of the two
+    gradients (the direction each optimiser step takes)."""
+    network = build_network(plan["network"])
+    network.load_state_dict(initial)
+    rows = []
+    for images, labels in batches:
+        gradients, losses = {}, {}
+        for precision in ("fp32", "bf16"):
+            network.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=AUTOCAST_TYPES.get(precision), enabled=precision != "fp32"):
+                logits = network(images)
+            loss = loss_function(logits.float(), labels)
+            loss.backward()
+            losses[precision] = float(loss)
+            gradients[precision] = torch.cat([p.grad.flatten() for p in network.parameters()])
+        cosine = torch.nn.functional.cosine_similarity(gradients["fp32"], gradients["bf16"], dim=0)
+        rows.append((losses["fp32"], losses["bf16"], float(cosine)))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_folder", help="a train --out/<model> folder with plan.json and cache/")
@@ -54,6 +77,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--cases", type=int, default=4, help="cached cases to draw from")
+    parser.add_argument("--init-from", help="start every network from these weights (.pt; as train --init-from)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with open(os.path.join(args.model_folder, "plan.json"), encoding="utf-8") as stream:
@@ -67,7 +91,10 @@ def main():
     batches = [sampler.sample(args.batch_size) for _ in range(args.steps)]
     sampling = (time.perf_counter() - started) / args.steps
     torch.manual_seed(0)
-    initial = build_network(plan["network"]).state_dict()
+    start = build_network(plan["network"])
+    if args.init_from:
+        initialise_from(start, args.init_from)
+    initial = start.state_dict()
     networks = {}
     for name, (_, channels_last) in VARIANTS.items():
         network = build_network(plan["network"])
@@ -92,6 +119,11 @@ def main():
     for name, values in times.items():
         median = float(np.median(values))
         print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {reference / median:.2f} x |")
+    print("\nSame weights, same batch: fp32 against bf16 autocast")
+    print("| batch | loss fp32 | loss bf16 | gradient cosine similarity |")
+    print("|---|---:|---:|---:|")
+    for index, (fp32, bf16, cosine) in enumerate(gradient_agreement(plan, batches, loss_function, initial)):
+        print(f"| {index} | {fp32:.4f} | {bf16:.4f} | {cosine:.4f} |")
 
 
 if __name__ == "__main__":
