@@ -62,10 +62,12 @@ def gradient_agreement(plan, batches, loss_function, initial):
                 logits = network(images)
             loss = loss_function(logits.float(), labels)
             loss.backward()
-            losses[precision] = float(loss)
-            gradients[precision] = torch.cat([p.grad.flatten() for p in network.parameters()])
-        cosine = torch.nn.functional.cosine_similarity(gradients["fp32"], gradients["bf16"], dim=0)
-        rows.append((losses["fp32"], losses["bf16"], float(cosine)))
+            losses[precision] = float(loss.detach())
+            gradients[precision] = [p.grad.flatten().clone() for p in network.parameters()]
+        cosine = torch.nn.functional.cosine_similarity(torch.cat(gradients["fp32"]), torch.cat(gradients["bf16"]), dim=0)
+        worst = min(float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+                    for a, b in zip(gradients["fp32"], gradients["bf16"]) if a.numel() > 1)
+        rows.append((losses["fp32"], losses["bf16"], float(cosine), worst))
     return rows
 
 
@@ -103,9 +105,9 @@ def main():
             network = network.to(memory_format=torch.channels_last_3d)
         networks[name] = (network, torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=3e-5))
     loss_function = DiceCELoss()
-    for name, (network, optimizer) in networks.items():  # warm-up: oneDNN builds its kernels on first use
+    for name, (network, optimizer) in networks.items() if args.rounds else ():  # warm-up: oneDNN builds its kernels
         step_seconds(network, optimizer, loss_function, batches[:1], *VARIANTS[name])
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in VARIANTS}  # --rounds 0: only the agreement
     for _ in range(args.rounds):
         for name, (network, optimizer) in networks.items():
             times[name].append(step_seconds(network, optimizer, loss_function, batches, *VARIANTS[name]))
@@ -115,15 +117,15 @@ def main():
     print(f"sampling a batch: {sampling:.2f} s (the same for every arithmetic)")
     print("| arithmetic | network s/step (median of rounds) | rounds | vs fp32 |")
     print("|---|---:|---|---:|")
-    reference = float(np.median(times["fp32"]))
-    for name, values in times.items():
+    reference = float(np.median(times["fp32"])) if args.rounds else float("nan")
+    for name, values in times.items() if args.rounds else ():
         median = float(np.median(values))
         print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {reference / median:.2f} x |")
     print("\nSame weights, same batch: fp32 against bf16 autocast")
-    print("| batch | loss fp32 | loss bf16 | gradient cosine similarity |")
-    print("|---|---:|---:|---:|")
-    for index, (fp32, bf16, cosine) in enumerate(gradient_agreement(plan, batches, loss_function, initial)):
-        print(f"| {index} | {fp32:.4f} | {bf16:.4f} | {cosine:.4f} |")
+    print("| batch | loss fp32 | loss bf16 | gradient cosine similarity, whole | least of any weight tensor |")
+    print("|---|---:|---:|---:|---:|")
+    for index, (fp32, bf16, cosine, worst) in enumerate(gradient_agreement(plan, batches, loss_function, initial)):
+        print(f"| {index} | {fp32:.4f} | {bf16:.4f} | {cosine:.6f} | {worst:.6f} |")
 
 
 if __name__ == "__main__":
