@@ -1,6 +1,7 @@
 """The training loop: CPU, one CUDA GPU (mixed precision) or several GPUs through torchrun (DDP)."""
 
 import csv
+import json
 import os
 import time
 
@@ -158,12 +159,53 @@ def save_atomically(state, path):
     os.replace(temporary, path)
 
 
-def initialise_from(network, path, log=print):
+def exported_classes(path):
+    """The classes of exported weights, from a model card beside them whose stage names the file; None if none."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for card_name in sorted(os.listdir(folder)):
+        if not card_name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, card_name), encoding="utf-8") as stream:
+                card = json.load(stream)
+        except (OSError, ValueError):
+            continue
+        stages = card.get("stages", []) if isinstance(card, dict) else []
+        found = [stage.get("classes") for stage in stages if isinstance(stage, dict) and stage.get("weights") == name]
+        if found:
+            return found[0]
+    return None
+
+
+def by_class(source, own, source_classes, classes):
+    """An output tensor of weights with other classes, channel by channel: a class the source had keeps its channel;
+    a new class starts with zero weights and a bias 10 below the source's lowest, so that its probability starts
+    near 0 and the network first predicts what the source predicted."""
+    out = torch.zeros_like(own)
+    fill = source.float().min() - 10.0 if source.dim() == 1 else 0.0
+    for index, name in enumerate(classes):
+        out[index] = source[source_classes.index(name)].float() if name in source_classes else fill
+    return out
+
+
+def initialise_from(network, path, log=print, classes=None):
     """Start from exported weights: the last exported model on a new machine, or a related model (the
-    coarse stage for the fine one). Tensors whose shape differs (another number of classes) start fresh."""
+    coarse stage for the fine one). Tensors whose shape differs (another number of classes) start fresh, except
+    the output channels of classes the source had, when a model card beside the weights names them (`classes`:
+    this network's)."""
     own = network.state_dict()
     state = torch.load(path, map_location="cpu", weights_only=True)
     matching = {k: v.float() for k, v in state.items() if k in own and own[k].shape == v.shape}
+    source_classes = exported_classes(path) if classes else None
+    if source_classes:
+        matched = {k: by_class(v, own[k], source_classes, classes) for k, v in state.items()
+                   if k in own and k not in matching and v.shape[0] == len(source_classes) and
+                   own[k].shape[0] == len(classes) and v.shape[1:] == own[k].shape[1:]}
+        matching.update(matched)
+        if matched:
+            kept = [name for name in classes if name in source_classes]
+            log(f"output channels matched by class name ({', '.join(kept)}); new: "
+                f"{', '.join(name for name in classes if name not in source_classes)}")
     network.load_state_dict(matching, strict=False)
     fresh = sorted(set(own) - set(matching))
     log(f"initialised from {path}" + (f"; {len(fresh)} tensors start fresh: {', '.join(fresh)}" if fresh else ""))
@@ -235,7 +277,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
 
     network = build_network(plan["network"]).to(dist.device)
     if args.init_from:
-        initialise_from(network, args.init_from, log)
+        initialise_from(network, args.init_from, log, plan["classes"])
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=3e-5)
     precision = training_precision(getattr(args, "precision", "auto"), dist.device.type)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

@@ -121,3 +121,39 @@ def test_neighbours_on_a_plan_made_without_them_is_refused(neighbour_cascade, tm
     assert cli.main(["train", *common, "--steps", "0"]) == 0
     assert cli.main(["train", *common, "--steps", "1", "--neighbours"]) == 2
     assert "context classes []" in capsys.readouterr().err
+
+
+def test_init_from_exported_weights_keeps_the_output_channels_of_the_classes_they_had(tmp_path):
+    """A stage with more classes (neighbours, tumours) started from exported weights predicts at first what they
+    predicted: the card beside the weights names their classes, whose channels are kept; new classes start near 0."""
+    import torch
+
+    from MSDSegmentLib.network import build_network
+    from Training.train import initialise_from
+
+    config = {"in_channels": 1, "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+              "filters": [4, 8, 16]}
+    source_classes = ["background", "spleen", "liver", "pancreas"]
+    classes = ["background", "spleen", "liver", "liver tumour", "pancreas", "left kidney"]
+    torch.manual_seed(0)
+    source = build_network(dict(config, out_channels=4))
+    torch.save({k: v.half() for k, v in source.state_dict().items()}, str(tmp_path / "abdomen.pt"))
+    source.load_state_dict({k: v.half().float() for k, v in source.state_dict().items()})  # as exported
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = source.eval()(image).argmax(1)
+
+    bare = build_network(dict(config, out_channels=6))
+    initialise_from(bare, str(tmp_path / "abdomen.pt"), classes=classes)  # no card: the output layer starts fresh
+    card = {"stages": [{"weights": "abdomen.pt", "classes": source_classes}]}
+    (tmp_path / "spleen.json").write_text(json.dumps(card))
+    messages = []
+    network = build_network(dict(config, out_channels=6))
+    initialise_from(network, str(tmp_path / "abdomen.pt"), messages.append, classes)
+    assert "new: liver tumour, left kidney" in messages[0]
+    weight = network.state_dict()["output_block.conv.conv.weight"]
+    assert torch.equal(weight[4], source.state_dict()["output_block.conv.conv.weight"][3])
+    assert not weight[3].any() and not weight[5].any()
+    with torch.no_grad():
+        assert torch.equal(network.eval()(image).argmax(1), torch.tensor([0, 1, 2, 4])[expected])
+        assert not torch.equal(bare.eval()(image).argmax(1), torch.tensor([0, 1, 2, 4])[expected])
