@@ -214,9 +214,10 @@ def recipe_summary(model, recipes_dir=RECIPES_DIR):
     lines = []
     for index, run in enumerate(recipe["runs"]):
         start = run.get("init_from")
-        earlier = [r["name"] for r in recipe["runs"][:index] if run_folder("", recipe, r) == run_folder("", recipe, run)]
-        origin = (f"continues {earlier[-1]} (a longer schedule)" if earlier else
-                  f"from {start.get('recipe', model)} / {start['run']} ({start['weights']})" if start else "from scratch")
+        folder = run_folder("", recipe, run)
+        earlier = [r["name"] for r in recipe["runs"][:index] if run_folder("", recipe, r) == folder]
+        source = f"from {start.get('recipe', model)} / {start['run']} ({start['weights']})" if start else "from scratch"
+        origin = f"continues {earlier[-1]} (a longer schedule)" if earlier else source
         lines.append(f"{model} / {run['name']}: fold {run.get('fold', 0)}, {' '.join(run['flags'])}, {origin}")
     return lines
 

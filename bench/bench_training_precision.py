@@ -64,7 +64,8 @@ def gradient_agreement(plan, batches, loss_function, initial):
             loss.backward()
             losses[precision] = float(loss.detach())
             gradients[precision] = [p.grad.flatten().clone() for p in network.parameters()]
-        cosine = torch.nn.functional.cosine_similarity(torch.cat(gradients["fp32"]), torch.cat(gradients["bf16"]), dim=0)
+        whole = [torch.cat(gradients[precision]) for precision in ("fp32", "bf16")]
+        cosine = torch.nn.functional.cosine_similarity(*whole, dim=0)
         worst = min(float(torch.nn.functional.cosine_similarity(a, b, dim=0))
                     for a, b in zip(gradients["fp32"], gradients["bf16"]) if a.numel() > 1)
         rows.append((losses["fp32"], losses["bf16"], float(cosine), worst))

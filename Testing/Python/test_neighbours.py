@@ -38,7 +38,8 @@ def test_only_the_neighbours_a_dataset_labels_are_learnt_and_none_is_an_error():
     labels = {"0": "background", "1": "spleen", "3": "Left Kidney", "6": "liver", "11": "pancreas"}
     assert with_neighbours("abdomen", MODELS["abdomen"], labels)["context_classes"] == ["left kidney"]
     with pytest.raises(LabelMappingError, match="no neighbour class that the dataset labels"):
-        with_neighbours("abdomen", MODELS["abdomen"], {"0": "background", "1": "spleen", "6": "liver", "11": "pancreas"})
+        with_neighbours("abdomen", MODELS["abdomen"],
+                        {"0": "background", "1": "spleen", "6": "liver", "11": "pancreas"})
     with pytest.raises(LabelMappingError, match="model 'prostate' has no neighbour class"):
         with_neighbours("prostate", MODELS["prostate"], {"0": "background", "1": "PZ", "2": "TZ"})
 
