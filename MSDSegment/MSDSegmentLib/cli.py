@@ -106,7 +106,7 @@ def segment_case(inputs, output, args, say):
     for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
-    write_labels(output, result.labels, result.card)
+    write_labels(output, result.labels, result.card, [value for value, ml in result.volumes_ml.items() if ml > 0])
     timings = {"read": read_seconds, **result.timings, "write": time.perf_counter() - started}
     summary = {
         "task": args.task, "inputs": [os.path.abspath(p) for p in inputs], "output": os.path.abspath(output),

@@ -179,9 +179,10 @@ def label_suffix(path):
     raise InputError(f"Unsupported output format: {path} (use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha)")
 
 
-def _segment_metadata(image, card):
-    """Slicer .seg.nrrd segment fields, so Slicer loads names, colours and terminology."""
-    present = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
+def _segment_metadata(image, card, present=None):
+    """Slicer .seg.nrrd segment fields, so Slicer loads names, colours and terminology. `present`: the label
+    values the map holds, where the caller knows them (the engine's volumes), instead of a pass over every voxel."""
+    present = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) if present is None else set(present)
     for index, label in enumerate(card.trained_labels):
         prefix = f"Segment{index}_"
         image.SetMetaData(prefix + "ID", f"Segment_{label.value}")
@@ -215,11 +216,12 @@ def atomic_output(path, suffix):
             os.remove(temporary)
 
 
-def write_labels(path, image, card=None):
-    """Write a label map (with Slicer segment metadata for .seg.nrrd) atomically."""
+def write_labels(path, image, card=None, present=None):
+    """Write a label map (with Slicer segment metadata for .seg.nrrd) atomically; `present`: the label values
+    it holds, if known."""
     suffix = label_suffix(path)
     if suffix == ".seg.nrrd" and card is not None:
         image = sitk.Image(image)
-        _segment_metadata(image, card)
+        _segment_metadata(image, card, present)
     with atomic_output(path, suffix) as temporary:
         sitk.WriteImage(image, temporary, useCompression=True)
