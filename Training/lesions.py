@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-from MSDSegmentLib.postprocess import bounding_box
+from MSDSegmentLib.boxes import bounding_box
 
 SHAPE_GRID = 24        # smooth fields (deformation, distance, mass effect) are evaluated on <= 24 points an axis
 ALPHA_CUTOFF = 0.01    # blending weights below this are dropped, so the changed region stays compact
@@ -200,7 +200,7 @@ class OrganAnalysis:
 def analyse_organ(image_hu, organ_mask, spacing_mm, config=LIVER):
     """Parenchyma statistics and placement maps of an organ (the fixed cost of `synthesise_lesions`)."""
     image_hu, organ, spacing = _check_inputs(image_hu, organ_mask, spacing_mm)
-    box = _bounding_box(organ)
+    box = bounding_box(organ, margin=0)
     statistics = parenchyma_statistics(image_hu[box], organ[box], config)
     grid = _PlacementGrid(image_hu[box], organ[box], spacing, statistics, config)
     return OrganAnalysis(organ.shape, spacing, config, box, statistics, grid)
@@ -221,13 +221,6 @@ def vary_enhancement(image_hu, organ_mask, spacing_mm, rng, config=LIVER):
     if config.hu_window is not None:
         np.clip(out, *config.hu_window, out=out)
     return out
-
-
-def _bounding_box(mask):
-    across_z = mask.any(axis=2)
-    present = [np.flatnonzero(across_z.any(axis=1)), np.flatnonzero(across_z.any(axis=0)),
-               np.flatnonzero(mask.any(axis=(0, 1)))]
-    return tuple(slice(int(p[0]), int(p[-1]) + 1) for p in present)
 
 
 def apply_to_labels(label, organ_class, tumour_class, lesion_mask):

@@ -1,14 +1,14 @@
 """Command line: `python -m MSDSegmentLib segment ...` and `python -m MSDSegmentLib tasks` (also `msdsegment`)."""
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
 
 from .errors import MSDSegmentError
-from .imageio import LABEL_SUFFIXES, atomic_output, label_suffix
+from .atomic import write_json
+from .imageio import LABEL_SUFFIXES, label_suffix
 
 PROG = "msdsegment"
 EXIT_CANCELLED = 130  # as a shell reports a process stopped by Ctrl+C
@@ -52,11 +52,6 @@ def case_name(path):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def write_json_atomically(data, path):
-    with atomic_output(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
 
 
 class Reporter:
@@ -120,7 +115,7 @@ def segment_case(inputs, output, args, say):
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "warnings": result.warnings,
     }
-    write_json_atomically(summary, output_stem(output) + ".json")
+    write_json(summary, output_stem(output) + ".json")
     say(f"{output}: " + ", ".join(f"{n} {ml:.1f} mL" for n, ml in summary["volumes_ml"].items())
         + f" ({sum(timings.values()):.1f} s on {result.device}, {result.precision})")
 

@@ -11,7 +11,8 @@ from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .inference import predict_probabilities
-from .postprocess import bounding_box, keep_largest_cluster, postprocess
+from .boxes import bounding_box, union_box, within
+from .postprocess import keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
@@ -467,17 +468,6 @@ def task_labels(cascade, card, target, keep_largest, report):
             lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])][::-1]
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
     return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions)
-
-
-def union_box(boxes):
-    """The smallest box (slices) holding every one of `boxes`."""
-    return tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
-                 for axis in range(len(boxes[0])))
-
-
-def within(box, outer):
-    """`box` as slices of the array that covers `outer`."""
-    return tuple(slice(part.start - o.start, part.stop - o.start) for part, o in zip(box, outer))
 
 
 def combined_labels(cascade, card, target, keep_largest, report):

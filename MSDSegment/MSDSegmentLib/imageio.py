@@ -1,13 +1,12 @@
 """Reading inputs (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps atomically."""
 
-import contextlib
 import os
 import re
-import tempfile
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_output
 from .errors import InputError
 from .terminology import entry_string
 
@@ -194,26 +193,6 @@ def _segment_metadata(image, card, present=None):
                           + ("" if label.value in present else "Empty:true|"))
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
-
-
-@contextlib.contextmanager
-def atomic_output(path, suffix):
-    """A temporary file beside `path`, renamed onto it only when the block succeeds: a failed write
-    never leaves a partial file. It gets the permissions a plain open() would give (mkstemp's are 0600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"Output folder does not exist: {folder}")
-    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".msdsegment-", dir=folder)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_labels(path, image, card=None, present=None):

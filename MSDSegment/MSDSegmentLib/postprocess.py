@@ -5,25 +5,13 @@ against the organ around it)."""
 
 import numpy as np
 
+from .boxes import bounding_box, intersect, within
+
 # scipy.ndimage is imported where it is used: the engine imports it in its loader thread, beside PyTorch,
 # instead of on the command line's start-up path.
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 CONTRAST_SHELL_MM = (5.0, 15.0)  # the organ around a lesion that its contrast is measured against
-
-
-def bounding_box(mask, margin=1):
-    """Slices of the smallest box holding every true voxel, grown by `margin` voxels (one number, or one per
-    axis) within the array; None if no voxel is true."""
-    margins = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
-    lower, upper = [], []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if len(present) == 0:
-            return None
-        lower.append(max(int(present[0]) - int(margins[axis]), 0))
-        upper.append(min(int(present[-1]) + int(margins[axis]) + 1, mask.shape[axis]))
-    return tuple(slice(a, b) for a, b in zip(lower, upper))
 
 
 def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
@@ -122,10 +110,8 @@ class TumourComponents:
     def mask_over(self, number, region):
         """Component `number` as a mask over `region` (slices of the whole label map holding the component)."""
         mask = np.zeros([part.stop - part.start for part in region], bool)
-        inside = tuple(slice(max(r.start, b.start), min(r.stop, b.stop)) for r, b in zip(region, self.box))
-        mask[tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))] = \
-            self.components[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, self.box))] \
-            == number
+        inside = intersect(region, self.box)
+        mask[within(inside, region)] = self.components[within(inside, self.box)] == number
         return mask
 
 
@@ -203,7 +189,7 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
 
 def min_tumour_voxels(card, voxel_ml):
     """The smallest tumour component post-processing keeps, in voxels of `voxel_ml` mL."""
-    return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
+    return int(np.ceil(card.postprocessing_setting("min_tumour_ml") / voxel_ml))
 
 
 def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None,
@@ -215,10 +201,9 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
     `image`: the first channel on this grid, for each lesion's contrast.
     Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL, elongation and,
     with the image, contrast}."""
-    settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
-        if label.kind == "organ" and keep_largest and settings.get("keep_largest", True):
+        if label.kind == "organ" and keep_largest and card.postprocessing_setting("keep_largest"):
             keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm,
                                  (plausibility or {}).get(label.value))
     lesions = {}
@@ -228,8 +213,8 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
             found = TumourComponents(labels, label.value)
             lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
                                                   (tumour_probabilities or {}).get(label.value),
-                                                  settings.get("min_tumour_confidence", 0.0), spacing_mm,
-                                                  settings.get("max_tumour_elongation"), found)
+                                                  card.postprocessing_setting("min_tumour_confidence"), spacing_mm,
+                                                  card.postprocessing_setting("max_tumour_elongation"), found)
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
             if image is not None:
