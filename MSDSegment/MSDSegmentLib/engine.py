@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
-from .inference import predict_probabilities
+from .inference import out_of_memory, predict_probabilities
 from .boxes import bounding_box, union_box, within
 from .postprocess import keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
@@ -164,7 +164,8 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
 
 
 def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
-    """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
+    """Sliding-window probabilities. The inferer moves the blended output to the computer's memory where the GPU
+    cannot hold it (inference.py); what still does not fit on the GPU runs on the CPU, with a message."""
     mirror_axes = stage.mirror_axes if tta else []
     network = network_for(stage, device)
     try:
@@ -172,7 +173,7 @@ def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
                                      progress=lambda f: progress(f, "Running network"), cancel=cancel,
                                      precision=precision), device
     except Exception as error:
-        if device != "cuda" or "out of memory" not in str(error).lower():
+        if device != "cuda" or not out_of_memory(error):
             raise
         import torch
         torch.cuda.empty_cache()
