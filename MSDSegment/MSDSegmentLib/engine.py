@@ -147,6 +147,7 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
     slab_voxels = int(np.prod(upper[:2] - lower[:2]))
     slab = max(1, CHUNK_BYTES // (4 * (len(images) + 1) * slab_voxels))
     values = np.asarray([0] + list(label_values), np.uint8)
+    renumber = not np.array_equal(values, np.arange(len(values)))  # a task's values are mostly 1, 2, ... already
     for z in range(lower[2], upper[2], slab):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -157,7 +158,11 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
         reference.SetOrigin(target.TransformIndexToPhysicalPoint([int(lower[0]), int(lower[1]), int(z)]))
         slabs = [resample(image, reference, sitk.sitkLinear, 0.0) for image in images]
         resampled = [sitk.GetArrayViewFromImage(image) for image in slabs]
-        out[z - lower[2]:top - lower[2]] = values[channel_argmax([1.0 - np.sum(resampled, axis=0)] + resampled)]
+        foreground = resampled[0].copy()  # their sum, added in the order np.sum(axis=0) adds them, without a stack
+        for channel in resampled[1:]:
+            foreground += channel
+        winners = channel_argmax([1.0 - foreground] + resampled)
+        out[z - lower[2]:top - lower[2]] = values[winners] if renumber else winners
         for value, probability in kept.items():
             probability[z - lower[2]:top - lower[2]] = resampled[list(label_values).index(value)]
     return out, tuple(slice(int(a), int(b)) for a, b in zip(lower[::-1], upper[::-1])), kept

@@ -3,6 +3,8 @@ tumours kept only where they touch their organ, exceed a minimum volume and conf
 elongated than a lesion is, and each kept tumour lesion described (volume, confidence, elongation, contrast
 against the organ around it)."""
 
+import itertools
+
 import numpy as np
 
 from .boxes import bounding_box, intersect, within
@@ -115,6 +117,21 @@ class TumourComponents:
         return mask
 
 
+def touching(mask, voxels):
+    """For each voxel of `voxels` (index arrays), whether one of its 26 neighbours inside the array is true in
+    `mask`: what a full-connectivity dilation of `mask` holds there, looked up at those voxels alone."""
+    found = np.zeros(len(voxels[0]), bool)
+    for offset in itertools.product((-1, 0, 1), repeat=mask.ndim):
+        if not any(offset):
+            continue
+        neighbours = [axis + step for axis, step in zip(voxels, offset)]
+        inside = np.ones(len(found), bool)
+        for axis, size in zip(neighbours, mask.shape):
+            inside &= (axis >= 0) & (axis < size)
+        found[inside] |= mask[tuple(axis[inside] for axis in neighbours)]
+    return found
+
+
 def add_contrast(lesions, labels, tumour, organ, image, spacing, found=None):
     """Give each kept lesion of `tumour` (filter_tumours' list, found by its one voxel) its contrast against
     the `organ` around it (lesion_contrast; None where too little organ surrounds it), in `image` units.
@@ -144,16 +161,13 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
     "elongation"}]. `found`: the tumour's components (TumourComponents), if already labelled.
     Each statistic is taken over the tumour voxels alone, not over every voxel of their box.
     """
-    from scipy import ndimage
-
     found = TumourComponents(labels, tumour) if found is None else found
     if not found.count:
         return []
     count, numbers, voxels = found.count, found.numbers, found.voxels
     crop = labels[found.box]
     voxel_counts = np.bincount(numbers, minlength=count + 1)
-    touching = ndimage.binary_dilation(crop == organ, FULL_CONNECTIVITY)[voxels]
-    touches_organ = np.bincount(numbers[touching], minlength=count + 1) > 0
+    touches_organ = np.bincount(numbers[touching(crop == organ, voxels)], minlength=count + 1) > 0
     lesions = [{"voxels": int(n)} for n in voxel_counts[1:]]
     if probability is not None:
         inside = probability[found.box][voxels].astype(np.float32)
