@@ -6,8 +6,10 @@ network, resampling and post-processing see real anatomy and real organ sizes. E
 `python -m MSDSegmentLib segment` process (so model loading is measured as users meet it), pinned to
 --cores CPU cores; wall time and peak RSS come from os.wait4 for that one process, the per-stage split
 from the summary JSON the command line writes. Each task runs with fp32 forced and with `--precision auto`
-side by side (auto is what users get; fp32 is what a CPU without bf16 gets). The table is printed and
-written to bench/latest.md. Not part of `make test`.
+side by side (auto is what users get; fp32 is what a CPU without bf16 gets). A second table gives each stage's
+share of the wall time and the overhead ratio, (wall - network) / network: what everything around the network
+costs per second of network, held to OVERHEAD_TARGET for `auto`. The tables are printed and written to
+bench/latest.md. Not part of `make test`.
 """
 
 import argparse
