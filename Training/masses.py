@@ -8,9 +8,9 @@ tissue around the organ, touching it, these masses teach that a mass whose bound
 Half of them press into the organ and replace it where they lie (the caller labels those voxels background): a
 large renal or adrenal tumour indents the liver, and the liver then wraps partly round it.
 
-A mass is drawn like a large lesion (`Training.lesion_drawing`: shape, texture, rim, necrotic centre, edge blur) with its
-attenuation set against the organ's parenchyma, and painted only into `free` voxels (unlabelled soft tissue and
-fat), so that a mass beside the organ takes the organ's outline where it meets it; a pressing one also into the
+A mass is drawn like a large lesion (`Training.lesion_drawing`: shape, texture, rim, necrotic centre, edge blur)
+with its attenuation set against the organ's parenchyma, and painted only into `free` voxels (unlabelled soft tissue
+and fat), so that a mass beside the organ takes the organ's outline where it meets it; a pressing one also into the
 organ.
 """
 

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
-from .inference import out_of_memory, predict_probabilities
 from .boxes import bounding_box, union_box, within
+from .inference import out_of_memory, predict_probabilities
 from .postprocess import keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
@@ -372,9 +372,9 @@ class Cascade:
 
 
 def location_distances(cascade, card, target, box):
-    """{label value: centroid in `box` (array order z, y, x) -> Mahalanobis distance from where the organ lies}, by the card's
-    `location` (the offset learnt from the training labels) from the organ it is placed relative to, as the
-    cascade found that organ."""
+    """{label value: centroid in `box` (array order z, y, x) -> Mahalanobis distance from where the organ lies}, by
+    the card's `location` (the offset learnt from the training labels) from the organ it is placed relative to, as
+    the cascade found that organ."""
     distances = {}
     for label in card.trained_labels:
         location = label.location

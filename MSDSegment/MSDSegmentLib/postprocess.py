@@ -208,7 +208,8 @@ def min_tumour_voxels(card, voxel_ml):
 
 def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None,
                 image=None):
-    """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
+    """Apply the card's rules to a label map with voxel spacing `spacing_mm` along its axes (in place; the
+    engine's are in SimpleITK's array order, z, y, x, with the spacing reversed to match).
     `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
     `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule (the
     card's `min_tumour_confidence`; `max_tumour_elongation` is the shape rule);
