@@ -6,8 +6,9 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from MSDSegmentLib.atomic import atomic_output
 from MSDSegmentLib.imageio import split_channels
-from MSDSegmentLib.postprocess import bounding_box
+from MSDSegmentLib.boxes import bounding_box, intersect
 from MSDSegmentLib.preprocessing import labels_to_canonical, network_input
 
 from .dataset import map_labels
@@ -40,19 +41,10 @@ def roi_box(label, plan):
     return bounding_box(np.isin(label, classes), margin)
 
 
-def intersect(box, other):
-    return tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, other))
-
-
 def body_box(normalised_channel, margin=2):
     """Bounding box of voxels above the background level (air / no signal), with a margin."""
-    body = normalised_channel > normalised_channel.min() + 1e-3
-    if not body.any():
-        return tuple(slice(0, n) for n in normalised_channel.shape)
-    coords = np.argwhere(body)
-    lower = np.maximum(coords.min(axis=0) - margin, 0)
-    upper = np.minimum(coords.max(axis=0) + margin + 1, normalised_channel.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
+    box = bounding_box(normalised_channel > normalised_channel.min() + 1e-3, margin)
+    return box or tuple(slice(0, n) for n in normalised_channel.shape)
 
 
 def label_count(plan):
@@ -87,10 +79,9 @@ def build_cache(cases, plan, mapping, folder, log=print):
         case_mapping = merged_mapping(mapping, plan) if case.get("merged") else mapping
         image, label = preprocess_case(case["image"], case["label"], plan, case_mapping)
         locations = foreground_locations(label, label_count(plan), rng)
-        temporary = path + ".tmp.npz"
-        np.savez_compressed(temporary, image=image, label=label,
-                            **{f"locations_{k}": v for k, v in locations.items()})
-        os.replace(temporary, path)
+        with atomic_output(path, ".npz") as temporary:
+            np.savez_compressed(temporary, image=image, label=label,
+                                **{f"locations_{k}": v for k, v in locations.items()})
         log(f"cached {case['id']}: {image.shape[1:]}")
 
 

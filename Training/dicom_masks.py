@@ -9,7 +9,6 @@ of the last pattern that matches (so `livertumor*` given after `liver` keeps the
 """
 
 import fnmatch
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from MSDSegmentLib.errors import InputError
-from MSDSegmentLib.imageio import atomic_output, read_image
+from MSDSegmentLib.atomic import atomic_output, write_json
+from MSDSegmentLib.imageio import read_image
 
 GEOMETRY_TOLERANCE = 1e-3  # mm: a mask must lie on its CT's grid
 
@@ -164,7 +164,5 @@ def run_conversion(args, log=print):
     meta = {"name": args.name, "description": args.description or "", "licence": args.licence or "",
             "modality": {"0": "CT"}, "labels": {"0": "background", **{str(v): n for n, v in values.items()}},
             "numTraining": len(training), "training": training, "test": []}
-    with atomic_output(os.path.join(args.out, "dataset.json"), ".json") as temporary, \
-            open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(meta, stream, indent=2)
+    write_json(meta, os.path.join(args.out, "dataset.json"))
     log(f"wrote {len(training)} case(s) and dataset.json into {args.out}")

@@ -21,10 +21,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MSDSegmentLib import modelcard
+from MSDSegmentLib.atomic import atomic_open, write_json
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.errors import InputError, ModelError
 from MSDSegmentLib.imageio import read_channels, read_image
-from MSDSegmentLib.postprocess import FULL_CONNECTIVITY, bounding_box, min_tumour_voxels
+from MSDSegmentLib.boxes import bounding_box
+from MSDSegmentLib.postprocess import FULL_CONNECTIVITY, min_tumour_voxels
 from MSDSegmentLib.preprocessing import from_array, resample, to_array
 
 from .dataset import fold_split, map_labels, read_dataset
@@ -166,15 +168,13 @@ def log_confidence_sweep(rows, label_name, log):
 
 
 def write_lesions_csv(path, rows):
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as stream:
+    with atomic_open(path, newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["case", "label", "kind", "volume_ml", "detected", "confidence",
                                                     "peak", "contrast", "elongation"])
         writer.writeheader()
         for row in rows:
             for record in row.get("lesion_records", []):
                 writer.writerow({"case": row["case"], "label": row["label"], **record})
-    os.replace(temporary, path)
 
 
 def finite_mean(values):
@@ -369,15 +369,13 @@ TABLE_HEADER = (f"{'case':<16} {'label':<18} {'Dice':>6} {'HD95 mm':>8} {'ref mL
 
 
 def write_csv(path, rows, summary):
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as stream:
+    with atomic_open(path, newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow(row)
         for name, means in summary.items():
             writer.writerow({"case": "mean", "label": name, "value": "", **means})
-    os.replace(temporary, path)
 
 
 def rounded(value):
@@ -426,11 +424,7 @@ def update_metrics_json(path, task, entry, key=None):
     else:  # the task's main figures; the entries under keys beside them (their own "dice" in them) stay
         beside = {k: v for k, v in data.get(task, {}).items() if isinstance(v, dict) and "dice" in v}
         data[task] = {**entry, **beside}
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
+    write_json(data, path)
 
 
 # ------------------------------------------------------------------------------------------------- run

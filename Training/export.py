@@ -9,10 +9,12 @@ import torch
 
 from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib import terminology
-from MSDSegmentLib.modelcard import MODELS_DIR, catalogue, sha256_of
+from MSDSegmentLib.atomic import atomic_output, write_json
+from MSDSegmentLib.modelcard import (MODELS_DIR, POSTPROCESSING_SETTINGS, STAGE_SETTINGS, catalogue, settings_from,
+                                    sha256_of)
 
 from .pipeline import REPOSITORY
-from .plan import load_json
+from .plan import load_json, load_plan
 from .tasks import DATA_CREDITS, TASKS
 
 
@@ -32,27 +34,16 @@ def save_weights(checkpoint, path):
     else:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
-    temporary = path + ".tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-# Tumour components smaller than this are dropped (made organ), unless the task sets its own (Training/tasks.py,
-# chosen by measurement). 0.5 mL is a sphere of 10 mm diameter: RECIST's smallest measurable lesion, and about 40
-# voxels of the fine stage's 2 x 2 x 3 mm grid; smaller components are one or two of its voxels thick.
-MIN_TUMOUR_ML = 0.5
+    with atomic_output(path, ".pt") as temporary:
+        torch.save(state, temporary)
 
 
 def stage_entry(model_name, plan, weights_name, sha256, steps):
-    entry = {"model": model_name, "weights": weights_name, "sha256": sha256, "network": plan["network"],
-             "spacing": plan["spacing"], "patch_size": plan["patch_size"], "normalisation": plan["normalisation"],
-             "classes": plan["classes"], "context_classes": plan.get("context_classes", []),
-             "mirror_axes": plan["mirror_axes"], "roi": plan.get("roi", {}),
-             "overlap": plan.get("inference_overlap", 0.5), "blend_previous": plan.get("blend_previous", 0.0),
-             "steps": steps}
-    if plan.get("tumour_blend_previous") is not None:
-        entry["tumour_blend_previous"] = plan["tumour_blend_previous"]
-    return entry
+    """The card's entry for a stage: the plan's decisions and every one of its STAGE_SETTINGS, under their names."""
+    return {"model": model_name, "weights": weights_name, "sha256": sha256, "network": plan["network"],
+            "spacing": plan["spacing"], "patch_size": plan["patch_size"], "normalisation": plan["normalisation"],
+            "classes": plan["classes"], "context_classes": plan.get("context_classes", []),
+            "mirror_axes": plan["mirror_axes"], "steps": steps, **settings_from(plan, STAGE_SETTINGS)}
 
 
 def read_card(path):
@@ -111,22 +102,12 @@ def card_for(task_id, plan, stages, labels, training, metrics):
     return {
         "task": task_id, "title": task["title"], "description": task["description"],
         "modality": plan["modality"], "channels": plan["channels"], "labels": labels, "stages": stages,
-        "postprocessing": {"keep_largest": True, "min_tumour_ml": task.get("min_tumour_ml", MIN_TUMOUR_ML),
-                           **{key: task[key] for key in ("min_tumour_confidence", "max_tumour_elongation")
-                              if key in task}},
+        "postprocessing": settings_from(task, POSTPROCESSING_SETTINGS),
         "training": {**training, "data": DATA_CREDITS.get(dataset, {}).get("source", dataset),
                      "recipes": recipes_of(stages)},
         "validation": metrics.get(task_id, {"note": "not yet measured"}),
         "licence": "Model weights: Apache-2.0. Training data: " + DATA_CREDITS.get(dataset, {}).get("licence", "see source"),
     }
-
-
-def write_json(data, path):
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
 
 
 def figures_of_held_back_weights(metrics, cases):
@@ -184,7 +165,7 @@ def steps_behind(checkpoint, run_dir):
 def run_export(args):
     base = os.path.join(args.out, args.model)
     run_dir = os.path.join(base, f"fold{args.fold}")
-    plan = load_json(os.path.join(base, "plan.json"))
+    plan = load_plan(os.path.join(base, "plan.json"))
     split = load_json(os.path.join(run_dir, "split.json"))
     metrics = load_json(args.metrics) if args.metrics else {}
     checkpoint = args.checkpoint or os.path.join(run_dir, "best_model.pt")

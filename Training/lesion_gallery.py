@@ -12,6 +12,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from MSDSegmentLib.atomic import atomic_output
 from MSDSegmentLib.preprocessing import labels_to_canonical, to_canonical
 
 from .dataset import read_dataset
@@ -82,15 +83,12 @@ def draw(rows, window, path):
         row[1].set_title(text, fontsize=6)
     axes[0][0].set_title("before", fontsize=8, loc="left")
     figure.tight_layout()
-    temporary = path + ".tmp.png"
     try:
-        figure.savefig(temporary, dpi=80)
-        _compress(temporary)
-        os.replace(temporary, path)
+        with atomic_output(path, ".png") as temporary:
+            figure.savefig(temporary, dpi=80)
+            _compress(temporary)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _compress(path):

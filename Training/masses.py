@@ -8,17 +8,18 @@ tissue around the organ, touching it, these masses teach that a mass whose bound
 Half of them press into the organ and replace it where they lie (the caller labels those voxels background): a
 large renal or adrenal tumour indents the liver, and the liver then wraps partly round it.
 
-A mass is drawn like a large lesion (`Training.lesions`: shape, texture, rim, necrotic centre, edge blur) with its
-attenuation set against the organ's parenchyma, and painted only into `free` voxels (unlabelled soft tissue and
-fat), so that a mass beside the organ takes the organ's outline where it meets it; a pressing one also into the
+A mass is drawn like a large lesion (`Training.lesion_drawing`: shape, texture, rim, necrotic centre, edge blur)
+with its attenuation set against the organ's parenchyma, and painted only into `free` voxels (unlabelled soft tissue
+and fat), so that a mass beside the organ takes the organ's outline where it meets it; a pressing one also into the
 organ.
 """
 
 import numpy as np
 from scipy import ndimage
 
-from .lesions import (Lesion, LesionConfig, _check_inputs, _draw_shape, _paint_lesion, _random_rotation, draw_necrosis,
-                      draw_radius, draw_rim, draw_semi_axes, draw_softness, draw_texture, parenchyma_statistics)
+from .lesion_drawing import (Lesion, LesionConfig, check_inputs, draw_necrosis, draw_radius, draw_rim, draw_semi_axes,
+                             draw_shape, draw_softness, draw_texture, paint_lesion, parenchyma_statistics,
+                             random_rotation)
 
 # Masses 30-110 mm across (14-700 mL), hypo-attenuating against the liver, as renal, adrenal and bowel tumours and
 # nodal masses mostly are against an enhanced liver (IRCADb patient 7's: 85 HU below). Not iso: tissue like the
@@ -46,7 +47,7 @@ def synthesise_neighbour_mass(image_hu, organ_mask, free_mask, spacing_mm, rng, 
     the organ's parenchyma. It lies in `free_mask` and touches the organ, or (INDENT_PROBABILITY) presses into it
     and covers organ voxels too, which are then no longer organ. No other voxel changes. Where no surface point has
     free tissue beyond it, the image comes back unchanged with an empty mask."""
-    image_hu, organ, spacing = _check_inputs(image_hu, organ_mask, spacing_mm)
+    image_hu, organ, spacing = check_inputs(image_hu, organ_mask, spacing_mm)
     free = np.asarray(free_mask, bool)
     if free.shape != organ.shape:
         raise ValueError(f"free mask shape {free.shape} differs from the organ's {organ.shape}")
@@ -59,7 +60,7 @@ def synthesise_neighbour_mass(image_hu, organ_mask, free_mask, spacing_mm, rng, 
     if centre is None:
         return out, mass
     statistics = parenchyma_statistics(image_hu, organ, config)
-    _paint_lesion(out, mass, free | organ if indent else free,
+    paint_lesion(out, mass, free | organ if indent else free,
                   _draw_mass(centre, radius, statistics, spacing, rng, config), statistics, spacing, rng, config)
     return out, mass
 
@@ -85,11 +86,11 @@ def _centre_outside(organ, free, spacing, depth_mm, rng):
 
 def _draw_mass(centre, radius, statistics, spacing, rng, config):
     semi_axes = draw_semi_axes(rng, radius, config)
-    shape, deformation, lobes = _draw_shape(rng, radius, config)
+    shape, deformation, lobes = draw_shape(rng, radius, config)
     rim = draw_rim(rng, config)
     necrosis = draw_necrosis(rng, radius, config)
     softness = draw_softness(rng, radius, statistics, spacing, config)
-    rotation = _random_rotation(rng)
+    rotation = random_rotation(rng)
     contrast = -float(rng.uniform(*config.hypo_contrast_hu))
     return Lesion(centre=tuple(int(c) for c in centre), radius_mm=radius, semi_axes_mm=semi_axes, rotation=rotation,
                   mode="hypo", contrast_hu=contrast, deformation=deformation, softness_mm=softness, shape=shape,

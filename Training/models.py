@@ -82,7 +82,7 @@ MODELS["abdomen-fine"] = dict(
     roi={"after": "abdomen", "classes": ["spleen", "liver", "pancreas"], "margin_mm": [20, 20, 60]},
     # The region holds about 50 windows at half overlap, 5x the coarse stage's work: a quarter overlap
     # keeps one CT within the 30 s CPU target.
-    inference_overlap=0.25,
+    overlap=0.25,
 )
 
 
@@ -104,7 +104,7 @@ MODELS["pancreas-fine"] = dict(
     # post-processing rule), not around false blobs in the bowel or pelvis it also labelled.
     roi={"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"], "margin_mm": [30, 30, 24],
          "cluster_gap_mm": FRAGMENT_GAP_MM},
-    inference_overlap=0.5,
+    overlap=0.5,
     # Its probabilities are averaged with the fine stage's (equal weights, not tuned): on BTCV fold 0 the
     # average scored higher than either stage alone, and it calls less healthy pancreas tumour.
     blend_previous=0.5,
@@ -124,7 +124,7 @@ MODELS["liver-fine"] = dict(
     roi={"after": "abdomen-fine", "classes": ["liver", "liver tumour"], "margin_mm": [15, 15, 12],
          "cluster_gap_mm": FRAGMENT_GAP_MM},
     # The liver's box is 3-4x the pancreas's: at half overlap one CT took 29.2 s on 2 cores, at a quarter 25.3 s.
-    inference_overlap=0.25,
+    overlap=0.25,
     # Weight of the fine stage. 0.7 while this stage learnt from the first lesion synthesis (0.5 doubled the false
     # lesions then). Retrained on lesions like real metastases (many small ones), at 0.7 it changed nothing
     # (the same synthetic lesions found); at 0.5, on BTCV fold 0 with synthetic lesions, 15 of 26 lesions found

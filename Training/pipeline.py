@@ -7,7 +7,7 @@ from MSDSegmentLib.errors import MSDSegmentError
 from .cache import build_cache
 from .dataset import fold_split, read_dataset
 from .models import MODELS, label_mapping, parse_label_map, with_neighbours
-from .plan import fingerprint, load_json, make_plan, save_json
+from .plan import fingerprint, load_plan, make_plan, save_json
 from .train import Distributed, train
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def prepare(args, log=print):
     os.makedirs(base, exist_ok=True)
     plan_path = os.path.join(base, "plan.json")
     if os.path.exists(plan_path):
-        plan = load_json(plan_path)
+        plan = load_plan(plan_path)
         check_plan_matches(plan, args, plan_path)
     else:
         log(f"fingerprinting {len(cases)} cases of {data}")

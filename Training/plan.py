@@ -10,7 +10,9 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
+from MSDSegmentLib.atomic import write_json
 from MSDSegmentLib.imageio import split_channels
+from MSDSegmentLib.modelcard import STAGE_SETTINGS, settings_from
 from MSDSegmentLib.network import topology_for_patch
 
 SAMPLES_PER_CASE = 20000
@@ -105,10 +107,7 @@ def make_plan(model_name, model, prints):
         "lesion_probability": model.get("lesion_probability", 0.0),
         "lesion_centred_fraction": model.get("lesion_centred_fraction", 0.0),
         "neighbour_masses": model.get("neighbour_masses", {}),
-        "roi": model.get("roi", {}),
-        "inference_overlap": model.get("inference_overlap", 0.5),
-        "blend_previous": model.get("blend_previous", 0.0),
-        "tumour_blend_previous": model.get("tumour_blend_previous"),
+        **settings_from(model, STAGE_SETTINGS),
         "merged_classes": model.get("merged_classes", []),
         "network": {
             "in_channels": len(model["channels"]),
@@ -126,10 +125,22 @@ def make_plan(model_name, model, prints):
 
 
 def save_json(data, path):
-    with open(path, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
+    """Atomically: a resumed run trusts the plan.json it finds."""
+    write_json(data, path)
 
 
 def load_json(path):
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)
+
+
+LEGACY_PLAN_KEYS = {"inference_overlap": "overlap"}  # plans written before STAGE_SETTINGS named them
+
+
+def load_plan(path):
+    """A plan.json, with a setting stored under an earlier name read under its name in STAGE_SETTINGS."""
+    plan = load_json(path)
+    for old, new in LEGACY_PLAN_KEYS.items():
+        if old in plan:
+            plan.setdefault(new, plan.pop(old))
+    return plan

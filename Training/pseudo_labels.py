@@ -7,7 +7,6 @@ for the prostate, see `Training/train.py`, DiceCELoss), so they teach the outlin
 reliably and leave the split between the zones to the expert labels.
 """
 
-import json
 import os
 
 import numpy as np
@@ -15,7 +14,8 @@ import SimpleITK as sitk
 
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.errors import InputError
-from MSDSegmentLib.imageio import atomic_output, read_channels
+from MSDSegmentLib.atomic import atomic_output, write_json
+from MSDSegmentLib.imageio import read_channels
 from MSDSegmentLib.preprocessing import to_array
 
 from .dataset import read_dataset
@@ -53,7 +53,5 @@ def run_pseudo_labels(args, log=print):
     derived = {**{key: value for key, value in meta.items() if key not in ("training", "test", "numTest")},
                "training": training, "numTraining": len(training), "test": [],
                "derived_from": os.path.abspath(args.data)}
-    with atomic_output(os.path.join(args.out, "dataset.json"), ".json") as temporary, \
-            open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(derived, stream, indent=2)
+    write_json(derived, os.path.join(args.out, "dataset.json"))
     log(f"wrote {len(unlabelled)} pseudo-label(s) and dataset.json ({len(training)} cases) into {args.out}")

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from monai.losses import GeneralizedDiceLoss
 
+from MSDSegmentLib.atomic import atomic_output
 from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib.inference import predict_probabilities
+from MSDSegmentLib.modelcard import STAGE_SETTINGS, settings_from
 from MSDSegmentLib.network import build_network
 
 from .cache import label_count, load_case
@@ -154,9 +156,8 @@ def checkpoint_state(step, network, optimizer, scaler, sampler, best, args):
 
 
 def save_atomically(state, path):
-    temporary = path + ".tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_output(path, ".pt") as temporary:
+        torch.save(state, temporary)
 
 
 def exported_classes(path):
@@ -228,7 +229,8 @@ def validate(network, cases, plan, device):
     network.eval()
     scores = []
     for case in cases:
-        probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device)
+        probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device,
+                                              overlap=settings_from(plan, STAGE_SETTINGS)["overlap"])
         scores.append(dice_per_class(probabilities.argmax(0), case["label"], len(plan["classes"])))
     network.train()
     return np.nanmean(np.array(scores), axis=0).tolist()
@@ -263,7 +265,8 @@ def plot_curves(run_dir, classes):
     right.set(xlabel="step", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice (canonical grid)")
     right.legend()
     figure.tight_layout()
-    figure.savefig(os.path.join(run_dir, "curves.png"), dpi=90)
+    with atomic_output(os.path.join(run_dir, "curves.png"), ".png") as temporary:
+        figure.savefig(temporary, dpi=90)
     plt.close(figure)
 
 

@@ -24,6 +24,7 @@ if ENGINE_FOLDER not in sys.path:
     sys.path.insert(0, ENGINE_FOLDER)
 
 from MSDSegmentLib import modelcard  # noqa: E402  (needs the path above when the package is not installed)
+from MSDSegmentLib.atomic import atomic_output, write_json  # noqa: E402
 from MSDSegmentLib.errors import MSDSegmentError  # noqa: E402
 
 DEMO_TASKS = ("liver", "spleen", "pancreas")
@@ -206,7 +207,8 @@ def render_overlay(ct, spacing, columns, legend, path, title, dpi=150):
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.05, right=0.99, top=1 - 0.55 / figure_height,
                            bottom=(0.3 + 0.22 * legend_rows) / figure_height)
-    figure.savefig(path, dpi=dpi)
+    with atomic_output(path, ".png") as temporary:
+        figure.savefig(temporary, dpi=dpi)
     plt.close(figure)
     return index
 
@@ -363,8 +365,7 @@ def run_demo(args, models_dir):
     volumes = {"input": example_data.SMALL_CT, "input_size": list(ct_image.GetSize()),
                "input_spacing_mm": list(ct_image.GetSpacing()), "device": args.device, "tasks": results,
                "overlay": {"file": "overlay.png", "slice_index_zyx": list(index)}, "credit": example_data.CREDIT}
-    with open(os.path.join(args.out, "volumes.json"), "w", encoding="utf-8") as stream:
-        json.dump(volumes, stream, indent=2)
+    write_json(volumes, os.path.join(args.out, "volumes.json"))
 
     print()
     print(format_table(table, ["Task", "Structure", "MSDSegment mL", "TotalSegmentator mL",

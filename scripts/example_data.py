@@ -17,7 +17,8 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(REPOSITORY, "MSDSegment") not in sys.path:
     sys.path.insert(0, os.path.join(REPOSITORY, "MSDSegment"))
 
-from MSDSegmentLib.modelcard import sha256_of  # noqa: E402  (after the path set-up)
+from MSDSegmentLib.atomic import atomic_open  # noqa: E402  (after the path set-up)
+from MSDSegmentLib.modelcard import sha256_of  # noqa: E402
 DOWNLOADS = os.path.join(REPOSITORY, ".downloads")
 PACKAGE = "totalsegmentator==2.18.0"
 ARCHIVE = "totalsegmentator-2.18.0.tar.gz"
@@ -75,8 +76,6 @@ def example_file(name, downloads=DOWNLOADS, say=print):
             raise DataError(f"{name} is not in {ARCHIVE}") from None
         source = tar.extractfile(member)
         # Written under our own name (never the archive's path) through a temporary file.
-        temporary = path + ".part"
-        with open(temporary, "wb") as target:
+        with atomic_open(path, "wb") as target:
             target.write(source.read())
-        os.replace(temporary, path)
     return path

@@ -186,11 +186,13 @@ def draw_result(path, ct_path, results):
     figure.suptitle(f"MSDSegment: {names}", color="white", fontsize=10)
     figure.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    figure.savefig(path, dpi=100, facecolor="black")
     from PIL import Image
+    from MSDSegmentLib.atomic import atomic_output
 
-    with Image.open(path) as picture:  # a 256-colour palette keeps the repository small
-        picture.convert("RGB").quantize(256).save(path, optimize=True)
+    with atomic_output(path, ".png") as temporary:
+        figure.savefig(temporary, dpi=100, facecolor="black")
+        with Image.open(temporary) as picture:  # a 256-colour palette keeps the repository small
+            picture.convert("RGB").quantize(256).save(temporary, optimize=True)
     return path
 
 

@@ -7,7 +7,8 @@ import threading
 import time
 
 from .errors import MSDSegmentError
-from .imageio import LABEL_SUFFIXES, label_suffix, write_json_atomically
+from .atomic import write_json
+from .imageio import LABEL_SUFFIXES, label_suffix
 
 PROG = "msdsegment"
 EXIT_CANCELLED = 130  # as a shell reports a process stopped by Ctrl+C
@@ -117,7 +118,7 @@ def segment_case(inputs, output, args, say, progress=None):
 
         write_segmentation(output, result.labels, result.card, sources)
     else:
-        write_labels(output, result.labels, result.card)
+        write_labels(output, result.labels, result.card, [value for value, ml in result.volumes_ml.items() if ml > 0])
     timings = {"read": read_seconds, **result.timings, "write": time.perf_counter() - started}
     summary = {
         "task": args.task, "inputs": [os.path.abspath(p) for p in inputs], "output": os.path.abspath(output),
@@ -131,7 +132,7 @@ def segment_case(inputs, output, args, say, progress=None):
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "warnings": result.warnings,
     }
-    write_json_atomically(summary, output_stem(output) + ".json")
+    write_json(summary, output_stem(output) + ".json")
     say(f"{output}: " + ", ".join(f"{n} {ml:.1f} mL" for n, ml in summary["volumes_ml"].items())
         + f" ({sum(timings.values()):.1f} s on {result.device}, {result.precision})")
 

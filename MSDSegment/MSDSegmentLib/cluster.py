@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from . import modelcard
 from .errors import InputError, MSDSegmentError
-from .imageio import atomic_output, write_json_atomically
+from .atomic import atomic_output, write_json
 
 PROG = "msdsegment"
 LOOPBACK = "127.0.0.1"
@@ -186,7 +186,7 @@ class Summary:
 
     def save(self, order):
         rows = [self.rows[path] for path in order if path in self.rows]
-        write_json_atomically(dict(self.header, cases=rows), os.path.join(self.folder, SUMMARY_JSON))
+        write_json(dict(self.header, cases=rows), os.path.join(self.folder, SUMMARY_JSON))
         labels = sorted({name for row in rows for name in row.get("volumes_ml", {})})
         columns = ["input", "case", "status", "reason", "seconds", "output", "attempts", "worker"]
         table = io.StringIO()
@@ -328,7 +328,7 @@ def result_row(case, worker_row, header):
 def write_case(output, suffix, worker_row):
     """The label map (or DICOM SEG) and its JSON, each atomically; the output's sha256."""
     summary = dict(worker_row["summary"], output=os.path.abspath(output))
-    write_json_atomically(summary, output[: -len(suffix)] + ".json")
+    write_json(summary, output[: -len(suffix)] + ".json")
     with atomic_output(output, suffix) as temporary:
         with open(temporary, "wb") as stream:
             stream.write(worker_row["output"])

@@ -11,8 +11,9 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_output
 from .errors import InputError, MSDSegmentError
-from .imageio import atomic_output, dicom_series_files
+from .imageio import dicom_series_files
 
 SEG_SUFFIX = ".dcm"
 MANUFACTURER = "MSDSegment"

@@ -11,8 +11,9 @@ import SimpleITK as sitk
 from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
-from .inference import predict_probabilities
-from .postprocess import bounding_box, keep_largest_cluster, postprocess
+from .boxes import bounding_box, union_box, within
+from .inference import out_of_memory, predict_probabilities
+from .postprocess import keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
@@ -169,20 +170,24 @@ def foreground_box_on_input(probabilities, canonical, target):
 def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None, kept_values=()):
     """Argmax of linearly resampled probabilities on the input grid, slab by slab (bounded memory).
 
-    Returns the label array, the index box (slices) outside which every voxel is background, or None, and
-    {value: its probability over the box (float16)} for each of `kept_values`.
+    Returns the label array over the index box outside which every voxel is background, that box (slices),
+    and {value: its probability over the box (float16)} for each of `kept_values`; (None, None, {}) when
+    nothing is foreground. Arrays on the input grid are in SimpleITK's array order (z, y, x), as the box is:
+    what SimpleITK resamples is used as it comes, with no transposed copy.
     Only the foreground classes are resampled: linear interpolation keeps the classes summing to one, so the
     background is one minus their sum (and one outside the canonical grid, where the others are zero)."""
-    out = np.zeros(target.GetSize(), np.uint8)
     box = foreground_box_on_input(probabilities, canonical, target)
     if box is None:
-        return out, None, {}
+        return None, None, {}
     lower, upper = box
-    kept = {value: np.zeros([int(b - a) for a, b in zip(lower, upper)], np.float16) for value in kept_values}
-    images = [from_array(p.astype(np.float32), canonical) for p in probabilities[1:]]
+    shape = [int(b - a) for a, b in zip(lower, upper)][::-1]
+    out = np.zeros(shape, np.uint8)
+    kept = {value: np.zeros(shape, np.float16) for value in kept_values}
+    images = [from_array(p, canonical, np.float32) for p in probabilities[1:]]
     slab_voxels = int(np.prod(upper[:2] - lower[:2]))
     slab = max(1, CHUNK_BYTES // (4 * (len(images) + 1) * slab_voxels))
     values = np.asarray([0] + list(label_values), np.uint8)
+    renumber = not np.array_equal(values, np.arange(len(values)))  # a task's values are mostly 1, 2, ... already
     for z in range(lower[2], upper[2], slab):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -193,16 +198,19 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
         reference.SetOrigin(target.TransformIndexToPhysicalPoint([int(lower[0]), int(lower[1]), int(z)]))
         slabs = [resample(image, reference, sitk.sitkLinear, 0.0) for image in images]
         resampled = [sitk.GetArrayViewFromImage(image) for image in slabs]
-        winners = channel_argmax([1.0 - np.sum(resampled, axis=0)] + resampled).transpose(2, 1, 0)
-        out[lower[0]:upper[0], lower[1]:upper[1], z:top] = values[winners]
+        foreground = resampled[0].copy()  # their sum, added in the order np.sum(axis=0) adds them, without a stack
+        for channel in resampled[1:]:
+            foreground += channel
+        winners = channel_argmax([1.0 - foreground] + resampled)
+        out[z - lower[2]:top - lower[2]] = values[winners] if renumber else winners
         for value, probability in kept.items():
-            channel = resampled[list(label_values).index(value)]
-            probability[:, :, z - lower[2]:top - lower[2]] = channel.transpose(2, 1, 0)
-    return out, tuple(slice(int(a), int(b)) for a, b in zip(lower, upper)), kept
+            probability[z - lower[2]:top - lower[2]] = resampled[list(label_values).index(value)]
+    return out, tuple(slice(int(a), int(b)) for a, b in zip(lower[::-1], upper[::-1])), kept
 
 
 def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
-    """Sliding-window probabilities; a CUDA out-of-memory error falls back to the CPU with a message."""
+    """Sliding-window probabilities. The inferer moves the blended output to the computer's memory where the GPU
+    cannot hold it (inference.py); what still does not fit on the GPU runs on the CPU, with a message."""
     mirror_axes = stage.mirror_axes if tta else []
     network = network_for(stage, device)
     try:
@@ -210,7 +218,7 @@ def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
                                      progress=lambda f: progress(f, "Running network"), cancel=cancel,
                                      precision=precision), device
     except Exception as error:
-        if device != "cuda" or "out of memory" not in str(error).lower():
+        if device != "cuda" or not out_of_memory(error):
             raise
         import torch
         torch.cuda.empty_cache()
@@ -251,7 +259,7 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
     for name in stage.classes[1:]:
         channel = np.zeros(probabilities.shape[1:], np.float32)
         if name in previous_stage.classes:
-            image = from_array(previous[previous_stage.classes.index(name)].astype(np.float32), previous_canonical)
+            image = from_array(previous[previous_stage.classes.index(name)], previous_canonical, np.float32)
             channel = sitk.GetArrayFromImage(resample(image, canonical)).transpose(2, 1, 0)
         matched.append(channel)
     matched = np.stack([1.0 - np.sum(matched, axis=0)] + matched)
@@ -407,9 +415,9 @@ class Cascade:
 
 
 def location_distances(cascade, card, target, box):
-    """{label value: index centroid in `box` -> Mahalanobis distance from where the organ lies}, by the card's
-    `location` (the offset learnt from the training labels) from the organ it is placed relative to, as the
-    cascade found that organ."""
+    """{label value: centroid in `box` (array order z, y, x) -> Mahalanobis distance from where the organ lies}, by
+    the card's `location` (the offset learnt from the training labels) from the organ it is placed relative to, as
+    the cascade found that organ."""
     distances = {}
     for label in card.trained_labels:
         location = label.location
@@ -421,7 +429,8 @@ def location_distances(cascade, card, target, box):
         start = np.array([part.start for part in box], dtype=float)
 
         def distance(index, inverse=inverse, mean=mean, anchor=anchor):
-            offset = np.array(target.TransformContinuousIndexToPhysicalPoint((start + index).tolist())) - anchor - mean
+            point = target.TransformContinuousIndexToPhysicalPoint((start + np.asarray(index, float))[::-1].tolist())
+            offset = np.array(point) - anchor - mean
             return float(np.sqrt(offset @ inverse @ offset))
 
         distances[label.value] = distance
@@ -440,32 +449,43 @@ def plausibility(cascade, card, target, box):
     return plausible_pieces(card, location_distances(cascade, card, target, box))
 
 
+def count_and_centroid(mask):
+    """The number of true voxels of `mask` and their mean index (None when there is none), from the count per
+    index along each axis rather than from a list of every voxel's index."""
+    count = int(np.count_nonzero(mask))
+    if not count:
+        return 0, None
+    sums = [int(np.dot(np.count_nonzero(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)),
+                       np.arange(mask.shape[axis]))) for axis in range(mask.ndim)]
+    return count, np.array(sums, float) / count
+
+
 def segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions=None):
     """How far to trust each segment. confidence: the mean probability of the label over the voxels the network
     gave it (on its own grid); location_distance: Mahalanobis distance of the segment's centroid from where the
     organ lies. A segment is to be checked when its confidence is below the card's calibrated minimum, when it
     lies away from where its organ lies, when an organ's volume is less than half the smallest or more than twice
     the largest in the training labels, or when an organ is not found at all. A tumour's entry also lists its
-    lesions (postprocess), largest first."""
+    lesions (postprocess), largest first. `label_array`: the labels over `box` (labels_on_input_grid)."""
     winners = channel_argmax(probabilities)
     minimum = card.quality.get("min_confidence", 0.0)
     quality = {}
     for index, label in enumerate(card.trained_labels, start=1):
         region = winners == index
         confidence = round(float(probabilities[index][region].mean()), 4) if region.any() else None
-        found = np.argwhere(label_array[box] == label.value) if box is not None else np.empty((0, 3))
+        found, centroid = count_and_centroid(label_array == label.value) if box is not None else (0, None)
         distance = None
-        if len(found) and label.value in distances:
-            distance = round(distances[label.value](found.mean(axis=0)), 3)
+        if found and label.value in distances:
+            distance = round(distances[label.value](centroid), 3)
         reasons = []
-        if not len(found) and label.kind == "organ":
+        if not found and label.kind == "organ":
             reasons.append("not found")
-        if len(found) and confidence is not None and confidence < minimum:  # an empty segment shows nothing
+        if found and confidence is not None and confidence < minimum:  # an empty segment shows nothing
             reasons.append(f"low confidence ({confidence:.2f} < {minimum:.2f})")
         if distance is not None and distance > label.location["max_distance"]:
             reasons.append(f"not where the {label.name.lower()} lies (distance {distance:.1f})")
-        volume = len(found) * voxel_ml
-        if len(found) and label.volume_ml and not 0.5 * label.volume_ml[0] <= volume <= 2 * label.volume_ml[1]:
+        volume = found * voxel_ml
+        if found and label.volume_ml and not 0.5 * label.volume_ml[0] <= volume <= 2 * label.volume_ml[1]:
             reasons.append(f"volume {volume:.0f} mL, outside what training saw ({label.volume_ml[0]:.0f}-"
                            f"{label.volume_ml[1]:.0f} mL)")
         quality[label.value] = {"confidence": confidence, "location_distance": distance, "check": bool(reasons),
@@ -495,8 +515,9 @@ def flag_every_segment(quality, reason):
 
 
 def task_labels(cascade, card, target, keep_largest, report):
-    """A single task's label map on the input grid (its own values), post-processed, the index box outside
-    which it is all background (None if it is empty) and each label's quality (segment_quality)."""
+    """A single task's labels on the input grid (its own values), post-processed: the label array over the index
+    box outside which it is all background (array order z, y, x), that box (None, with no array, if it is empty)
+    and each label's quality (segment_quality)."""
     probabilities, canonical = cascade.last_stage(card, report)
     report(0.8, "Resampling to the input grid")
     probabilities = task_probabilities(probabilities, card.stages[-1], card)
@@ -507,38 +528,50 @@ def task_labels(cascade, card, target, keep_largest, report):
     distances = location_distances(cascade, card, target, box) if box is not None else {}
     lesions = {}
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
-        image = sitk.GetArrayViewFromImage(target).transpose(2, 1, 0)[box] if tumours else None  # (x, y, z)
-        lesions = postprocess(label_array[box], card, target.GetSpacing(), keep_largest,
+        image = sitk.GetArrayViewFromImage(target)[box] if tumours else None
+        lesions = postprocess(label_array, card, target.GetSpacing()[::-1], keep_largest,
                               plausible_pieces(card, distances), tumour_probabilities, image)
-        for lesion in (lesion for found in lesions.values() for lesion in found):
-            lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])]
+        for lesion in (lesion for found in lesions.values() for lesion in found):  # an index (x, y, z) of the input
+            lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])][::-1]
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
     return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions)
 
 
 def combined_labels(cascade, card, target, keep_largest, report):
-    """A combined task's label map: each single task's labels, exactly as that task gives them, moved to the
-    combined card's values; a voxel two tasks label goes to the task listed first (the card's overlap order)."""
-    combined, boxes, quality = np.zeros(target.GetSize(), np.uint8), [], {}
+    """A combined task's labels (as task_labels gives them): each single task's labels, exactly as that task gives
+    them, moved to the combined card's values; a voxel two tasks label goes to the task listed first (the card's
+    overlap order)."""
+    parts, quality = [], {}
     for index, part in enumerate(card.parts):
         def part_report(fraction, text, index=index):
             report((index + fraction) / len(card.parts), f"{part.card.title.split(':')[0]}: {text}")
 
         label_array, box, part_quality = task_labels(cascade, part.card, target, keep_largest, part_report)
         quality.update({part.values[value]: entry for value, entry in part_quality.items()})
-        if box is None:
-            continue
+        if box is not None:
+            parts.append((part, label_array, box))
+    if not parts:
+        return None, None, quality
+    whole = union_box([box for _, _, box in parts])
+    combined = np.zeros([part.stop - part.start for part in whole], np.uint8)
+    for part, label_array, box in parts:
         values = np.zeros(256, np.uint8)
         for value, combined_value in part.values.items():
             values[value] = combined_value
-        region = combined[box]
+        region = combined[within(box, whole)]
         unclaimed = region == 0
-        region[unclaimed] = values[label_array[box][unclaimed]]
-        boxes.append(box)
-    if not boxes:
-        return combined, None, quality
-    return combined, tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
-                           for axis in range(3)), quality
+        region[unclaimed] = values[label_array[unclaimed]]
+    return combined, whole, quality
+
+
+def label_image(label_array, box, target):
+    """The label map on `target`'s grid: `label_array` pasted at `box`, background elsewhere."""
+    whole = np.zeros(target.GetSize()[::-1], np.uint8)
+    if box is not None:
+        whole[box] = label_array
+    image = sitk.GetImageFromArray(whole)
+    image.CopyInformation(target)
+    return image
 
 
 def segment(channels, task, *, device="auto", tta=False, keep_largest=True, progress=None, cancel=None,
@@ -578,10 +611,10 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())
-    counts = np.bincount(label_array[box].ravel(), minlength=256) if box is not None else np.zeros(256, np.int64)
+    counts = np.bincount(label_array.ravel(), minlength=256) if box is not None else np.zeros(256, np.int64)
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
     volumes = {label.value: float(counts[label.value] * voxel_ml) for label in card.trained_labels}
-    labels = from_array(label_array, target)
+    labels = label_image(label_array, box, target)
     report(1.0, "Done")
     return SegmentationResult(labels, card, volumes, timings, cascade.device, warnings, cascade.precision,
                               dict(sorted(quality.items())))

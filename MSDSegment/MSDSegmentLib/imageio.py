@@ -1,14 +1,12 @@
 """Reading inputs (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps atomically."""
 
-import contextlib
-import json
 import os
 import re
-import tempfile
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_output
 from .errors import InputError
 from .integrity import readable_copy, unparsed_dicom_files
 from .terminology import entry_string
@@ -186,9 +184,10 @@ def label_suffix(path):
     raise InputError(f"Unsupported output format: {path} (use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha)")
 
 
-def _segment_metadata(image, card):
-    """Slicer .seg.nrrd segment fields, so Slicer loads names, colours and terminology."""
-    present = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
+def _segment_metadata(image, card, present=None):
+    """Slicer .seg.nrrd segment fields, so Slicer loads names, colours and terminology. `present`: the label
+    values the map holds, where the caller knows them (the engine's volumes), instead of a pass over every voxel."""
+    present = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) if present is None else set(present)
     for index, label in enumerate(card.trained_labels):
         prefix = f"Segment{index}_"
         image.SetMetaData(prefix + "ID", f"Segment_{label.value}")
@@ -202,36 +201,12 @@ def _segment_metadata(image, card):
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
 
 
-@contextlib.contextmanager
-def atomic_output(path, suffix):
-    """A temporary file beside `path`, renamed onto it only when the block succeeds: a failed write
-    never leaves a partial file. It gets the permissions a plain open() would give (mkstemp's are 0600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"Output folder does not exist: {folder}")
-    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".msdsegment-", dir=folder)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json_atomically(data, path):
-    with atomic_output(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
-
-
-def write_labels(path, image, card=None):
-    """Write a label map (with Slicer segment metadata for .seg.nrrd) atomically."""
+def write_labels(path, image, card=None, present=None):
+    """Write a label map (with Slicer segment metadata for .seg.nrrd) atomically; `present`: the label values
+    it holds, if known."""
     suffix = label_suffix(path)
     if suffix == ".seg.nrrd" and card is not None:
         image = sitk.Image(image)
-        _segment_metadata(image, card)
+        _segment_metadata(image, card, present)
     with atomic_output(path, suffix) as temporary:
         sitk.WriteImage(image, temporary, useCompression=True)

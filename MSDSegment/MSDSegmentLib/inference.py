@@ -1,5 +1,11 @@
 """Network inference on the canonical grid: MONAI's Gaussian-weighted sliding window, optional
-mirroring test-time augmentation, progress reports and cancellation between windows."""
+mirroring test-time augmentation, progress reports and cancellation between windows.
+
+GPU memory: MONAI's adaptive sliding-window inferer (SlidingWindowInfererAdapt) blends the windows on the GPU
+while they fit, and when the output buffer does not, on the GPU in slabs, then in the computer's memory, with the
+network still on the GPU. It also remembers the image size that failed, so that the next image as large starts
+on the CPU buffer. What still does not fit (the network on one window) raises the out-of-memory error: the
+engine then runs the stage on the CPU (engine.run_network)."""
 
 import contextlib
 import itertools
@@ -25,6 +31,28 @@ def mirror_sets(mirror_axes):
     return [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def out_of_memory(error):
+    """Whether `error` is PyTorch's out-of-memory error (by its type: its text differs between versions)."""
+    import torch
+
+    kinds = tuple(kind for kind in (getattr(torch, "OutOfMemoryError", None),
+                                    getattr(torch.cuda, "OutOfMemoryError", None)) if kind is not None)
+    return isinstance(error, kinds)
+
+
+_inferers = {}  # (patch size, overlap, windows per batch) -> the adaptive inferer, which learns which sizes fit
+
+
+def inferer_for(patch_size, overlap, sw_batch_size):
+    from monai.inferers import SlidingWindowInfererAdapt
+
+    key = (tuple(patch_size), float(overlap), int(sw_batch_size))
+    if key not in _inferers:
+        _inferers[key] = SlidingWindowInfererAdapt(list(patch_size), sw_batch_size, overlap, mode="gaussian",
+                                                   padding_mode="replicate")
+    return _inferers[key]
+
+
 def autocast(device, precision):
     """The context the network runs in: autocast to bf16 or fp16, or nothing for fp32."""
     import torch
@@ -42,8 +70,8 @@ def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=
     precision: "fp32", or "bf16" / "fp16" for the network's layers (autocast); the windows are blended and
     the softmax taken in fp32 either way. The input stays on `device`, and so do the blended outputs."""
     import torch
-    from monai.inferers import sliding_window_inference
 
+    inferer = inferer_for(patch_size, overlap, sw_batch_size)
     flips = mirror_sets(mirror_axes)
     total = window_count(image.shape[1:], patch_size, overlap) * len(flips)
     done = [0]
@@ -64,9 +92,11 @@ def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=
         for flip in flips:
             dims = [axis + 2 for axis in flip]
             source = torch.flip(tensor, dims) if dims else tensor
-            logits = sliding_window_inference(source, list(patch_size), sw_batch_size, predictor,
-                                              overlap=overlap, mode="gaussian", padding_mode="replicate")
+            logits = inferer(source, predictor)  # on the CPU where the GPU could not hold the blended output
             probabilities = torch.softmax(logits.float(), dim=1)
             probabilities = torch.flip(probabilities, dims) if dims else probabilities
+            if summed is not None and summed.device != probabilities.device:
+                summed = summed.cpu()
+                probabilities = probabilities.cpu()
             summed = probabilities if summed is None else summed + probabilities
     return (summed[0] / len(flips)).cpu().numpy()

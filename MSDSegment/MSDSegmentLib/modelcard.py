@@ -9,6 +9,7 @@ tasks may share one weights file (one abdominal cascade serves the liver, spleen
 and each task picks the classes it needs by name.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,43 @@ from .errors import ModelError
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models")
 TASKS = ("liver", "spleen", "pancreas", "abdomen", "prostate")
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: object
+    meaning: str
+
+
+# How a stage runs, each setting declared once with its one default. Training/models.py sets them per model, the
+# training plan and the model card store them under these names, and the engine reads them (Stage).
+STAGE_SETTINGS = {
+    "roi": Setting({}, "a cascade's later stage sees only the box around the previous stage's `classes` plus "
+                       "`margin_mm` per axis (with `cluster_gap_mm`: around their largest cluster only); empty: "
+                       "the whole image"),
+    "overlap": Setting(0.5, "sliding-window overlap, a fraction of the patch"),
+    "blend_previous": Setting(0.0, "weight of the previous stage's probabilities (for this stage's classes, on "
+                                   "this stage's grid) in an average with this stage's; 0: this stage's alone"),
+    "tumour_blend_previous": Setting(None, "with it, that weight for how the organ splits into organ and tumour "
+                                           "(engine.blend_previous); None: the tumour is averaged like every class"),
+}
+
+# A single task's post-processing rules, declared once: export writes them into the card (Training/tasks.py sets
+# them per task), the engine reads them (ModelCard.postprocessing_setting).
+POSTPROCESSING_SETTINGS = {
+    "keep_largest": Setting(True, "keep only the largest cluster of each organ's components"),
+    # 0.5 mL is a sphere of 10 mm diameter: RECIST's smallest measurable lesion, and about 40 voxels of the fine
+    # stage's 2 x 2 x 3 mm grid; smaller components are one or two of its voxels thick.
+    "min_tumour_ml": Setting(0.5, "tumour components smaller than this become organ"),
+    "min_tumour_confidence": Setting(0.0, "tumour components whose mean probability is below this become organ"),
+    "max_tumour_elongation": Setting(None, "tumour components more elongated than this become organ; None: any"),
+}
+
+
+def settings_from(source, schema):
+    """Each setting of `schema` (STAGE_SETTINGS, POSTPROCESSING_SETTINGS) as `source` (a dict: a model's
+    definition, a plan, a task) gives it, or its default: a fresh copy under the schema's names."""
+    return {name: copy.deepcopy(source.get(name, setting.default)) for name, setting in schema.items()}
 
 
 @dataclass
@@ -58,18 +96,12 @@ class Stage:
     context_classes: list = field(default_factory=list)
     mirror_axes: list = field(default_factory=list)
     model: str = ""                # the trained model these weights are (Training's name for it)
-    # A cascade's later stage sees only a region of interest: the box around the previous stage's
-    # `classes` plus `margin_mm` per axis (with `cluster_gap_mm`: around their largest cluster only).
-    # Empty: the whole image.
-    roi: dict = field(default_factory=dict)
     steps: int = None              # training steps of these weights
-    overlap: float = 0.5           # sliding-window overlap (a fraction of the patch)
-    # Weight of the previous stage's probabilities (for this stage's classes, on this stage's grid) in
-    # an average with this stage's: two networks that err differently. 0: this stage's alone.
-    blend_previous: float = 0.0
-    # With it, that weight for how the organ splits into organ and tumour (see engine.blend_previous); None: the
-    # tumour is averaged like every class.
-    tumour_blend_previous: float = None
+    # STAGE_SETTINGS, with their defaults there
+    roi: dict = field(default_factory=lambda: copy.deepcopy(STAGE_SETTINGS["roi"].default))
+    overlap: float = STAGE_SETTINGS["overlap"].default
+    blend_previous: float = STAGE_SETTINGS["blend_previous"].default
+    tumour_blend_previous: float = STAGE_SETTINGS["tumour_blend_previous"].default
     folder: str = MODELS_DIR
 
     @property
@@ -104,6 +136,11 @@ class ModelCard:
     @property
     def trained_labels(self):
         return [label for label in self.labels if label.trained]
+
+    def postprocessing_setting(self, name):
+        """A post-processing rule of this card (POSTPROCESSING_SETTINGS), its default where the card does not
+        set it."""
+        return self.postprocessing.get(name, POSTPROCESSING_SETTINGS[name].default)
 
     def label(self, value):
         return next(label for label in self.labels if label.value == value)

@@ -3,27 +3,17 @@ tumours kept only where they touch their organ, exceed a minimum volume and conf
 elongated than a lesion is, and each kept tumour lesion described (volume, confidence, elongation, contrast
 against the organ around it)."""
 
+import itertools
+
 import numpy as np
+
+from .boxes import bounding_box, intersect, within
 
 # scipy.ndimage is imported where it is used: the engine imports it in its loader thread, beside PyTorch,
 # instead of on the command line's start-up path.
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 CONTRAST_SHELL_MM = (5.0, 15.0)  # the organ around a lesion that its contrast is measured against
-
-
-def bounding_box(mask, margin=1):
-    """Slices of the smallest box holding every true voxel, grown by `margin` voxels (one number, or one per
-    axis) within the array; None if no voxel is true."""
-    margins = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
-    lower, upper = [], []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if len(present) == 0:
-            return None
-        lower.append(max(int(present[0]) - int(margins[axis]), 0))
-        upper.append(min(int(present[-1]) + int(margins[axis]) + 1, mask.shape[axis]))
-    return tuple(slice(a, b) for a, b in zip(lower, upper))
 
 
 def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
@@ -97,62 +87,107 @@ def elongation(lesion, spacing):
     return float(spread[-1] / spread[0])
 
 
-def add_contrast(lesions, labels, tumour, organ, image, spacing):
-    """Give each kept lesion of `tumour` (filter_tumours' list, found by its one voxel) its contrast against
-    the `organ` around it (lesion_contrast; None where too little organ surrounds it), in `image` units."""
-    from scipy import ndimage
+class TumourComponents:
+    """The connected components of one tumour label, found once and shared by the rules that need them
+    (filter_tumours, add_contrast): `box` (slices of the label map holding every tumour voxel, grown by
+    `margin`), `components` (their numbers over the box), `count`, and the tumour voxels themselves, in the
+    box's raster order (`voxels`: index arrays into the box; `numbers`: the component of each)."""
 
+    def __init__(self, labels, tumour, margin=2):
+        from scipy import ndimage
+
+        self.box = bounding_box(labels == tumour, margin=margin)
+        if self.box is None:
+            self.count = 0
+            return
+        self.components, self.count = ndimage.label(labels[self.box] == tumour, FULL_CONNECTIVITY)
+        self.voxels = np.nonzero(self.components)
+        self.numbers = self.components[self.voxels]
+        self.objects = ndimage.find_objects(self.components)
+
+    def number_at(self, index):
+        """The component holding the voxel at `index` (of the whole label map)."""
+        return int(self.components[tuple(i - part.start for i, part in zip(index, self.box))])
+
+    def mask_over(self, number, region):
+        """Component `number` as a mask over `region` (slices of the whole label map holding the component)."""
+        mask = np.zeros([part.stop - part.start for part in region], bool)
+        inside = intersect(region, self.box)
+        mask[within(inside, region)] = self.components[within(inside, self.box)] == number
+        return mask
+
+
+def touching(mask, voxels):
+    """For each voxel of `voxels` (index arrays), whether one of its 26 neighbours inside the array is true in
+    `mask`: what a full-connectivity dilation of `mask` holds there, looked up at those voxels alone."""
+    found = np.zeros(len(voxels[0]), bool)
+    for offset in itertools.product((-1, 0, 1), repeat=mask.ndim):
+        if not any(offset):
+            continue
+        neighbours = [axis + step for axis, step in zip(voxels, offset)]
+        inside = np.ones(len(found), bool)
+        for axis, size in zip(neighbours, mask.shape):
+            inside &= (axis >= 0) & (axis < size)
+        found[inside] |= mask[tuple(axis[inside] for axis in neighbours)]
+    return found
+
+
+def add_contrast(lesions, labels, tumour, organ, image, spacing, found=None):
+    """Give each kept lesion of `tumour` (filter_tumours' list, found by its one voxel) its contrast against
+    the `organ` around it (lesion_contrast; None where too little organ surrounds it), in `image` units.
+    `found`: the tumour's components (TumourComponents) if already labelled: filtering keeps a component whole
+    or drops it, so the kept ones are still those components."""
+    found = TumourComponents(labels, tumour) if found is None else found
     margin = shell_margin(spacing)
-    box = bounding_box(labels == tumour, margin)
-    if box is None:
-        return
-    crop, region = labels[box], image[box]
-    components, _ = ndimage.label(crop == tumour, FULL_CONNECTIVITY)
-    objects = ndimage.find_objects(components)
     for lesion in lesions:
-        number = components[tuple(i - part.start for i, part in zip(lesion["index"], box))]
-        around = tuple(slice(max(part.start - m, 0), part.stop + m) for part, m in zip(objects[number - 1], margin))
-        lesion_mask = components[around] == number
-        shell = organ_around(lesion_mask, crop[around] == organ, spacing)
-        contrast = lesion_contrast(region[around], lesion_mask, shell)
+        number = found.number_at(lesion["index"])
+        around = tuple(slice(max(b.start + part.start - m, 0), min(b.start + part.stop + m, size))
+                       for b, part, m, size in zip(found.box, found.objects[number - 1], margin, labels.shape))
+        lesion_mask = found.mask_over(number, around)
+        shell = organ_around(lesion_mask, labels[around] == organ, spacing)
+        contrast = lesion_contrast(image[around], lesion_mask, shell)
         lesion["contrast"] = None if contrast is None else round(contrast, 1)
 
 
 def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0, spacing=None,
-                   max_elongation=None):
+                   max_elongation=None, found=None):
     """Drop tumour components that do not touch the organ, are smaller than `min_voxels`, or (given the tumour
     `probability` on the same grid) whose mean probability is below `min_confidence`, or (given the voxel
     `spacing`) more elongated than `max_elongation` (in place).
 
     A component dropped for its size, confidence or shape becomes organ (no hole in it); one away from the organ
-    becomes background. Returns the kept components: [{"voxels", "index": one voxel of it, with a probability
-    "confidence": its mean probability and "peak": its largest, with a spacing "elongation"}].
+    becomes background. Returns the kept components: [{"voxels", "index": one voxel of it (its first in raster
+    order), with a probability "confidence": its mean probability and "peak": its largest, with a spacing
+    "elongation"}]. `found`: the tumour's components (TumourComponents), if already labelled.
+    Each statistic is taken over the tumour voxels alone, not over every voxel of their box.
     """
-    from scipy import ndimage
-
-    box = bounding_box(labels == tumour, margin=2)
-    if box is None:
+    found = TumourComponents(labels, tumour) if found is None else found
+    if not found.count:
         return []
-    crop = labels[box]
-    components, count = ndimage.label(crop == tumour, FULL_CONNECTIVITY)
-    numbers = np.arange(1, count + 1)
-    voxels = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    touches_organ = ndimage.maximum(ndimage.binary_dilation(crop == organ, FULL_CONNECTIVITY), components, numbers)
-    lesions = [{"voxels": int(n)} for n in voxels]
+    count, numbers, voxels = found.count, found.numbers, found.voxels
+    crop = labels[found.box]
+    voxel_counts = np.bincount(numbers, minlength=count + 1)
+    touches_organ = np.bincount(numbers[touching(crop == organ, voxels)], minlength=count + 1) > 0
+    lesions = [{"voxels": int(n)} for n in voxel_counts[1:]]
     if probability is not None:
-        inside = probability[box].astype(np.float32)
-        for lesion, mean, peak in zip(lesions, ndimage.mean(inside, components, numbers),
-                                      ndimage.maximum(inside, components, numbers)):
+        inside = probability[found.box][voxels].astype(np.float32)
+        means = np.bincount(numbers, weights=inside, minlength=count + 1) / np.maximum(voxel_counts, 1)
+        peaks = np.full(count + 1, -np.inf, np.float32)
+        np.maximum.at(peaks, numbers, inside)
+        for lesion, mean, peak in zip(lesions, means[1:], peaks[1:]):
             lesion.update(confidence=round(float(mean), 4), peak=round(float(peak), 4))
     if spacing is not None:
-        for number, lesion, part in zip(numbers, lesions, ndimage.find_objects(components)):
-            lesion["elongation"] = round(elongation(components[part] == number, spacing), 2)
-    starts = [part.start for part in box]
-    for lesion, position in zip(lesions, ndimage.maximum_position(components > 0, components, numbers)):
-        lesion["index"] = [int(a + b) for a, b in zip(starts, position)]
+        for number, (lesion, part) in enumerate(zip(lesions, found.objects), start=1):
+            lesion["elongation"] = round(elongation(found.components[part] == number, spacing), 2)
+    first = np.full(count + 1, len(numbers), np.int64)  # each component's first voxel in raster order
+    np.minimum.at(first, numbers, np.arange(len(numbers)))
+    starts = [part.start for part in found.box]
+    for lesion, position in zip(lesions, first[1:]):
+        lesion["index"] = [int(a + axis[position]) for a, axis in zip(starts, voxels)]
     becomes = np.zeros(count + 1, np.int16)  # per component: -1 stays tumour, else the value it becomes
     kept = []
-    for number, lesion, touches in zip(numbers, lesions, np.atleast_1d(touches_organ)):
+    for number, lesion in enumerate(lesions, start=1):
+        touches = touches_organ[number]
         confident = lesion.get("confidence", 1.0) >= min_confidence
         compact = max_elongation is None or lesion.get("elongation", 1.0) <= max_elongation
         if touches and lesion["voxels"] >= min_voxels and confident and compact:
@@ -160,42 +195,43 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
             kept.append(lesion)
         else:
             becomes[number] = organ if touches else 0
-    outcome = becomes[components]
-    changed = (components > 0) & (outcome >= 0)
-    crop[changed] = outcome[changed]
+    outcome = becomes[numbers]
+    changed = outcome >= 0
+    crop[tuple(axis[changed] for axis in voxels)] = outcome[changed]
     return kept
 
 
 def min_tumour_voxels(card, voxel_ml):
     """The smallest tumour component post-processing keeps, in voxels of `voxel_ml` mL."""
-    return int(np.ceil(card.postprocessing.get("min_tumour_ml", 0.1) / voxel_ml))
+    return int(np.ceil(card.postprocessing_setting("min_tumour_ml") / voxel_ml))
 
 
 def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, tumour_probabilities=None,
                 image=None):
-    """Apply the card's rules to an (x, y, z) label map with voxel spacing `spacing_mm` (in place).
+    """Apply the card's rules to a label map with voxel spacing `spacing_mm` along its axes (in place; the
+    engine's are in SimpleITK's array order, z, y, x, with the spacing reversed to match).
     `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
     `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule (the
     card's `min_tumour_confidence`; `max_tumour_elongation` is the shape rule);
     `image`: the first channel on this grid, for each lesion's contrast.
     Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL, elongation and,
     with the image, contrast}."""
-    settings = card.postprocessing
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     for label in card.trained_labels:
-        if label.kind == "organ" and keep_largest and settings.get("keep_largest", True):
+        if label.kind == "organ" and keep_largest and card.postprocessing_setting("keep_largest"):
             keep_largest_cluster(labels, label.value, spacing_mm, label.component_gap_mm,
                                  (plausibility or {}).get(label.value))
     lesions = {}
     for label in card.trained_labels:
         if label.kind == "tumour":
             organ = card.organ_of(label).value
+            found = TumourComponents(labels, label.value)
             lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
                                                   (tumour_probabilities or {}).get(label.value),
-                                                  settings.get("min_tumour_confidence", 0.0), spacing_mm,
-                                                  settings.get("max_tumour_elongation"))
+                                                  card.postprocessing_setting("min_tumour_confidence"), spacing_mm,
+                                                  card.postprocessing_setting("max_tumour_elongation"), found)
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
             if image is not None:
-                add_contrast(lesions[label.value], labels, label.value, organ, image, spacing_mm)
+                add_contrast(lesions[label.value], labels, label.value, organ, image, spacing_mm, found)
     return lesions

@@ -96,9 +96,9 @@ def to_array(image):
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
 
 
-def from_array(array, reference):
-    """An image with `reference`'s geometry from an (x, y, z) array."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+def from_array(array, reference, dtype=None):
+    """An image with `reference`'s geometry from an (x, y, z) array (cast to `dtype` in the same copy)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0), dtype=dtype))
     image.CopyInformation(reference)
     return image
 

@@ -10,6 +10,8 @@ is generated from the bundled cards, and a test checks that it is up to date.
 import json
 import os
 
+from .atomic import write_text
+
 CONTEXT_NAME = "Segmentation category and type - MSDSegment"
 REGION_CONTEXT_NAME = "Anatomic codes - DICOM master list"  # Slicer's own, loaded by default
 SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
@@ -63,5 +65,4 @@ def context_text(cards):
 
 def write_context_file(cards, path=TERMINOLOGY_FILE):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(context_text(cards))
+    write_text(context_text(cards), path)

@@ -68,12 +68,12 @@ def test_voxels_two_tasks_claim_go_to_the_first_task_of_the_overlap_order(tiny_m
     image = synthetic_ct()
     size = image.GetSize()
 
-    def fake_labels(cascade, card, target, keep_largest, report):
-        labels = np.zeros(size, np.uint8)
+    def fake_labels(cascade, card, target, keep_largest, report):  # arrays and boxes in (z, y, x) order
+        labels = np.zeros(size[::-1], np.uint8)
         reach = {"pancreas": 10, "spleen": 20, "liver": 40}[card.task]
-        labels[:reach] = 1
-        labels[:3] = 2 if len(card.trained_labels) > 1 else 1
-        return labels, tuple(slice(0, n) for n in size), {}
+        labels[..., :reach] = 1
+        labels[..., :3] = 2 if len(card.trained_labels) > 1 else 1
+        return labels, tuple(slice(0, n) for n in size[::-1]), {}
 
     monkeypatch.setattr(engine, "task_labels", fake_labels)
     result = segment([image], "abdomen", models_dir=tiny_models_dir, device="cpu")

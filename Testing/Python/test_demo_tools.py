@@ -152,3 +152,13 @@ def test_markdown_table_splits_the_wall_time_compares_precisions_and_flags_misse
     assert lines[3] == ("| liver | auto (bf16) | 1.0 | 2.0 | 3.0 | 1.5 | 4.0 | 0.5 | 0.0 | 8.5 | 0.50 | 1.00 | "
                         "<= 12 s, 1.5 GB: yes |")
     assert lines[4].endswith("| 13.0 |  | 1.00 | <= 12 s, 1.5 GB: **no** |")
+
+
+def test_benchmark_report_gives_each_stage_share_and_the_overhead_ratio():
+    stages = {"read": 0.5, "load": 1.0, "preprocess": 1.5, "network": 4.0, "postprocess": 1.0, "write": 0.0}
+    rows = [{"task": "liver", "asked": asked, "precision": "bf16", "wall_s": wall, "timings_s": stages}
+            for asked, wall in (("auto", 8.0), ("fp32", 6.0))]
+    assert bench_cli.overhead_ratio(rows[0]) == pytest.approx(1.0)  # (8 - 4) / 4
+    lines = bench_cli.share_table(rows).splitlines()
+    assert lines[2].split(" | ")[2:10] == ["6 %", "12 %", "19 %", "50 %", "12 %", "0 %", "0 %", "1.00"]
+    assert lines[2].endswith("<= 0.6: **no** |") and lines[3].endswith("0.50 |  |")

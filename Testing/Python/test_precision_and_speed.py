@@ -13,7 +13,7 @@ from MSDSegmentLib import engine, modelcard
 from MSDSegmentLib.cli import main
 from MSDSegmentLib.engine import channel_argmax, pick_precision, segment
 from MSDSegmentLib.errors import MSDSegmentError
-from MSDSegmentLib.postprocess import bounding_box
+from MSDSegmentLib.boxes import bounding_box
 from MSDSegmentLib.preprocessing import antialias, canonical_reference, resample, to_array
 
 
