@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from images import synthetic_ct
 from MSDSegmentLib import engine, modelcard

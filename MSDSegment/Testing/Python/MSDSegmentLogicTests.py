@@ -8,9 +8,7 @@ Testing/Python/test_slicer_logic.py, Slicer from MSDSegmentModuleTest.py beside 
 """
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import unittest
 from dataclasses import dataclass, field
