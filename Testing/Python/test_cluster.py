@@ -280,10 +280,10 @@ def test_a_bad_input_among_good_ones_fails_alone(cluster_run):
     folder, inputs, code, _, err = cluster_run
     assert code == 2
     lines = err.strip().splitlines()
-    assert f"msdsegment: error: {inputs[1]}: {inputs[1]} contains NaN voxels" in "\n".join(lines)
+    assert f"msdsegment: error: {inputs[1]}: {inputs[1]} contains NaN or infinite voxels" in "\n".join(lines)
     assert lines[-1] == f"msdsegment: error: 1 of 5 inputs failed: {inputs[1]}"
     row = summary_rows(folder)["with_nan.nii.gz"]
-    assert row["status"] == "failed" and "contains NaN voxels" in row["reason"] and row["output"] == ""
+    assert row["status"] == "failed" and "contains NaN or infinite voxels" in row["reason"] and row["output"] == ""
     assert sorted(os.listdir(folder)) == sorted([f"{name}{suffix}" for name in CASES + ("series",)
                                                  for suffix in (".json", ".nii.gz")] + ["summary.csv", "summary.json"])
 
