@@ -9,7 +9,7 @@ import torch
 
 from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib import terminology
-from MSDSegmentLib.atomic import atomic_output, write_json
+from MSDSegmentLib.atomic import atomic_open, write_json
 from MSDSegmentLib.modelcard import (MODELS_DIR, POSTPROCESSING_SETTINGS, STAGE_SETTINGS, catalogue, settings_from,
                                     sha256_of)
 
@@ -34,8 +34,10 @@ def save_weights(checkpoint, path):
     else:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
-    with atomic_output(path, ".pt") as temporary:
-        torch.save(state, temporary)
+    # Saved through a stream: given a file name, torch.save names the archive inside after it, and the atomic
+    # writer's temporary name would make every export of the same weights differ byte for byte.
+    with atomic_open(path, "wb") as stream:
+        torch.save(state, stream)
 
 
 def stage_entry(model_name, plan, weights_name, sha256, steps):

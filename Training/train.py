@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.losses import GeneralizedDiceLoss
 
-from MSDSegmentLib.atomic import atomic_output
+from MSDSegmentLib.atomic import atomic_open, atomic_output
 from MSDSegmentLib.errors import MSDSegmentError
 from MSDSegmentLib.inference import predict_probabilities
 from MSDSegmentLib.modelcard import STAGE_SETTINGS, settings_from
@@ -156,8 +156,8 @@ def checkpoint_state(step, network, optimizer, scaler, sampler, best, args):
 
 
 def save_atomically(state, path):
-    with atomic_output(path, ".pt") as temporary:
-        torch.save(state, temporary)
+    with atomic_open(path, "wb") as stream:  # a stream: the archive's name inside stays the same (export.py)
+        torch.save(state, stream)
 
 
 def exported_classes(path):
