@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import InputError
 
-CHUNK_BYTES = 1 << 16  # compressed bytes per step: at zlib's ratio limit (~1000:1) at most 64 MB come out at once
+CHUNK_BYTES = 8 << 20  # compressed bytes read per step
+OUTPUT_BYTES = 64 << 20  # at most this much decompressed per step, whatever the ratio (a file of zeros: ~1000:1)
 ANY_ZLIB_HEADER = zlib.MAX_WBITS | 32  # gzip or zlib, told from the stream's own header
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
@@ -49,20 +50,22 @@ DICOM_PREAMBLE = 128  # bytes before the "DICM" marker of a DICOM file
 def inflate(source, target):
     """Decompress the gzip or zlib stream(s) read from `source` into `target`, checking each stream's checksum.
     Returns False when the data end before the stream does (the file was cut); zlib.error on corrupt data.
-    Consecutive gzip members (as bgzip writes them) are read in turn; bytes after the last one are ignored."""
+    Consecutive gzip members (as bgzip writes them) are read in turn; bytes after the last one are ignored.
+    Large steps, because zlib lets go of Python's lock only inside each call: with many small ones, the thread
+    importing PyTorch meanwhile made reading a CT four times slower."""
     stream = zlib.decompressobj(ANY_ZLIB_HEADER)
-    while True:
-        data = source.read(CHUNK_BYTES)
-        if not data:
-            return stream.eof
-        while data:
-            target.write(stream.decompress(data))
-            if not stream.eof:
-                break
-            data = stream.unused_data or source.read(CHUNK_BYTES)
-            if not data.startswith(GZIP_MAGIC):
-                return True
-            stream = zlib.decompressobj(ANY_ZLIB_HEADER)
+    data = source.read(CHUNK_BYTES)
+    while data:
+        target.write(stream.decompress(data, OUTPUT_BYTES))
+        if not stream.eof:
+            data = stream.unconsumed_tail or source.read(CHUNK_BYTES)
+            continue
+        data = stream.unused_data or source.read(CHUNK_BYTES)
+        if not data.startswith(GZIP_MAGIC):
+            return True
+        stream = zlib.decompressobj(ANY_ZLIB_HEADER)
+    target.write(stream.flush())  # output zlib still held when the step's limit stopped it at the input's end
+    return stream.eof
 
 
 def header_lines(source, last):
