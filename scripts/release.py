@@ -29,6 +29,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPOSITORY, "MSDSegment"))
 
 from MSDSegmentLib import modelcard  # noqa: E402
+from MSDSegmentLib.atomic import write_json  # noqa: E402
 
 MODELS = os.path.join("MSDSegment", "Resources", "Models")
 PINS = os.path.join(MODELS, "weights.cmake")
@@ -164,9 +165,7 @@ def release(out, source=REPOSITORY):
         move_weights_out(tree, pins, os.path.join(out, "weights"))
         commit, new = commit_release(tree, repository, f"MSDSegment release of {head}")
         size = index_clone_size(repository, commit, scratch)
-    with open(os.path.join(out, "MSDSegment.json"), "w", encoding="utf-8") as stream:
-        json.dump(description(commit), stream, indent=2)
-        stream.write("\n")
+    write_json(description(commit), os.path.join(out, "MSDSegment.json"))
     print(f"{'New release commit' if new else 'Unchanged since the last release'} {commit[:12]} from {head[:12]}; "
           f"{len(pins)} weight files pinned, to publish from {os.path.join(out, 'weights')}")
     print(f"Extensions Index clone: {size / 1e6:.1f} MB (limit {INDEX_LIMIT_BYTES / 1e6:.0f} MB, "
