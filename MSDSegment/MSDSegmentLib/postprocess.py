@@ -34,10 +34,10 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     if box is None:
         return
     crop, mask = labels[box], mask[box]
-    joined = mask
-    if gap_mm > 0:
+    clusters, count = ndimage.label(mask, FULL_CONNECTIVITY)
+    if count > 1 and gap_mm > 0:  # one piece is one cluster: the distance map is only needed to join several
         joined = ndimage.distance_transform_edt(~mask, sampling=spacing) <= gap_mm / 2
-    clusters, count = ndimage.label(joined, FULL_CONNECTIVITY)
+        clusters, count = ndimage.label(joined, FULL_CONNECTIVITY)
     if count <= 1:
         return
     sizes = np.bincount(clusters[mask], minlength=count + 1)

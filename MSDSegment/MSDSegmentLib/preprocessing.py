@@ -82,7 +82,15 @@ def antialias(image, target_spacing):
             image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [int(r) for r in remainder])
         image = sitk.BinShrink(image, [int(f) for f in factors])
         variance = np.maximum(variance - (factors ** 2 - 1) / 12.0 * source ** 2, 0.0)  # a box of f voxels
-    return sitk.SmoothingRecursiveGaussian(image, sigma=[float(max(np.sqrt(v), 1e-3)) for v in variance])
+    sigma = np.sqrt(variance)
+    if np.all(sigma > 0):
+        return sitk.SmoothingRecursiveGaussian(image, sigma=[float(s) for s in sigma])
+    # A fine stage's thick-slice axis needs no smoothing: one recursive pass per axis that does, where the 3-axis
+    # filter would also pass over that one (a third of the time; the same voxels, measured on the bench CT).
+    for axis in np.flatnonzero(sigma > 0):
+        image = sitk.RecursiveGaussian(image, float(sigma[axis]), False,
+                                       sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
+    return image
 
 
 def resample(image, reference, interpolator=sitk.sitkLinear, default=0.0, output_type=None):

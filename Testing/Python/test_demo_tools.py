@@ -162,3 +162,15 @@ def test_benchmark_report_gives_each_stage_share_and_the_overhead_ratio():
     lines = bench_cli.share_table(rows).splitlines()
     assert lines[2].split(" | ")[2:10] == ["6 %", "12 %", "19 %", "50 %", "12 %", "0 %", "0 %", "1.00"]
     assert lines[2].endswith("<= 0.6: **no** |") and lines[3].endswith("0.50 |  |")
+
+
+def test_benchmark_report_gives_the_warm_ratio_and_the_imports_against_each_network():
+    stages = {"read": 0.5, "load": 0.0, "preprocess": 1.0, "network": 5.0, "postprocess": 0.5, "write": 0.0}
+    warm = [{"task": "liver", "asked": "auto", "precision": "bf16", "timings_s": stages},
+            {"task": "spleen", "asked": "auto", "precision": "bf16", "timings_s": dict(stages, postprocess=2.0)}]
+    assert bench_cli.warm_overhead_ratio(warm[0]) == pytest.approx(0.4)  # (7 - 5) / 5, no start-up to count
+    lines = bench_cli.warm_table(warm).splitlines()
+    assert lines[2].endswith("| 0.40 | <= 0.6: yes |") and lines[3].endswith("| 0.70 | <= 0.6: **no** |")
+    fresh = [dict(row, wall_s=9.0) for row in warm] + [{"task": "liver", "asked": "fp32", "timings_s": stages}]
+    (line,) = bench_cli.import_lines(4.0, fresh)
+    assert "4.0 s" in line and "liver 0.80, spleen 0.80." in line

@@ -228,6 +228,34 @@ def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 60, 34])
 
 
+def test_tumour_probability_on_the_input_grid_is_kept_where_the_tumour_won():
+    """labels_on_input_grid keeps a tumour's probability (float16) on every voxel it labels, as the whole channel
+    resampled onto the input grid has it there, and zero elsewhere: what the lesion statistics read."""
+    from MSDSegmentLib.engine import labels_on_input_grid
+    from MSDSegmentLib.preprocessing import from_array, resample
+    canonical = sitk.Image([24, 24, 12], sitk.sitkUInt8)
+    canonical.SetSpacing([2.0, 2.0, 3.0])
+    target = sitk.Image([40, 40, 30], sitk.sitkInt16)
+    target.SetSpacing([1.1, 1.3, 1.25])
+    target.SetOrigin([2.0, -1.0, 1.5])
+    grid = np.indices(canonical.GetSize(), np.float32)
+    organ = np.exp(-((grid[0] - 10) ** 2 + (grid[1] - 12) ** 2 + 4 * (grid[2] - 6) ** 2) / 40.0)
+    tumour = 0.9 * np.exp(-((grid[0] - 12) ** 2 + (grid[1] - 11) ** 2 + 4 * (grid[2] - 6) ** 2) / 6.0)
+    tumour = np.minimum(tumour, organ)
+    organ -= tumour
+    tumour[tumour < 1e-3] *= 1e-3  # the tiny probabilities float16 holds only as subnormal numbers
+    probabilities = np.stack([1.0 - organ - tumour, organ, tumour]).astype(np.float32)
+    labels, box, kept = labels_on_input_grid(probabilities, canonical, target, [1, 2], kept_values=[2])
+    assert (labels == 2).sum() > 20 and (labels == 1).sum() > (labels == 2).sum()
+    reference = sitk.Image([part.stop - part.start for part in box][::-1], sitk.sitkUInt8)
+    reference.CopyInformation(target[box[2], box[1], box[0]])
+    whole = sitk.GetArrayFromImage(resample(from_array(tumour, canonical, np.float32), reference))
+    won = labels == 2
+    assert kept[2].dtype == np.float16
+    assert np.array_equal(kept[2][won], whole[won].astype(np.float16))
+    assert not kept[2][~won].any()
+
+
 def test_a_stage_blends_in_the_previous_stage_s_probabilities_for_its_own_classes():
     """The pancreas stage (1 mm grid, classes background/pancreas/tumour) averaged with the fine stage
     (2 mm grid, a larger box, more classes): matched by class name, through physical space."""
