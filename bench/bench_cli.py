@@ -157,14 +157,18 @@ def thread_environment(threads):
     return environment
 
 
+def segment_command(task, output_options, device, precision, models_dir=None):
+    """`python -m MSDSegmentLib segment` for one task, without its inputs; output_options: ["--output", FILE] or
+    ["--output-dir", FOLDER]."""
+    command = [sys.executable, "-m", "MSDSegmentLib", "segment", "--task", task, *output_options,
+               "--device", device, "--precision", precision, "--quiet"]
+    return command + (["--models-dir", models_dir] if models_dir else [])
+
+
 def measure_task(task, ct_path, work_dir, device, cores, models_dir=None, precision="auto"):
     """One fresh command-line process segmenting the benchmark CT; returns the row's figures."""
-    output = os.path.join(work_dir, f"{task}.nii.gz")
-    command = [sys.executable, "-m", "MSDSegmentLib", "segment", "--task", task, "--output", output,
-               "--device", device, "--precision", precision, "--quiet"]
-    if models_dir:
-        command += ["--models-dir", models_dir]
-    command.append(ct_path)
+    command = segment_command(task, ["--output", os.path.join(work_dir, f"{task}.nii.gz")], device, precision,
+                              models_dir) + [ct_path]
     log = os.path.join(work_dir, f"{task}.log")
     code, wall, rss = run_measured(command, log, thread_environment(len(cores) if cores else 2), cores)
     if code != 0:
@@ -185,10 +189,9 @@ def measure_imports(cores, repeats=3):
     The command line overlaps them with reading and preparing the input; what they take beyond that work
     is waited for, so they bound from below what a fresh process can spend around the network."""
     command = [sys.executable, "-c", "import torch, monai.networks.nets, monai.inferers"]
-    log = os.devnull
     walls = []
     for _ in range(repeats):
-        code, wall, _rss = run_measured(command, log, thread_environment(len(cores) if cores else 2), cores)
+        code, wall, _rss = run_measured(command, os.devnull, thread_environment(len(cores) if cores else 2), cores)
         if code != 0:
             raise RuntimeError(f"importing torch and monai failed (exit status {code})")
         walls.append(wall)
@@ -204,10 +207,7 @@ def measure_warm(task, ct_path, work_dir, device, cores, models_dir=None, precis
     names = ["first.nii.gz", "second.nii.gz"]
     for name in names:
         os.symlink(os.path.abspath(ct_path), os.path.join(inputs, name))
-    command = [sys.executable, "-m", "MSDSegmentLib", "segment", "--task", task, "--output-dir", outputs,
-               "--device", device, "--precision", precision, "--quiet"]
-    if models_dir:
-        command += ["--models-dir", models_dir]
+    command = segment_command(task, ["--output-dir", outputs], device, precision, models_dir)
     command += [os.path.join(inputs, name) for name in names]
     log = os.path.join(work_dir, f"warm-{task}.log")
     code, _wall, _rss = run_measured(command, log, thread_environment(len(cores) if cores else 2), cores)
