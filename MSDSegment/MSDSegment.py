@@ -136,6 +136,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.cards = {}
         self.run = None  # the BackgroundSegmentation in progress, if any
+        self.engineChoices = None  # the panel's choices the engine process was last prepared for
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -169,12 +170,15 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.run is not None:
             self.run.cancel()
+        self.logic.releaseEngine()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.prepareEngine()
 
     def exit(self) -> None:
+        self.logic.releaseEngine()  # an idle engine holds PyTorch and the networks in memory
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -249,6 +253,8 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         if self.run is not None:
             return
+        if self.parent.isEntered:
+            self.prepareEngine(again=False)
         self.ui.segmentButton.enabled = not choice.missing
         self.ui.segmentButton.toolTip = choice.missing or "Run the model on the input volume"
 
@@ -324,9 +330,26 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = text
 
+    def prepareEngine(self, again=True) -> None:
+        """Have an engine process load the chosen task's networks before Segment is clicked (best effort: a run
+        without one starts its own). again=False: only if the choices changed since the last call."""
+        node = self._parameterNode
+        if node is None or self.run is not None or node.task not in self.cards:
+            return
+        choices = (node.task, node.device.value, node.precision.value, node.testTimeMirroring,
+                   node.keepLargestComponent)
+        if not again and choices == self.engineChoices:
+            return
+        self.engineChoices = choices
+        try:
+            self.logic.prepareEngine(*choices)
+        except Exception as error:
+            logging.warning(f"MSDSegment: the engine process could not be started ahead of the run: {error}")
+
     def onFinished(self, outcome) -> None:
         self.run = None
         self.setRunning(False)
+        self.prepareEngine()  # for the next run
         node = self._parameterNode
         done = outcome.done
         if done and not mrml.is_sequence_output(outcome.output):
@@ -398,6 +421,7 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         application.load_terminology()  # in case the module was loaded after Slicer's start-up
+        self.standby = None  # the engine process started ahead of the next background run (prepareEngine)
 
     def getParameterNode(self):
         return MSDSegmentParameterNode(super().getParameterNode())
@@ -477,13 +501,36 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
                                      progress=progress, cancel=cancel, models_dir=modelsDir, precision=precision)
 
     def startInBackground(self, batch, task, device, precision, tta, keepLargest, modelsDir, progress, finished):
-        """Start one engine process (Slicer's Python) for a batch; torch is never imported into this process."""
+        """Start one engine process (Slicer's Python) for a batch, or take the one prepareEngine started for
+        these options; torch is never imported into this process."""
         self.installDependencies()
         options = dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
                        models_dir=modelsDir)
+        standby, self.standby = self.standby, None
         return background.BackgroundSegmentation(batch, options, application.EngineProcess,
                                                  background.worker_program(application.python_executable()),
-                                                 progress, finished).start()
+                                                 progress, finished, standby).start()
+
+    def prepareEngine(self, task, device="auto", precision="auto", tta=False, keepLargest=True, modelsDir=None):
+        """Start the engine process of the next background run with these options now: it loads PyTorch and the
+        task's networks and runs them once while nothing waits, and that run takes it over. Replaces one started
+        for other options; does nothing before the packages are installed (the run installs them first)."""
+        options = dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
+                       models_dir=modelsDir)
+        program = background.worker_program(application.python_executable())
+        if self.standby is not None and self.standby.serves(options, program):
+            return self.standby
+        self.releaseEngine()
+        if dependencies.torch_needed() or dependencies.unmet_requirements():
+            return None
+        self.standby = background.StandbyEngine(options, application.EngineProcess, program)
+        return self.standby
+
+    def releaseEngine(self):
+        """Stop the engine process started ahead of a run, if any (its memory is freed)."""
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
 
     @staticmethod
     def segmentVolumes(segmentationNode):

@@ -9,8 +9,9 @@ from the summary JSON the command line writes. Each task runs with fp32 forced a
 side by side (auto is what users get; fp32 is what a CPU without bf16 gets). A second table gives each stage's
 share of the wall time and the overhead ratio, (wall - network) / network: what everything around the network
 costs per second of network, held to OVERHEAD_TARGET for `auto`. Two more figures explain that ratio: the
-same ratio for a second case in one process (the engine already loaded), and how long a fresh interpreter takes
-to import PyTorch and MONAI, against each network. The tables are printed and written to bench/latest.md. Not
+same ratio for a second case in one process (the engine already loaded), the panel's case (an engine process
+started ahead of the click, `worker --standby`), and how long a fresh interpreter takes to import PyTorch and
+MONAI, against each network. The tables are printed and written to bench/latest.md. Not
 part of `make test`.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.join(REPOSITORY, "scripts"))
 
 import example_data  # noqa: E402
 from demo import engine_environment, missing_models  # noqa: E402
-from MSDSegmentLib import modelcard  # noqa: E402  (demo puts the engine on the path)
+from MSDSegmentLib import background, modelcard  # noqa: E402  (demo puts the engine on the path)
 from MSDSegmentLib.atomic import atomic_output, write_text  # noqa: E402
 
 GRID_SIZE = (512, 512, 200)
@@ -218,6 +219,49 @@ def measure_warm(task, ct_path, work_dir, device, cores, models_dir=None, precis
     return {"task": task, "asked": precision, "precision": summary["precision"], "timings_s": summary["timings_s"]}
 
 
+def measure_standby(task, ct_path, work_dir, device, cores, models_dir=None, precision="auto"):
+    """The panel's path: an engine process started ahead (`worker --standby`) loads and runs its networks; once it
+    says it is ready, the CT is written as the panel writes a volume (uncompressed NRRD, mrml.write_inputs) and one
+    job is sent. Returns the seconds to ready, the job's seconds from the input being written to the job's `done`
+    (what the user waits for after clicking Segment) and its stage seconds."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(ct_path)
+    panel_input = os.path.join(work_dir, f"standby-{task}-input.nrrd")
+    options = dict(task=task, device=device, precision=precision, models_dir=models_dir)
+    command = background.worker_command(background.worker_program(sys.executable), standby=True, **options)
+    environment = thread_environment(len(cores) if cores else 2)
+    output = os.path.join(work_dir, f"standby-{task}.nrrd")
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env=environment, cwd=background.MODULE_FOLDER, text=True)
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(process.pid, cores)
+    events = (background.parse_event(line) for line in process.stdout)
+    try:
+        ready = next(event for event in events if event and event["event"] == "ready")
+        ready_s = time.perf_counter() - started
+        if "error" in ready:
+            raise RuntimeError(f"task {task}: the standby engine failed to warm up: {ready['error']}")
+        started = time.perf_counter()
+        sitk.WriteImage(image, panel_input, useCompression=False)
+        process.stdin.write(background.job_line(0, [panel_input], output) + background.END_LINE)
+        process.stdin.flush()
+        ended = next(event for event in events if event and event["event"] in ("done", "failed"))
+        job_s = time.perf_counter() - started
+    except StopIteration:
+        raise RuntimeError(f"task {task}: the standby engine stopped without reporting") from None
+    finally:
+        process.stdin.close()
+        process.wait()
+    if ended["event"] == "failed":
+        raise RuntimeError(f"task {task} (standby engine) failed: {ended['error']}")
+    with open(os.path.splitext(output)[0] + ".json", encoding="utf-8") as stream:
+        summary = json.load(stream)
+    return {"task": task, "asked": precision, "precision": summary["precision"], "timings_s": summary["timings_s"],
+            "ready_s": ready_s, "job_s": job_s}
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def within_targets(row):
@@ -289,6 +333,26 @@ def warm_overhead_ratio(row):
         else float("inf")
 
 
+def standby_overhead_ratio(row):
+    """(job wall - network) / network for a job sent to an engine process that was ready."""
+    network = row["timings_s"].get("network", 0.0)
+    return (row["job_s"] - network) / network if network > 0 else float("inf")
+
+
+def standby_table(standby_rows):
+    """The panel's case: ready time, the job's wall time and stages, and its overhead ratio."""
+    headers = ["Task", "precision (used)", "ready after s", *STAGES, "job s", "overhead ratio", "target met"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    for row in standby_rows:
+        stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
+        ratio = standby_overhead_ratio(row)
+        verdict = f"<= {OVERHEAD_TARGET}: " + ("yes" if ratio <= OVERHEAD_TARGET else "**no**")
+        lines.append("| " + " | ".join([row["task"], f"{row['asked']} ({row['precision']})", f"{row['ready_s']:.1f}",
+                                         *(f"{seconds:.1f}" for seconds in stages), f"{row['job_s']:.1f}",
+                                         f"{ratio:.2f}", verdict]) + " |")
+    return "\n".join(lines)
+
+
 def import_lines(import_seconds, rows):
     """The imports' wall time against each task's network (auto): the least a fresh process's ratio can be."""
     networks = {row["task"]: row["timings_s"].get("network", 0.0) for row in rows if row["asked"] == "auto"}
@@ -336,7 +400,7 @@ def describe_ct(path, built):
     return text + ")"
 
 
-def report(rows, ct_description, cores, device, warm_rows=(), import_seconds=None):
+def report(rows, ct_description, cores, device, warm_rows=(), import_seconds=None, standby_rows=()):
     import torch
 
     model = ", ".join(sorted({f"{w} (sha256 {s[:12]})" for row in rows for w, s in zip(row["weights"], row["sha256"])}))
@@ -364,6 +428,12 @@ def report(rows, ct_description, cores, device, warm_rows=(), import_seconds=Non
         lines += ["", "The engine already running: the second of two cases in one `--output-dir` process (a batch, a "
                   "cluster worker, the panel's next volume in one run); overhead ratio (stages - network) / network:",
                   "", warm_table(warm_rows)]
+    if standby_rows:
+        lines += ["", "The panel's case: its engine process is started ahead of the click (`worker --standby`, when the "
+                  "panel is shown and after each run) and has loaded and run its networks. Job s: from the input written as "
+                  "the panel writes it (uncompressed NRRD) to the result reported; overhead ratio (job s - network) / "
+                  "network:",
+                  "", standby_table(standby_rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -413,13 +483,20 @@ def main(argv=None):
             for task in args.tasks:
                 warm_rows.append(measure_warm(task, ct_path, work_dir, args.device, cores, args.models_dir))
                 print(f"  {task} auto, second case in one process: ratio {warm_overhead_ratio(warm_rows[-1]):.2f}")
+        standby_rows = []
+        if "auto" in args.precisions:
+            for task in args.tasks:
+                standby_rows.append(measure_standby(task, ct_path, work_dir, args.device, cores, args.models_dir))
+                print(f"  {task} auto, engine started ahead: job {standby_rows[-1]['job_s']:.1f} s, ratio "
+                      f"{standby_overhead_ratio(standby_rows[-1]):.2f}")
         import_seconds = measure_imports(cores)
     except RuntimeError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    text = report(rows, describe_ct(ct_path, built=not args.ct), cores, args.device, warm_rows, import_seconds)
+    text = report(rows, describe_ct(ct_path, built=not args.ct), cores, args.device, warm_rows, import_seconds,
+                  standby_rows)
     print()
     print(text)
     write_text(text, args.out)

@@ -46,6 +46,9 @@ class EngineProcess:
     def write(self, text) -> None:
         self.process.write(qt.QByteArray(text.encode("utf-8")))
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.state() == qt.QProcess.Running
+
     def stop(self) -> None:
         """Close the engine's standard input, then kill the process started. PythonSlicer is a launcher whose
         child, python-real, runs the engine: killing the launcher alone would leave it running, but the child

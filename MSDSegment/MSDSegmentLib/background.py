@@ -36,8 +36,10 @@ def worker_program(python):
     return [python, "-m", "MSDSegmentLib.worker"]
 
 
-def worker_command(program, task, device="auto", precision="auto", tta=False, keep_largest=True, models_dir=None):
-    """The command line of the engine process that serves one batch of a task's jobs."""
+def worker_command(program, task, device="auto", precision="auto", tta=False, keep_largest=True, models_dir=None,
+                   standby=False):
+    """The command line of the engine process that serves one batch of a task's jobs (standby: started ahead of
+    them, see StandbyEngine)."""
     command = list(program) + ["--task", task, "--device", device, "--precision", precision]
     if tta:
         command.append("--tta")
@@ -45,7 +47,16 @@ def worker_command(program, task, device="auto", precision="auto", tta=False, ke
         command.append("--no-largest")
     if models_dir:
         command += ["--models-dir", models_dir]
+    if standby:
+        command.append("--standby")
     return command
+
+
+def start_engine(transport, handler, command):
+    """An engine process running `command` through `transport`, reporting to `handler`."""
+    process = transport(handler)
+    process.start(command, {"PYTHONPATH": python_path(os.environ.get("PYTHONPATH", ""))}, MODULE_FOLDER)
+    return process
 
 
 def job_line(job, inputs, output):
@@ -127,8 +138,9 @@ class BackgroundSegmentation:
     finished(Outcome) once, at the end. Callbacks and the batch run in the thread that pumps the transport
     (Qt's main thread in Slicer), so MRML is touched there only."""
 
-    def __init__(self, batch, options, transport, program, progress=None, finished=None):
+    def __init__(self, batch, options, transport, program, progress=None, finished=None, standby=None):
         self.batch = batch
+        self.standby = standby  # a StandbyEngine started ahead of this run, taken if it serves these options
         self.options = options  # task, device, precision, tta, keep_largest, models_dir
         self.transport = transport
         self.program = program
@@ -169,10 +181,11 @@ class BackgroundSegmentation:
     def launch(self, indexes):
         self.pending = list(indexes)
         self.output_text = self.error_text = ""
-        self.process = self.transport(self)
+        standby, self.standby = self.standby, None  # only the first process can be one started ahead
+        self.process = standby.hand_over(self, self.options, self.program) if standby is not None else None
         try:
-            self.process.start(worker_command(self.program, **self.options),
-                               {"PYTHONPATH": python_path(os.environ.get("PYTHONPATH", ""))}, MODULE_FOLDER)
+            if self.process is None:
+                self.process = start_engine(self.transport, self, worker_command(self.program, **self.options))
             for index in indexes:
                 self.process.write(job_line(index, *self.jobs[index]))
             self.process.write(END_LINE)
@@ -284,6 +297,66 @@ class BackgroundSegmentation:
         return self.outcome
 
 
+class StandbyEngine:
+    """An engine process started before the run it will serve (`worker --standby`): it imports PyTorch and MONAI,
+    loads the task's networks and runs them once while the user is still choosing, so that the run's first volume
+    costs what a later one does. A BackgroundSegmentation given it takes it over when it was started with the
+    same options and is still running; otherwise the run starts its own process and this one is stopped.
+    Until then it reports to this object, which keeps what it said on its error stream (a crash's last line)."""
+
+    def __init__(self, options, transport, program):
+        self.options, self.program = dict(options), list(program)
+        self.error_text = self.output_text = ""
+        self.ready_event = None  # the worker's `ready` event once it has come
+        self.process = start_engine(transport, self, worker_command(self.program, standby=True, **self.options))
+
+    def serves(self, options, program):
+        return self.process is not None and self.process.alive() and \
+            dict(options) == self.options and list(program) == self.program
+
+    def hand_over(self, handler, options, program):
+        """The running process, now reporting to `handler`, if it serves these options; else None (and stopped)."""
+        if not self.serves(options, program):
+            self.stop()
+            return None
+        process, self.process = self.process, None
+        process.handler = handler
+        if self.error_text:
+            handler.on_errors(self.error_text)
+        return process
+
+    def stop(self):
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    # Events from the process while it waits
+
+    def on_output(self, text):
+        self.output_text += text
+        *lines, self.output_text = self.output_text.split("\n")
+        for line in lines:
+            event = parse_event(line)
+            if event is not None and event["event"] == "ready":
+                self.ready_event = event
+
+    def on_errors(self, text):
+        self.error_text += text
+
+    def on_exit(self, exit_code, crashed):
+        self.process = None
+
+    def wait_until_ready(self, timeout=None):
+        """Pump the transport until the networks are loaded (scripts, tests): the `ready` event, or None if the
+        process ended first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.ready_event is None and self.process is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise MSDSegmentError(f"The engine process was not ready within {timeout} s")
+            self.process.pump(0.1)
+        return self.ready_event
+
+
 class SubprocessTransport:
     """The engine process through `subprocess` (outside Qt): threads read its pipes, pump() hands what they read
     to the runner in the caller's thread."""
@@ -314,6 +387,9 @@ class SubprocessTransport:
     def write(self, text):
         self.process.stdin.write(text.encode("utf-8"))
         self.process.stdin.flush()
+
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
 
     def stop(self):
         if self.process is None:

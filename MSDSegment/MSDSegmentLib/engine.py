@@ -12,7 +12,7 @@ from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .boxes import bounding_box, union_box, within
-from .inference import out_of_memory, predict_probabilities
+from .inference import DEFAULT_WINDOWS_PER_BATCH, autocast, out_of_memory, predict_probabilities
 from .postprocess import keep_largest_cluster, postprocess
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
@@ -340,6 +340,20 @@ def preload(task, device="auto", precision="auto", models_dir=None):
     _preloaded[(task, device, precision, models_dir)] = NetworkLoader(card, device, precision)
 
 
+def warm_up(task, device="auto", precision="auto", models_dir=None):
+    """Load a task's networks and run each once on a batch of empty windows, before any input exists: PyTorch's
+    first call of a network at a batch shape sets up its kernels, which otherwise the first case waits for. The
+    panel's engine process does this while the user is still choosing (worker --standby)."""
+    import torch
+
+    card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
+    device, precision = NetworkLoader(card, device, precision).result()
+    for stage in card.stages:
+        windows = torch.zeros(DEFAULT_WINDOWS_PER_BATCH, len(card.channels), *stage.patch_size, device=device)
+        with torch.inference_mode(), autocast(device, precision):
+            network_for(stage, device)(windows.contiguous(memory_format=torch.channels_last_3d))
+
+
 def stage_key(card, number):
     """What a stage's result depends on: it and every stage before it (the same in every card that shares them)."""
     return tuple(repr(stage) for stage in card.stages[:number + 1])
@@ -412,10 +426,10 @@ class Cascade:
                                             self.precision)
         if device != self.device:  # the CPU fallback of a GPU out of memory runs in fp32
             self.device, self.precision = device, "fp32"
-        if number and stage.blend_previous:
+        self.timings["network"] += time.perf_counter() - started
+        if number and stage.blend_previous:  # not the network's time: segment() counts it in post-processing
             probabilities = blend_previous(probabilities, stage, canonical, previous[0], card.stages[number - 1],
                                            previous[1], tumour_channels(card, stage))
-        self.timings["network"] += time.perf_counter() - started
         return probabilities, canonical
 
 

@@ -40,6 +40,8 @@ def out_of_memory(error):
     return isinstance(error, kinds)
 
 
+DEFAULT_WINDOWS_PER_BATCH = 4  # windows through the network at once
+
 _inferers = {}  # (patch size, overlap, windows per batch) -> the adaptive inferer, which learns which sizes fit
 
 
@@ -64,7 +66,7 @@ def autocast(device, precision):
 
 
 def predict_probabilities(network, image, patch_size, device="cpu", mirror_axes=(), overlap=0.5,
-                          progress=None, cancel=None, sw_batch_size=4, precision="fp32"):
+                          progress=None, cancel=None, sw_batch_size=DEFAULT_WINDOWS_PER_BATCH, precision="fp32"):
     """Softmax probabilities (classes, X, Y, Z) as float32 numpy for a (channels, X, Y, Z) array.
 
     precision: "fp32", or "bf16" / "fp16" for the network's layers (autocast); the windows are blended and

@@ -6,8 +6,11 @@ once. It talks in JSON lines (see background.py for the other side):
 - standard input: one job per line, `{"job": id, "inputs": [paths], "output": path}`, then `{"end": true}`.
   End-of-file before `end` means cancel: the process exits at once, even inside a network call.
 - standard output: lines `MSDSEGMENT {"event": ...}`: `progress` (job, fraction, stage), `done` (job, warnings,
-  pid) and `failed` (job, error: the one-line reason, details: the traceback, pid). Other output is not part
-  of it.
+  pid) and `failed` (job, error: the one-line reason, details: the traceback, pid); with --standby, `ready`
+  (pid, and error where the warm-up failed) once the networks are loaded. Other output is not part of it.
+--standby: the process is started before its jobs exist (the panel starts it when it is shown and after each run):
+it loads the task's networks and runs each once (engine.warm_up) while nobody waits, so that the first job costs
+what a later one does. Jobs that arrive meanwhile wait for it.
 A job fails alone, whatever it raises (an input the engine refuses, a RuntimeError or a MemoryError from torch
 or numpy): the next job runs.
 """
@@ -35,6 +38,7 @@ def build_parser():
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--no-largest", action="store_true")
     parser.add_argument("--models-dir")
+    parser.add_argument("--standby", action="store_true", help="load and warm up the networks before any job")
     return parser
 
 
@@ -73,11 +77,25 @@ def run_job(job, args):
     emit("done", job=job["job"], warnings=warnings, pid=os.getpid())
 
 
+def warm_up(args):
+    """Load and run the task's networks once; a failure is reported, and left for the jobs to meet again."""
+    from .engine import warm_up as warm_up_networks
+
+    try:
+        warm_up_networks(args.task, args.device, args.precision, args.models_dir)
+    except Exception as error:
+        emit("ready", pid=os.getpid(), error=describe_error(error))
+        return
+    emit("ready", pid=os.getpid())
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.quiet, args.progress_lines = True, False  # what segment_case reads besides the options above
     jobs = queue.Queue()
     threading.Thread(target=read_jobs, args=(jobs,), name="job-reader", daemon=True).start()
+    if args.standby:
+        warm_up(args)
     while True:
         job = jobs.get()
         if job is None:

@@ -174,3 +174,14 @@ def test_benchmark_report_gives_the_warm_ratio_and_the_imports_against_each_netw
     fresh = [dict(row, wall_s=9.0) for row in warm] + [{"task": "liver", "asked": "fp32", "timings_s": stages}]
     (line,) = bench_cli.import_lines(4.0, fresh)
     assert "4.0 s" in line and "liver 0.80, spleen 0.80." in line
+
+
+def test_benchmark_report_gives_the_panel_case_from_the_job_wall_time():
+    stages = {"read": 0.5, "load": 0.0, "preprocess": 1.0, "network": 5.0, "postprocess": 0.5, "write": 0.1}
+    rows = [{"task": "liver", "asked": "auto", "precision": "bf16", "timings_s": stages, "ready_s": 6.0, "job_s": 7.5},
+            {"task": "spleen", "asked": "auto", "precision": "bf16", "timings_s": stages, "ready_s": 5.0, "job_s": 8.5}]
+    assert bench_cli.standby_overhead_ratio(rows[0]) == pytest.approx(0.5)  # (7.5 - 5) / 5: what the user waits
+    lines = bench_cli.standby_table(rows).splitlines()
+    assert lines[0].startswith("| Task | precision (used) | ready after s | read |")
+    assert lines[2] == "| liver | auto (bf16) | 6.0 | 0.5 | 0.0 | 1.0 | 5.0 | 0.5 | 0.1 | 7.5 | 0.50 | <= 0.6: yes |"
+    assert lines[3].endswith("| 8.5 | 0.70 | <= 0.6: **no** |")

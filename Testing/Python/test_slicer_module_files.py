@@ -198,7 +198,8 @@ def test_worker_command_is_accepted_by_the_worker():
     assert (parsed.task, parsed.device, parsed.tta, parsed.no_largest, parsed.models_dir) == \
         ("prostate", "cpu", True, True, "/models")
     default = worker.build_parser().parse_args(background.worker_command([], "liver"))
-    assert not default.tta and not default.no_largest and default.precision == "auto"
+    assert not default.tta and not default.no_largest and default.precision == "auto" and not default.standby
+    assert worker.build_parser().parse_args(background.worker_command([], "liver", standby=True)).standby
 
 
 def test_worker_events_are_parsed_and_other_output_ignored(capsys):

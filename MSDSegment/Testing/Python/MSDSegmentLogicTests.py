@@ -979,9 +979,10 @@ def engine_program(ctx, fault=None):
     return list(ctx.launcher) + program
 
 
-def run_in_background(ctx, batch, fault=None, cancel_when=None, **options):
+def run_in_background(ctx, batch, fault=None, cancel_when=None, standby=None, **options):
     """(Outcome, [(fraction, text)]) of a background run of `batch` with the test models on the CPU.
-    cancel_when(fraction, text) -> bool cancels the run from its progress report."""
+    cancel_when(fraction, text) -> bool cancels the run from its progress report; standby: a StandbyEngine
+    the run may take over."""
     from MSDSegmentLib import background
 
     reports = []
@@ -993,8 +994,20 @@ def run_in_background(ctx, batch, fault=None, cancel_when=None, **options):
 
     options = dict(dict(task=batch.task, device="cpu", models_dir=ctx.models_dir), **options)
     run = background.BackgroundSegmentation(batch, options, background.SubprocessTransport,
-                                            engine_program(ctx, fault), progress=progress)
+                                            engine_program(ctx, fault), progress=progress, standby=standby)
     return run.start().wait(timeout=900), reports
+
+
+def ready_standby(ctx, **options):
+    """A StandbyEngine for the test models on the CPU (spleen unless told), once its networks are loaded: (the
+    engine, the pid of its worker)."""
+    from MSDSegmentLib import background
+
+    options = dict(dict(task="spleen", device="cpu", models_dir=ctx.models_dir), **options)
+    standby = background.StandbyEngine(options, background.SubprocessTransport, engine_program(ctx))
+    ready = standby.wait_until_ready(timeout=300)
+    assert ready is not None and "error" not in ready, f"the standby engine did not get ready: {ready}"
+    return standby, ready["pid"]
 
 
 def live_processes_mentioning(text):
@@ -1013,6 +1026,22 @@ def live_processes_mentioning(text):
         if text in command and state not in ("Z", "X"):
             found.append(int(name))
     return found
+
+
+def process_ends(pid, seconds):
+    """Whether process `pid` is gone (or a zombie) within `seconds` (Linux /proc)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+                if stream.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def mask_of(segmentation_node, volume_node):
@@ -1042,6 +1071,50 @@ def test_background_batch_runs_in_one_engine_process(ctx):
     assert np.array_equal(mask_of(target, volumes[0]), mask_of(in_process, volumes[0]))
     assert mrml.quality_from_tags(target) == mrml.quality_from_tags(in_process)
     assert set(mrml.quality_from_tags(target)) == {"Spleen"}
+
+
+def test_a_standby_engine_serves_the_next_run(ctx):
+    """The panel's engine started ahead of the run (prepareEngine): it loads and runs the networks before any
+    input exists, and the run with the same options is served by that process, with the labels of a run in
+    this process."""
+    from MSDSegmentLib import mrml
+
+    standby, pid = ready_standby(ctx)
+    volume = ctx.load_volume(cropped_ct(ctx), "CT 1")
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                   standby=standby)
+    assert not outcome.errors, outcome.report()
+    assert outcome.processes == [pid], "the run did not take over the engine started ahead of it"
+    assert standby.process is None  # handed over: stopping the standby now cannot stop the run's engine
+    in_process = segment(ctx, volume, "spleen")
+    assert np.array_equal(mask_of(outcome.results[0], volume), mask_of(in_process, volume))
+
+
+def test_a_standby_engine_for_other_choices_or_one_that_died_is_not_used(ctx):
+    """An engine started ahead for other options is stopped and the run starts its own; so does a run whose
+    engine started ahead has died since (a crash, the out-of-memory killer): no volume fails for it."""
+    import signal
+    import time
+
+    from MSDSegmentLib import mrml
+
+    if not os.path.isdir("/proc/self"):
+        raise unittest.SkipTest("needs /proc to see processes (Linux)")
+    volume = ctx.load_volume(cropped_ct(ctx), "CT 1")
+    other, other_pid = ready_standby(ctx, tta=True)
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                   standby=other)
+    assert not outcome.errors and outcome.processes and outcome.processes[0] != other_pid, outcome.report()
+    assert other.process is None and process_ends(other_pid, 5.0), "the unused engine was left running"
+
+    dead, dead_pid = ready_standby(ctx)
+    os.kill(dead_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while dead.process.alive() and time.monotonic() < deadline:  # its launcher exits with it
+        time.sleep(0.05)
+    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                   standby=dead)
+    assert not outcome.errors and outcome.processes and outcome.processes[0] != dead_pid, outcome.report()
 
 
 def test_background_two_channel_case(ctx):
