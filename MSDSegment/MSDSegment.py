@@ -253,8 +253,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         if self.run is not None:
             return
-        if self.parent.isEntered:
-            self.prepareEngine(again=False)
+        self.prepareEngine(again=False)
         self.ui.segmentButton.enabled = not choice.missing
         self.ui.segmentButton.toolTip = choice.missing or "Run the model on the input volume"
 
@@ -334,7 +333,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Have an engine process load the chosen task's networks before Segment is clicked (best effort: a run
         without one starts its own). again=False: only if the choices changed since the last call."""
         node = self._parameterNode
-        if node is None or self.run is not None or node.task not in self.cards:
+        if node is None or self.run is not None or node.task not in self.cards or not self.parent.isEntered:
             return
         choices = (node.task, node.device.value, node.precision.value, node.testTimeMirroring,
                    node.keepLargestComponent)
@@ -349,7 +348,6 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinished(self, outcome) -> None:
         self.run = None
         self.setRunning(False)
-        self.prepareEngine()  # for the next run
         node = self._parameterNode
         done = outcome.done
         if done and not mrml.is_sequence_output(outcome.output):
@@ -360,6 +358,7 @@ class MSDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.logic.showSurfaces(segmentation, node.show3D, node.surfaceSmoothing)
         self.showVolumes(outcome.output)
         self.ui.statusLabel.text = outcome.report()
+        self.prepareEngine()  # for the next run, once the surfaces are built
         for index, error in sorted(outcome.errors.items()):  # the whole output, for whoever reports a bug
             logging.error(f"MSDSegment: {outcome.names[index]}: {error}\n{getattr(error, 'details', '')}")
         if outcome.errors and not outcome.cancelled:
