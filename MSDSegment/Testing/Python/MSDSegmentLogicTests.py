@@ -1079,10 +1079,13 @@ def test_a_standby_engine_serves_the_next_run(ctx):
     this process."""
     from MSDSegmentLib import mrml
 
+    volume = ctx.load_volume(cropped_ct(ctx), "CT 1")  # before the engine: a test without the CT stops here
     standby, pid = ready_standby(ctx)
-    volume = ctx.load_volume(cropped_ct(ctx), "CT 1")
-    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
-                                   standby=standby)
+    try:
+        outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                       standby=standby)
+    finally:
+        standby.stop()
     assert not outcome.errors, outcome.report()
     assert outcome.processes == [pid], "the run did not take over the engine started ahead of it"
     assert standby.process is None  # handed over: stopping the standby now cannot stop the run's engine
@@ -1102,18 +1105,25 @@ def test_a_standby_engine_for_other_choices_or_one_that_died_is_not_used(ctx):
         raise unittest.SkipTest("needs /proc to see processes (Linux)")
     volume = ctx.load_volume(cropped_ct(ctx), "CT 1")
     other, other_pid = ready_standby(ctx, tta=True)
-    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
-                                   standby=other)
+    try:
+        outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                       standby=other)
+    finally:
+        left_running = other.process is not None  # the run stops an engine it does not take
+        other.stop()
+    assert not left_running and process_ends(other_pid, 5.0), "the engine started for other options was left running"
     assert not outcome.errors and outcome.processes and outcome.processes[0] != other_pid, outcome.report()
-    assert other.process is None and process_ends(other_pid, 5.0), "the unused engine was left running"
 
     dead, dead_pid = ready_standby(ctx)
-    os.kill(dead_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while dead.process.alive() and time.monotonic() < deadline:  # its launcher exits with it
-        time.sleep(0.05)
-    outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
-                                   standby=dead)
+    try:
+        os.kill(dead_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while dead.process.alive() and time.monotonic() < deadline:  # its launcher exits with it
+            time.sleep(0.05)
+        outcome, _ = run_in_background(ctx, mrml.VolumeBatch([volume], "spleen", models_dir=ctx.models_dir),
+                                       standby=dead)
+    finally:
+        dead.stop()
     assert not outcome.errors and outcome.processes and outcome.processes[0] != dead_pid, outcome.report()
 
 
