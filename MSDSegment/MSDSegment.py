@@ -503,20 +503,28 @@ class MSDSegmentLogic(ScriptedLoadableModuleLogic):
         """Start one engine process (Slicer's Python) for a batch, or take the one prepareEngine started for
         these options; torch is never imported into this process."""
         self.installDependencies()
-        options = dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
-                       models_dir=modelsDir)
+        options = self.engineOptions(task, device, precision, tta, keepLargest, modelsDir)
         standby, self.standby = self.standby, None
-        return background.BackgroundSegmentation(batch, options, application.EngineProcess,
-                                                 background.worker_program(application.python_executable()),
+        return background.BackgroundSegmentation(batch, options, application.EngineProcess, self.engineProgram(),
                                                  progress, finished, standby).start()
+
+    @staticmethod
+    def engineOptions(task, device, precision, tta, keepLargest, modelsDir):
+        """The engine process's options (background.worker_command's keywords)."""
+        return dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
+                    models_dir=modelsDir)
+
+    @staticmethod
+    def engineProgram():
+        """The engine process's program, run by Slicer's Python."""
+        return background.worker_program(application.python_executable())
 
     def prepareEngine(self, task, device="auto", precision="auto", tta=False, keepLargest=True, modelsDir=None):
         """Start the engine process of the next background run with these options now: it loads PyTorch and the
         task's networks and runs them once while nothing waits, and that run takes it over. Replaces one started
         for other options; does nothing before the packages are installed (the run installs them first)."""
-        options = dict(task=task, device=device, precision=precision, tta=tta, keep_largest=keepLargest,
-                       models_dir=modelsDir)
-        program = background.worker_program(application.python_executable())
+        options = self.engineOptions(task, device, precision, tta, keepLargest, modelsDir)
+        program = self.engineProgram()
         if self.standby is not None and self.standby.serves(options, program):
             return self.standby
         self.releaseEngine()

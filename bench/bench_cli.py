@@ -8,7 +8,7 @@ network, resampling and post-processing see real anatomy and real organ sizes. E
 from the summary JSON the command line writes. Each task runs with fp32 forced and with `--precision auto`
 side by side (auto is what users get; fp32 is what a CPU without bf16 gets). A second table gives each stage's
 share of the wall time and the overhead ratio, (wall - network) / network: what everything around the network
-costs per second of network, held to OVERHEAD_TARGET for `auto`. Two more figures explain that ratio: the
+costs per second of network, held to OVERHEAD_TARGET for `auto`. Three more figures explain that ratio: the
 same ratio for a second case in one process (the engine already loaded), the panel's case (an engine process
 started ahead of the click, `worker --standby`), and how long a fresh interpreter takes to import PyTorch and
 MONAI, against each network. The tables are printed and written to bench/latest.md. Not
@@ -271,11 +271,30 @@ def within_targets(row):
     return fast and row["peak_rss_bytes"] <= TARGET_GB * 1e9
 
 
+def table_head(headers):
+    """A markdown table's header and alignment lines: the first two columns (task, precision) left, the rest right."""
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+
+
+def table_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def ratio_verdict(ratio):
+    return f"<= {OVERHEAD_TARGET}: " + ("yes" if ratio <= OVERHEAD_TARGET else "**no**")
+
+
+def ratio_to_network(seconds, row):
+    """(seconds - network) / network: what the work around the network costs, per second of network."""
+    network = row["timings_s"].get("network", 0.0)
+    return (seconds - network) / network if network > 0 else float("inf")
+
+
 def markdown_table(rows):
     """One line per task and precision: stage seconds, the rest of the wall time (start-up), total, peak RSS,
     the time against fp32 for the same task, and the verdict against that precision's target."""
-    headers = ["Task", "precision (used)", *STAGES, "start-up", "total s", "vs fp32", "peak RSS GB", "target met"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    lines = table_head(["Task", "precision (used)", *STAGES, "start-up", "total s", "vs fp32", "peak RSS GB",
+                        "target met"])
     fp32 = {row["task"]: row["wall_s"] for row in rows if row["asked"] == "fp32"}
     for row in rows:
         stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
@@ -286,70 +305,60 @@ def markdown_table(rows):
         target = f"{seconds}, {TARGET_GB} GB: " + ("yes" if within_targets(row) else "**no**")
         cells = [row["task"], f"{row['asked']} ({row['precision']})", *(f"{s:.1f}" for s in stages), f"{startup:.1f}",
                  f"{row['wall_s']:.1f}", ratio, f"{row['peak_rss_bytes'] / 1e9:.2f}", target]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return "\n".join(lines)
 
 
 def overhead_ratio(row):
-    """(wall - network) / network: what the work around the network costs, per second of network."""
-    network = row["timings_s"].get("network", 0.0)
-    return (row["wall_s"] - network) / network if network > 0 else float("inf")
+    """(wall - network) / network of a fresh process."""
+    return ratio_to_network(row["wall_s"], row)
 
 
 def share_table(rows):
     """One line per task and precision: each stage's share of the wall time (start-up: the rest) and the
     overhead ratio, against its target for `auto`."""
-    headers = ["Task", "precision (used)", *STAGES, "start-up", "overhead ratio", "target met"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    lines = table_head(["Task", "precision (used)", *STAGES, "start-up", "overhead ratio", "target met"])
     for row in rows:
         stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
         startup = max(row["wall_s"] - sum(stages), 0.0)
         shares = [f"{100 * seconds / row['wall_s']:.0f} %" for seconds in stages + [startup]]
         ratio = overhead_ratio(row)
-        target = (f"<= {OVERHEAD_TARGET}: " + ("yes" if ratio <= OVERHEAD_TARGET else "**no**")) \
-            if row["asked"] == "auto" else ""
-        lines.append("| " + " | ".join([row["task"], f"{row['asked']} ({row['precision']})", *shares,
-                                         f"{ratio:.2f}", target]) + " |")
+        target = ratio_verdict(ratio) if row["asked"] == "auto" else ""
+        lines.append(table_row([row["task"], f"{row['asked']} ({row['precision']})", *shares, f"{ratio:.2f}", target]))
     return "\n".join(lines)
 
 
 def warm_table(warm_rows):
     """The second case of one process: stage seconds and the overhead ratio over the timed stages."""
-    headers = ["Task", "precision (used)", *STAGES, "overhead ratio", "target met"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    lines = table_head(["Task", "precision (used)", *STAGES, "overhead ratio", "target met"])
     for row in warm_rows:
         stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
         ratio = warm_overhead_ratio(row)
-        verdict = f"<= {OVERHEAD_TARGET}: " + ("yes" if ratio <= OVERHEAD_TARGET else "**no**")
-        lines.append("| " + " | ".join([row["task"], f"{row['asked']} ({row['precision']})",
-                                         *(f"{seconds:.1f}" for seconds in stages), f"{ratio:.2f}", verdict]) + " |")
+        lines.append(table_row([row["task"], f"{row['asked']} ({row['precision']})",
+                                *(f"{seconds:.1f}" for seconds in stages), f"{ratio:.2f}", ratio_verdict(ratio)]))
     return "\n".join(lines)
 
 
 def warm_overhead_ratio(row):
     """(stages - network) / network for a case whose process was already running (no start-up to count)."""
-    network = row["timings_s"].get("network", 0.0)
-    return (sum(row["timings_s"].get(stage, 0.0) for stage in STAGES) - network) / network if network > 0 \
-        else float("inf")
+    return ratio_to_network(sum(row["timings_s"].get(stage, 0.0) for stage in STAGES), row)
 
 
 def standby_overhead_ratio(row):
     """(job wall - network) / network for a job sent to an engine process that was ready."""
-    network = row["timings_s"].get("network", 0.0)
-    return (row["job_s"] - network) / network if network > 0 else float("inf")
+    return ratio_to_network(row["job_s"], row)
 
 
 def standby_table(standby_rows):
     """The panel's case: ready time, the job's wall time and stages, and its overhead ratio."""
-    headers = ["Task", "precision (used)", "ready after s", *STAGES, "job s", "overhead ratio", "target met"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    lines = table_head(["Task", "precision (used)", "ready after s", *STAGES, "job s", "overhead ratio",
+                        "target met"])
     for row in standby_rows:
         stages = [row["timings_s"].get(stage, 0.0) for stage in STAGES]
         ratio = standby_overhead_ratio(row)
-        verdict = f"<= {OVERHEAD_TARGET}: " + ("yes" if ratio <= OVERHEAD_TARGET else "**no**")
-        lines.append("| " + " | ".join([row["task"], f"{row['asked']} ({row['precision']})", f"{row['ready_s']:.1f}",
-                                         *(f"{seconds:.1f}" for seconds in stages), f"{row['job_s']:.1f}",
-                                         f"{ratio:.2f}", verdict]) + " |")
+        lines.append(table_row([row["task"], f"{row['asked']} ({row['precision']})", f"{row['ready_s']:.1f}",
+                                *(f"{seconds:.1f}" for seconds in stages), f"{row['job_s']:.1f}", f"{ratio:.2f}",
+                                ratio_verdict(ratio)]))
     return "\n".join(lines)
 
 
@@ -478,13 +487,11 @@ def main(argv=None):
                 rows.append(measure_task(task, ct_path, work_dir, args.device, cores, args.models_dir, precision))
                 print(f"  {task} {precision} ({rows[-1]['precision']}): {rows[-1]['wall_s']:.1f} s, "
                       f"{rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB")
-        warm_rows = []
+        warm_rows, standby_rows = [], []
         if "auto" in args.precisions:
             for task in args.tasks:
                 warm_rows.append(measure_warm(task, ct_path, work_dir, args.device, cores, args.models_dir))
                 print(f"  {task} auto, second case in one process: ratio {warm_overhead_ratio(warm_rows[-1]):.2f}")
-        standby_rows = []
-        if "auto" in args.precisions:
             for task in args.tasks:
                 standby_rows.append(measure_standby(task, ct_path, work_dir, args.device, cores, args.models_dir))
                 print(f"  {task} auto, engine started ahead: job {standby_rows[-1]['job_s']:.1f} s, ratio "

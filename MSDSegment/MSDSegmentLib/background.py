@@ -78,6 +78,12 @@ def parse_event(line):
     return event if isinstance(event, dict) and "event" in event else None
 
 
+def events_in(text):
+    """(the worker's events in the complete lines of `text`, the incomplete last line to keep for later output)."""
+    *lines, rest = text.split("\n")
+    return [event for event in map(parse_event, lines) if event is not None], rest
+
+
 def python_path(existing=""):
     """PYTHONPATH for the process: the module folder first, so it finds this MSDSegmentLib."""
     return os.pathsep.join([MODULE_FOLDER] + ([existing] if existing else []))
@@ -197,11 +203,9 @@ class BackgroundSegmentation:
     # Events from the process (in the pumping thread)
 
     def on_output(self, text):
-        self.output_text += text
-        *lines, self.output_text = self.output_text.split("\n")
-        for line in lines:
-            event = parse_event(line)
-            if event is not None and event.get("job") in self.pending:
+        events, self.output_text = events_in(self.output_text + text)
+        for event in events:
+            if event.get("job") in self.pending:
                 self.handle(event)
 
     def on_errors(self, text):
@@ -333,12 +337,8 @@ class StandbyEngine:
     # Events from the process while it waits
 
     def on_output(self, text):
-        self.output_text += text
-        *lines, self.output_text = self.output_text.split("\n")
-        for line in lines:
-            event = parse_event(line)
-            if event is not None and event["event"] == "ready":
-                self.ready_event = event
+        events, self.output_text = events_in(self.output_text + text)
+        self.ready_event = next((event for event in events if event["event"] == "ready"), self.ready_event)
 
     def on_errors(self, text):
         self.error_text += text
