@@ -139,15 +139,16 @@ def task_probabilities(probabilities, stage, card):
     return np.stack([probabilities[unused].sum(axis=0)] + [probabilities[index] for index in used])
 
 
-def channel_argmax(probabilities):
+def channel_argmax(probabilities, scratch=False):
     """argmax over the first (class) axis, the first class winning ties, as np.argmax(axis=0) but one
-    contiguous pass per class (np.argmax across the first axis of a large array is several times slower)."""
+    contiguous pass per class (np.argmax across the first axis of a large array is several times slower).
+    scratch: the first channel is a temporary that may be overwritten, so it is not copied."""
     winners = np.zeros(np.shape(probabilities[0]), np.uint8)
-    best = probabilities[0].copy()
+    best = probabilities[0] if scratch else probabilities[0].copy()
     for index in range(1, len(probabilities)):
-        better = probabilities[index] > best
-        winners[better] = index
-        np.maximum(best, probabilities[index], out=best)
+        np.copyto(winners, np.uint8(index), where=probabilities[index] > best)
+        if index < len(probabilities) - 1:  # the last class is compared with, never against
+            np.maximum(best, probabilities[index], out=best)
     return winners
 
 
@@ -199,10 +200,11 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
         reference.SetOrigin(target.TransformIndexToPhysicalPoint([int(lower[0]), int(lower[1]), int(z)]))
         slabs = [resample(image, reference, sitk.sitkLinear, 0.0) for image in images]
         resampled = [sitk.GetArrayViewFromImage(image) for image in slabs]
-        foreground = resampled[0].copy()  # their sum, added in the order np.sum(axis=0) adds them, without a stack
-        for channel in resampled[1:]:
-            foreground += channel
-        winners = channel_argmax([1.0 - foreground] + resampled)
+        background = resampled[0] + resampled[1] if len(resampled) > 1 else resampled[0].copy()
+        for channel in resampled[2:]:  # the classes' sum, added in the order np.sum(axis=0) adds them
+            background += channel
+        np.subtract(1.0, background, out=background)
+        winners = channel_argmax([background] + resampled, scratch=True)
         out[z - lower[2]:top - lower[2]] = values[winners] if renumber else winners
         for value, probability in kept.items():
             # Only where the value won: all that post-processing reads, and float16 conversion is slow for the
@@ -260,18 +262,22 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
     that average but splits it between organ and tumour as the average with weight t does: the stage that sees
     small lesions best can decide the tumour without also deciding the organ's outline.
     """
-    matched = []
-    for name in stage.classes[1:]:
-        channel = np.zeros(probabilities.shape[1:], np.float32)
+    matched = np.zeros(probabilities.shape, np.float32)  # filled in place: one array, not one per step
+    for index, name in enumerate(stage.classes[1:], start=1):
         if name in previous_stage.classes:
             image = from_array(previous[previous_stage.classes.index(name)], previous_canonical, np.float32)
-            channel = sitk.GetArrayFromImage(resample(image, canonical)).transpose(2, 1, 0)
-        matched.append(channel)
-    matched = np.stack([1.0 - np.sum(matched, axis=0)] + matched)
-    blended = (1.0 - stage.blend_previous) * probabilities + stage.blend_previous * matched
-    if stage.tumour_blend_previous is None:
+            resampled = resample(image, canonical)  # kept alive while its view below is read
+            matched[index] = sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0)
+    np.sum(matched[1:], axis=0, out=matched[0])
+    np.subtract(1.0, matched[0], out=matched[0])
+    split = None
+    if stage.tumour_blend_previous is not None:
+        split = (1.0 - stage.tumour_blend_previous) * probabilities + stage.tumour_blend_previous * matched
+    blended = probabilities * (1.0 - stage.blend_previous)
+    matched *= stage.blend_previous
+    blended += matched
+    if split is None:
         return blended
-    split = (1.0 - stage.tumour_blend_previous) * probabilities + stage.tumour_blend_previous * matched
     for organ, tumour in tumours:
         total, split_total = blended[organ] + blended[tumour], split[organ] + split[tumour]
         share = np.divide(split[tumour], split_total, out=np.zeros_like(split_total), where=split_total > 0)
@@ -630,9 +636,10 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
     timings = dict(cascade.timings)
     timings["load"] += checks
     timings["postprocess"] = time.perf_counter() - started - sum(cascade.timings.values())
-    counts = np.bincount(label_array.ravel(), minlength=256) if box is not None else np.zeros(256, np.int64)
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
-    volumes = {label.value: float(counts[label.value] * voxel_ml) for label in card.trained_labels}
+    # One comparison per label: np.bincount would first copy every voxel of the box to a 64-bit integer.
+    counted = label_array if box is not None else np.zeros(0, np.uint8)
+    volumes = {label.value: float(np.count_nonzero(counted == label.value) * voxel_ml) for label in card.trained_labels}
     labels = label_image(label_array, box, target)
     report(1.0, "Done")
     return SegmentationResult(labels, card, volumes, timings, cascade.device, warnings, cascade.precision,

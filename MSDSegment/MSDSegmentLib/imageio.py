@@ -163,7 +163,7 @@ def validate_channels(channels, expected, source="input"):
         if min(channel.GetSize()) < 2:
             raise InputError(f"Expected a 3-D volume for {name}, got a single slice (size {channel.GetSize()})")
         values = sitk.GetArrayViewFromImage(channel)
-        if not np.all(np.isfinite(values)):
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):  # integers are always finite
             raise InputError(f"The {name} volume contains NaN or infinite voxels")
         if values.min() == values.max():
             raise InputError(f"The {name} volume is constant (every voxel is {values.min()}): nothing to segment")

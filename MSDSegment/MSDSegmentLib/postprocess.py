@@ -16,6 +16,30 @@ FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 CONTRAST_SHELL_MM = (5.0, 15.0)  # the organ around a lesion that its contrast is measured against
 
 
+def ball_offsets(spacing_mm, radius_mm):
+    """The index offsets whose physical length is at most `radius_mm` on a grid of `spacing_mm`, the length
+    computed as scipy's distance_transform_edt computes a distance (float64, axis by axis, then the root), so
+    that growing a mask by them gives exactly the voxels its distance map puts within that radius."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    reach = np.floor(radius_mm / spacing).astype(int) + 1  # one more: the lengths below decide a tie
+    offsets = np.indices(2 * reach + 1).reshape(len(spacing), -1).T - reach
+    lengths = np.sqrt(np.add.reduce((offsets * spacing) ** 2, axis=1))
+    return offsets[lengths <= radius_mm]
+
+
+def within_distance(mask, spacing_mm, radius_mm):
+    """The voxels at most `radius_mm` from a true voxel of `mask` (centre to centre, voxels beyond the array
+    never counted): `distance_transform_edt(~mask) <= radius_mm`, as one OR of the mask shifted by each offset
+    of that ball. The distance map's float64 passes over the whole box cost 0.5-1 s on an organ's box; the
+    shifts, tens of milliseconds."""
+    grown = np.zeros_like(mask)
+    for offset in ball_offsets(spacing_mm, radius_mm):
+        target = tuple(slice(max(o, 0), n + min(o, 0)) for o, n in zip(offset, mask.shape))
+        source = tuple(slice(max(-o, 0), n + min(-o, 0)) for o, n in zip(offset, mask.shape))
+        grown[target] |= mask[source]
+    return grown
+
+
 def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
     """Keep only the largest cluster of `value`'s components (in place; the rest becomes background).
 
@@ -35,9 +59,8 @@ def keep_largest_cluster(labels, value, spacing_mm, gap_mm=0.0, plausible=None):
         return
     crop, mask = labels[box], mask[box]
     clusters, count = ndimage.label(mask, FULL_CONNECTIVITY)
-    if count > 1 and gap_mm > 0:  # one piece is one cluster: the distance map is only needed to join several
-        joined = ndimage.distance_transform_edt(~mask, sampling=spacing) <= gap_mm / 2
-        clusters, count = ndimage.label(joined, FULL_CONNECTIVITY)
+    if count > 1 and gap_mm > 0:  # one piece is one cluster: the grown mask is only needed to join several
+        clusters, count = ndimage.label(within_distance(mask, spacing, gap_mm / 2), FULL_CONNECTIVITY)
     if count <= 1:
         return
     sizes = np.bincount(clusters[mask], minlength=count + 1)

@@ -170,7 +170,7 @@ def test_benchmark_report_gives_the_warm_ratio_and_the_imports_against_each_netw
             {"task": "spleen", "asked": "auto", "precision": "bf16", "timings_s": dict(stages, postprocess=2.0)}]
     assert bench_cli.warm_overhead_ratio(warm[0]) == pytest.approx(0.4)  # (7 - 5) / 5, no start-up to count
     lines = bench_cli.warm_table(warm).splitlines()
-    assert lines[2].endswith("| 0.40 | <= 0.6: yes |") and lines[3].endswith("| 0.70 | <= 0.6: **no** |")
+    assert lines[2].endswith("| 0.40 |  | <= 0.6: yes |") and lines[3].endswith("| 0.70 |  | <= 0.6: **no** |")
     fresh = [dict(row, wall_s=9.0) for row in warm] + [{"task": "liver", "asked": "fp32", "timings_s": stages}]
     (line,) = bench_cli.import_lines(4.0, fresh)
     assert "4.0 s" in line and "liver 0.80, spleen 0.80." in line
@@ -183,5 +183,14 @@ def test_benchmark_report_gives_the_panel_case_from_the_job_wall_time():
     assert bench_cli.standby_overhead_ratio(rows[0]) == pytest.approx(0.5)  # (7.5 - 5) / 5: what the user waits
     lines = bench_cli.standby_table(rows).splitlines()
     assert lines[0].startswith("| Task | precision (used) | ready after s | read |")
-    assert lines[2] == "| liver | auto (bf16) | 6.0 | 0.5 | 0.0 | 1.0 | 5.0 | 0.5 | 0.1 | 7.5 | 0.50 | <= 0.6: yes |"
-    assert lines[3].endswith("| 8.5 | 0.70 | <= 0.6: **no** |")
+    assert lines[2] == "| liver | auto (bf16) | 6.0 | 0.5 | 0.0 | 1.0 | 5.0 | 0.5 | 0.1 | 7.5 | 0.50 |  | <= 0.6: yes |"
+    assert lines[3].endswith("| 8.5 | 0.70 |  | <= 0.6: **no** |")
+
+
+def test_the_engine_running_cases_report_the_median_run_and_the_range_of_the_ratio():
+    stages = {"read": 0.5, "load": 0.0, "preprocess": 1.0, "network": 5.0, "write": 0.0}
+    runs = [{"task": "liver", "asked": "auto", "precision": "bf16", "timings_s": dict(stages, postprocess=seconds)}
+            for seconds in (0.5, 2.0, 1.0)]
+    row = bench_cli.median_run(runs, bench_cli.warm_overhead_ratio)
+    assert row["timings_s"]["postprocess"] == 1.0 and row["ratios"] == pytest.approx([0.4, 0.5, 0.7])
+    assert bench_cli.warm_table([row]).splitlines()[2].endswith("| 0.50 | 0.40-0.70 | <= 0.6: yes |")

@@ -5,7 +5,7 @@ import pytest
 
 from MSDSegmentLib.modelcard import Label, ModelCard
 from MSDSegmentLib.postprocess import (elongation, filter_tumours, keep_largest_cluster, lesion_contrast, organ_around,
-                                       postprocess)
+                                       postprocess, within_distance)
 
 
 def card():
@@ -46,6 +46,20 @@ def test_keep_largest_cluster_measures_the_gap_in_millimetres():
     labels = fragmented_organ_and_a_blob()
     keep_largest_cluster(labels, 1, (3.0, 1.0, 1.0), gap_mm=5.0)   # the pieces are 9 mm apart along x now
     assert labels.sum() == 125
+
+
+@pytest.mark.parametrize("spacing, radius", [((2.0, 2.0, 3.0), 5.0), ((2.5, 0.8, 0.8), 5.0), ((1.0, 1.0, 1.0), 3.0),
+                                             ((1.5, 1.5, 3.0), 4.5)])
+def test_within_distance_holds_exactly_the_voxels_the_distance_map_puts_within_the_radius(spacing, radius):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    mask = rng.random((30, 26, 34)) > 0.997  # scattered voxels, some near the edges
+    mask[10:14, 8:12, 5:20] = True
+    expected = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius
+    grown = within_distance(mask, spacing, radius)
+    assert grown.dtype == bool and np.array_equal(grown, expected)
+    assert grown.sum() > 3 * mask.sum()  # the comparison is not between two empty or unchanged masks
 
 
 def test_tumours_away_from_the_organ_or_too_small_are_dropped():
