@@ -247,7 +247,7 @@ def standby_job(task, ct_path, work_dir, device, cores, models_dir=None, precisi
     import SimpleITK as sitk
 
     image = sitk.ReadImage(ct_path)
-    folder = tempfile.mkdtemp(prefix=f"standby-{task}-", dir=work_dir)  # a new folder per run, as the panel's
+    folder = tempfile.mkdtemp(prefix=f"standby-{task}-", dir=work_dir)  # a folder per run, as the panel's
     panel_input = os.path.join(folder, "input.nrrd")
     options = dict(task=task, device=device, precision=precision, models_dir=models_dir)
     command = background.worker_command(background.worker_program(sys.executable), standby=True, **options)
@@ -279,6 +279,7 @@ def standby_job(task, ct_path, work_dir, device, cores, models_dir=None, precisi
         raise RuntimeError(f"task {task} (standby engine) failed: {ended['error']}")
     with open(os.path.splitext(output)[0] + ".json", encoding="utf-8") as stream:
         summary = json.load(stream)
+    shutil.rmtree(folder)  # as the panel removes its folder after each run
     return {"task": task, "asked": precision, "precision": summary["precision"], "timings_s": summary["timings_s"],
             "ready_s": ready_s, "job_s": job_s}
 
@@ -471,9 +472,9 @@ def report(rows, ct_description, cores, device, warm_rows=(), import_seconds=Non
         runs = len(standby_rows[0].get("ratios", [None]))
         lines += ["", "The panel's case: its engine process is started ahead of the click (`worker --standby`, when "
                   "the panel is shown and after each run) and has loaded and run its networks. Job s: from the input "
-                  "written as the panel writes it (uncompressed NRRD, in a new folder) to the result reported; "
-                  f"overhead ratio (job s - network) / network. Each of {runs} runs has its own engine process; the "
-                  "run with the median ratio, and the range:", "", standby_table(standby_rows)]
+                  "written as the panel writes it (uncompressed NRRD, in a folder removed after the run) to the result "
+                  f"reported; overhead ratio (job s - network) / network. Each of {runs} runs has its own engine "
+                  "process; the run with the median ratio, and the range:", "", standby_table(standby_rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 
-from .allocator import keep_freed_memory, release_freed_memory
 from .errors import MSDSegmentError
 from .atomic import write_json
 from .imageio import LABEL_SUFFIXES, label_suffix
@@ -92,17 +91,7 @@ class Reporter:
 
 def segment_case(inputs, output, args, say, progress=None):
     """Segment one case into `output` and its summary beside it. progress(fraction, stage), if given, replaces
-    the terminal's progress report (the background worker's JSON lines). Every process that runs a case comes
-    here (the command line, the panel's engine process, a cluster worker): the engine's arrays are reused from the
-    heap during the case, and what it freed is returned after it (allocator.py)."""
-    keep_freed_memory()
-    try:
-        write_case(inputs, output, args, say, progress)
-    finally:
-        release_freed_memory()
-
-
-def write_case(inputs, output, args, say, progress):
+    the terminal's progress report (the background worker's JSON lines)."""
     from .engine import discard_preloads, preload, segment
     from .imageio import read_channels, write_labels
 

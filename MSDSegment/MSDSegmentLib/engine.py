@@ -133,10 +133,15 @@ def network_for(stage, device):
 
 
 def task_probabilities(probabilities, stage, card):
-    """Network channels -> (background, task label 1, 2, ...): classes the task does not use are background."""
+    """Network channels -> [background, task label 1, 2, ...]: classes the task does not use are background.
+    The labels' channels are the stage's own arrays, not copies; the background is a new array, the unused classes
+    added in order (as probabilities[unused].sum(axis=0) adds them, without first gathering them into one array)."""
     used = [stage.classes.index(label.source_class) for label in card.trained_labels]
     unused = [index for index in range(len(stage.classes)) if index not in used]
-    return np.stack([probabilities[unused].sum(axis=0)] + [probabilities[index] for index in used])
+    background = probabilities[unused[0]].copy()
+    for index in unused[1:]:
+        background += probabilities[index]
+    return [background] + [probabilities[index] for index in used]
 
 
 def channel_argmax(probabilities, scratch=False):
