@@ -149,6 +149,8 @@ def test_channel_argmax_is_numpy_s_argmax_with_ties_to_the_first_class():
     probabilities[2, :5] = probabilities[1, :5]  # ties
     assert np.array_equal(channel_argmax(probabilities), np.argmax(probabilities, axis=0))
     assert np.array_equal(channel_argmax(list(probabilities)), np.argmax(probabilities, axis=0))
+    scratch = [probabilities[0].copy()] + list(probabilities[1:])  # the first channel may be overwritten
+    assert np.array_equal(channel_argmax(scratch, scratch=True), np.argmax(probabilities, axis=0))
 
 
 def test_bounding_box_with_a_margin_per_axis():
