@@ -13,7 +13,7 @@ from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .boxes import bounding_box, union_box, within
 from .inference import DEFAULT_WINDOWS_PER_BATCH, autocast, out_of_memory, predict_probabilities
-from .postprocess import keep_largest_cluster, postprocess
+from .postprocess import FULL_CONNECTIVITY, keep_largest_cluster, postprocess, touching
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
@@ -157,9 +157,9 @@ def channel_argmax(probabilities, scratch=False):
     return winners
 
 
-def foreground_box_on_input(probabilities, canonical, target):
-    """Index box of the input grid that can contain foreground (everything else is background)."""
-    foreground = channel_argmax(probabilities) > 0
+def foreground_box_on_input(foreground, canonical, target):
+    """Index box of the input grid that can contain foreground (everything else is background), from the voxels
+    of the stage grid that may be foreground (`foreground`, a mask)."""
     box = bounding_box(foreground, margin=2)
     if box is None:
         return None
@@ -173,7 +173,31 @@ def foreground_box_on_input(probabilities, canonical, target):
     return lower, upper
 
 
-def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None, kept_values=()):
+def kept_on_stage_grid(winners, card, spacing, plausible):
+    """The voxels of a task's labels on its last stage's grid (`winners`: 0 background, i the card's i-th trained
+    label) that post-processing can keep: each organ's cluster as keep_largest_cluster picks it there (`plausible`:
+    {label value: index centroid on this grid -> bool}), and the tumour pieces within two voxels of it. The input
+    grid's box is drawn around them, so that pieces post-processing removes (specks of the spleen's channel beside
+    the liver, across the abdomen) do not widen what is resampled and post-processed voxel by voxel."""
+    from scipy import ndimage
+
+    labels = winners.copy()
+    organs = np.zeros(labels.shape, bool)
+    for index, label in enumerate(card.trained_labels, start=1):
+        if label.kind == "organ":
+            keep_largest_cluster(labels, index, spacing, label.component_gap_mm, plausible.get(label.value))
+            organs |= labels == index
+    tumours = np.isin(labels, [index for index, label in enumerate(card.trained_labels, start=1)
+                               if label.kind == "tumour"])
+    if not tumours.any():
+        return organs
+    pieces, _ = ndimage.label(tumours, FULL_CONNECTIVITY)
+    voxels = np.nonzero(tumours)
+    near = np.unique(pieces[voxels][touching(organs, voxels, reach=2)])
+    return organs | np.isin(pieces, near[near > 0])
+
+
+def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=None, kept_values=(), foreground=None):
     """Argmax of linearly resampled probabilities on the input grid, slab by slab (bounded memory).
 
     Returns the label array over the index box outside which every voxel is background, that box (slices),
@@ -182,8 +206,12 @@ def labels_on_input_grid(probabilities, canonical, target, label_values, cancel=
     nothing is foreground. Arrays on the input grid are in SimpleITK's array order (z, y, x), as the box is:
     what SimpleITK resamples is used as it comes, with no transposed copy.
     Only the foreground classes are resampled: linear interpolation keeps the classes summing to one, so the
-    background is one minus their sum (and one outside the canonical grid, where the others are zero)."""
-    box = foreground_box_on_input(probabilities, canonical, target)
+    background is one minus their sum (and one outside the canonical grid, where the others are zero).
+    `foreground`: the stage grid's voxels that may be foreground (kept_on_stage_grid); by default every voxel
+    the argmax labels."""
+    if foreground is None:
+        foreground = channel_argmax(probabilities) > 0
+    box = foreground_box_on_input(foreground, canonical, target)
     if box is None:
         return None, None, {}
     lower, upper = box
@@ -241,12 +269,12 @@ def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
                                      precision="fp32"), "cpu"
 
 
-def region_of_interest(probabilities, stage, canonical, roi):
-    """Physical corners of the box around the voxels `stage` labelled as one of the ROI classes, plus the
-    ROI margin; None when it labelled none of them. With `cluster_gap_mm` the box holds only the largest
-    cluster of those voxels (as post-processing would keep it), not stray blobs elsewhere."""
+def region_of_interest(winners, stage, canonical, roi):
+    """Physical corners of the box around the voxels `stage` labelled as one of the ROI classes (`winners`: its
+    channel_argmax), plus the ROI margin; None when it labelled none of them. With `cluster_gap_mm` the box holds
+    only the largest cluster of those voxels (as post-processing would keep it), not stray blobs elsewhere."""
     wanted = [stage.classes.index(name) for name in roi["classes"] if name in stage.classes]
-    found = np.isin(channel_argmax(probabilities), wanted).astype(np.uint8)
+    found = np.isin(winners, wanted).astype(np.uint8)
     if "cluster_gap_mm" in roi:
         keep_largest_cluster(found, 1, canonical.GetSpacing(), roi["cluster_gap_mm"])
     box = bounding_box(found, margin=0)
@@ -275,13 +303,15 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
             matched[index] = sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0)
     np.sum(matched[1:], axis=0, out=matched[0])
     np.subtract(1.0, matched[0], out=matched[0])
-    split = None
+    split = {}  # the average with weight t, of the channels it splits only
     if stage.tumour_blend_previous is not None:
-        split = (1.0 - stage.tumour_blend_previous) * probabilities + stage.tumour_blend_previous * matched
+        weight = stage.tumour_blend_previous
+        split = {index: (1.0 - weight) * probabilities[index] + weight * matched[index]
+                 for index in sorted({index for pair in tumours for index in pair})}
     blended = probabilities * (1.0 - stage.blend_previous)
     matched *= stage.blend_previous
     blended += matched
-    if split is None:
+    if not split:
         return blended
     for organ, tumour in tumours:
         total, split_total = blended[organ] + blended[tumour], split[organ] + split[tumour]
@@ -382,6 +412,7 @@ class Cascade:
         self.channels, self.loader, self.tta, self.cancel = channels, loader, tta, cancel
         self.device = self.precision = None
         self.done = {}  # stages run so far (a card's stages up to one) -> (probabilities, canonical grid, region)
+        self.argmaxes, self.centroids = {}, {}  # what several tasks read of a stage, computed once
         self.timings = {"load": 0.0, "preprocess": 0.0, "network": 0.0}
 
     def last_stage(self, card, report):
@@ -392,14 +423,20 @@ class Cascade:
             key = stage_key(card, number)
             if key not in self.done:
                 if number and stage.roi:
-                    region = region_of_interest(probabilities, card.stages[number - 1], canonical, stage.roi) \
-                        or region
+                    region = region_of_interest(self.winners(stage_key(card, number - 1)), card.stages[number - 1],
+                                                canonical, stage.roi) or region
                 previous = (probabilities, canonical)
                 probabilities, canonical = self.run_stage(number, stage, card, region, previous,
                                                           0.05 + number * share, share, report)
                 self.done[key] = (probabilities, canonical, region)
             probabilities, canonical, region = self.done[key]
         return probabilities, canonical
+
+    def winners(self, key):
+        """channel_argmax of the probabilities of the stage run as `key` (stage_key)."""
+        if key not in self.argmaxes:
+            self.argmaxes[key] = channel_argmax(self.done[key][0])
+        return self.argmaxes[key]
 
     def organ_centroid(self, card, organ):
         """The physical centroid (mm, LPS) of the largest piece of `organ` as the finest of the card's stages
@@ -409,13 +446,18 @@ class Cascade:
             key = stage_key(card, number)
             if organ not in stage.classes or key not in self.done:
                 continue
-            probabilities, canonical, _ = self.done[key]
-            found = (channel_argmax(probabilities) == stage.classes.index(organ)).astype(np.uint8)
-            keep_largest_cluster(found, 1, canonical.GetSpacing())
-            if not found.any():
-                return None
-            return np.array(canonical.TransformContinuousIndexToPhysicalPoint(np.argwhere(found).mean(axis=0).tolist()))
+            if (key, organ) not in self.centroids:
+                self.centroids[key, organ] = self.largest_piece_centroid(key, stage.classes.index(organ))
+            return self.centroids[key, organ]
         return None
+
+    def largest_piece_centroid(self, key, channel):
+        canonical = self.done[key][1]
+        found = (self.winners(key) == channel).astype(np.uint8)
+        keep_largest_cluster(found, 1, canonical.GetSpacing())
+        if not found.any():
+            return None
+        return np.array(canonical.TransformContinuousIndexToPhysicalPoint(np.argwhere(found).mean(axis=0).tolist()))
 
     def run_stage(self, number, stage, card, region, previous, start, share, report):
         if self.cancel is not None and self.cancel():
@@ -444,10 +486,10 @@ class Cascade:
         return probabilities, canonical
 
 
-def location_distances(cascade, card, target, box):
-    """{label value: centroid in `box` (array order z, y, x) -> Mahalanobis distance from where the organ lies}, by
-    the card's `location` (the offset learnt from the training labels) from the organ it is placed relative to, as
-    the cascade found that organ."""
+def location_distances(cascade, card):
+    """{label value: physical point (mm, LPS) -> Mahalanobis distance from where the organ lies}, by the card's
+    `location` (the offset learnt from the training labels) from the organ it is placed relative to, as the cascade
+    found that organ."""
     distances = {}
     for label in card.trained_labels:
         location = label.location
@@ -456,27 +498,43 @@ def location_distances(cascade, card, target, box):
             continue
         inverse = np.linalg.inv(np.asarray(location["covariance_mm2"], dtype=float))
         mean = np.asarray(location["mean_mm"], dtype=float)
-        start = np.array([part.start for part in box], dtype=float)
 
-        def distance(index, inverse=inverse, mean=mean, anchor=anchor):
-            point = target.TransformContinuousIndexToPhysicalPoint((start + np.asarray(index, float))[::-1].tolist())
-            offset = np.array(point) - anchor - mean
+        def distance(point, inverse=inverse, mean=mean, anchor=anchor):
+            offset = np.asarray(point, dtype=float) - anchor - mean
             return float(np.sqrt(offset @ inverse @ offset))
 
         distances[label.value] = distance
     return distances
 
 
+def on_grid(distances, to_physical):
+    """location_distances as functions of an index centroid, which `to_physical` takes to a physical point."""
+    return {value: (lambda index, distance=distance: distance(to_physical(index)))
+            for value, distance in distances.items()}
+
+
+def input_box_points(target, box):
+    """Index (array order z, y, x, in `box`) -> physical point, on the input grid."""
+    start = np.array([part.start for part in box], dtype=float)
+    return lambda index: target.TransformContinuousIndexToPhysicalPoint(
+        (start + np.asarray(index, float))[::-1].tolist())
+
+
+def stage_points(canonical):
+    """Index (x, y, z) -> physical point, on a stage's canonical grid."""
+    return lambda index: canonical.TransformContinuousIndexToPhysicalPoint(np.asarray(index, float).tolist())
+
+
 def plausible_pieces(card, distances):
     """{label value: index centroid -> whether a piece there lies where the organ lies (within the card's
-    largest Mahalanobis distance)}, from location_distances."""
+    largest Mahalanobis distance)}, from location_distances put on a grid (on_grid)."""
     limits = {label.value: label.location.get("max_distance") for label in card.trained_labels}
     return {value: (lambda index, distance=distance, limit=limits[value]: distance(index) <= limit)
             for value, distance in distances.items()}
 
 
 def plausibility(cascade, card, target, box):
-    return plausible_pieces(card, location_distances(cascade, card, target, box))
+    return plausible_pieces(card, on_grid(location_distances(cascade, card), input_box_points(target, box)))
 
 
 def count_and_centroid(mask):
@@ -490,14 +548,14 @@ def count_and_centroid(mask):
     return count, np.array(sums, float) / count
 
 
-def segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions=None):
+def segment_quality(card, probabilities, winners, label_array, box, distances, voxel_ml, lesions=None):
     """How far to trust each segment. confidence: the mean probability of the label over the voxels the network
     gave it (on its own grid); location_distance: Mahalanobis distance of the segment's centroid from where the
     organ lies. A segment is to be checked when its confidence is below the card's calibrated minimum, when it
     lies away from where its organ lies, when an organ's volume is less than half the smallest or more than twice
     the largest in the training labels, or when an organ is not found at all. A tumour's entry also lists its
-    lesions (postprocess), largest first. `label_array`: the labels over `box` (labels_on_input_grid)."""
-    winners = channel_argmax(probabilities)
+    lesions (postprocess), largest first. `winners`: channel_argmax(probabilities); `label_array`: the labels over
+    `box` (labels_on_input_grid)."""
     minimum = card.quality.get("min_confidence", 0.0)
     quality = {}
     for index, label in enumerate(card.trained_labels, start=1):
@@ -551,11 +609,18 @@ def task_labels(cascade, card, target, keep_largest, report):
     probabilities, canonical = cascade.last_stage(card, report)
     report(0.8, "Resampling to the input grid")
     probabilities = task_probabilities(probabilities, card.stages[-1], card)
+    winners = channel_argmax(probabilities)
+    distances = location_distances(cascade, card)
+    foreground = winners > 0
+    if keep_largest and card.postprocessing_setting("keep_largest"):
+        foreground = kept_on_stage_grid(winners, card, canonical.GetSpacing(),
+                                        plausible_pieces(card, on_grid(distances, stage_points(canonical))))
     tumours = [label.value for label in card.trained_labels if label.kind == "tumour"]
     label_array, box, tumour_probabilities = labels_on_input_grid(
-        probabilities, canonical, target, [label.value for label in card.trained_labels], cascade.cancel, tumours)
+        probabilities, canonical, target, [label.value for label in card.trained_labels], cascade.cancel, tumours,
+        foreground)
     report(0.9, "Post-processing")
-    distances = location_distances(cascade, card, target, box) if box is not None else {}
+    distances = on_grid(distances, input_box_points(target, box)) if box is not None else {}
     lesions = {}
     if box is not None:  # every label lies in the box: post-processing only removes or relabels voxels
         image = sitk.GetArrayViewFromImage(target)[box] if tumours else None
@@ -564,7 +629,8 @@ def task_labels(cascade, card, target, keep_largest, report):
         for lesion in (lesion for found in lesions.values() for lesion in found):  # an index (x, y, z) of the input
             lesion["index"] = [int(part.start + i) for part, i in zip(box, lesion["index"])][::-1]
     voxel_ml = float(np.prod(target.GetSpacing())) / 1000.0
-    return label_array, box, segment_quality(card, probabilities, label_array, box, distances, voxel_ml, lesions)
+    return label_array, box, segment_quality(card, probabilities, winners, label_array, box, distances, voxel_ml,
+                                             lesions)
 
 
 def combined_labels(cascade, card, target, keep_largest, report):

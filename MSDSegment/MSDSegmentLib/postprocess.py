@@ -140,11 +140,12 @@ class TumourComponents:
         return mask
 
 
-def touching(mask, voxels):
-    """For each voxel of `voxels` (index arrays), whether one of its 26 neighbours inside the array is true in
-    `mask`: what a full-connectivity dilation of `mask` holds there, looked up at those voxels alone."""
+def touching(mask, voxels, reach=1):
+    """For each voxel of `voxels` (index arrays), whether a voxel at most `reach` steps away along each axis
+    (its 26 neighbours for 1) inside the array is true in `mask`: what `reach` full-connectivity dilations of
+    `mask` hold there, looked up at those voxels alone."""
     found = np.zeros(len(voxels[0]), bool)
-    for offset in itertools.product((-1, 0, 1), repeat=mask.ndim):
+    for offset in itertools.product(range(-reach, reach + 1), repeat=mask.ndim):
         if not any(offset):
             continue
         neighbours = [axis + step for axis, step in zip(voxels, offset)]

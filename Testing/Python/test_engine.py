@@ -204,7 +204,7 @@ def test_a_stage_whose_previous_one_found_nothing_sees_that_stage_s_region(tiny_
 
 
 def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
-    from MSDSegmentLib.engine import region_of_interest
+    from MSDSegmentLib.engine import channel_argmax, region_of_interest
     from MSDSegmentLib.modelcard import Stage
     canonical = sitk.Image([20, 20, 10], sitk.sitkUInt8)
     canonical.SetSpacing([4.0, 4.0, 4.0])
@@ -213,18 +213,20 @@ def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     probabilities = np.zeros((3, 20, 20, 10), np.float32)
     probabilities[0] = 1
     roi = {"classes": ["liver", "pancreas"], "margin_mm": [10, 10, 20]}
-    assert region_of_interest(probabilities, stage, canonical, roi) is None     # nothing found: whole image
+    nothing = region_of_interest(channel_argmax(probabilities), stage, canonical, roi)
+    assert nothing is None  # nothing found: the whole image
     probabilities[:, 5:8, 6:9, 2:4] = np.array([0, 0, 1])[:, None, None, None]
-    lower, upper = region_of_interest(probabilities, stage, canonical, roi)
+    lower, upper = region_of_interest(channel_argmax(probabilities), stage, canonical, roi)
     # voxels 5..7 cover 18..30 mm (centres at 4 mm x index), then the margin
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 44, 34])
     # A larger blob far away widens the box, unless the box is drawn around the largest cluster of pieces:
     # two 18-voxel pieces one voxel (4 mm) apart outweigh a single 27-voxel blob 28 mm away.
     probabilities[:, 5:8, 10:13, 2:4] = np.array([0, 0, 1])[:, None, None, None]
     probabilities[:, 14:17, 14:17, 6:9] = np.array([0, 0, 1])[:, None, None, None]
-    lower, upper = region_of_interest(probabilities, stage, canonical, roi)
+    lower, upper = region_of_interest(channel_argmax(probabilities), stage, canonical, roi)
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [76, 76, 54])
-    lower, upper = region_of_interest(probabilities, stage, canonical, dict(roi, cluster_gap_mm=10))
+    lower, upper = region_of_interest(channel_argmax(probabilities), stage, canonical,
+                                      dict(roi, cluster_gap_mm=10))
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 60, 34])
 
 
@@ -254,6 +256,41 @@ def test_tumour_probability_on_the_input_grid_is_kept_where_the_tumour_won():
     assert kept[2].dtype == np.float16
     assert np.array_equal(kept[2][won], whole[won].astype(np.float16))
     assert not kept[2][~won].any()
+
+
+def test_the_input_grid_box_leaves_out_pieces_post_processing_removes():
+    """The box resampled onto the input grid is drawn around what post-processing can keep (the organ's largest
+    piece and the tumour on it), not around a speck of the organ's channel across the abdomen or a tumour away
+    from the organ: the labels come out the same, from a smaller box."""
+    from MSDSegmentLib.engine import channel_argmax, kept_on_stage_grid, label_image, labels_on_input_grid
+    from MSDSegmentLib.postprocess import postprocess
+    card = bundled("liver")
+    canonical = sitk.Image([60, 50, 30], sitk.sitkUInt8)
+    canonical.SetSpacing([1.5, 1.5, 3.0])
+    target = sitk.Image([100, 90, 40], sitk.sitkInt16)
+    target.SetSpacing([0.9, 0.8, 2.5])
+    target.SetOrigin([1.0, -2.0, 1.5])
+    grid = np.indices(canonical.GetSize(), np.float32)
+
+    def blob(centre, size):
+        return np.exp(-sum(((axis - c) / size) ** 2 for axis, c in zip(grid, centre)))
+
+    organ = np.maximum(blob((14, 20, 15), 8.0), 0.9 * blob((52, 42, 24), 2.0))  # the speck: far away
+    tumour = 0.8 * np.maximum(blob((20, 24, 15), 5.0), blob((50, 8, 6), 2.0))  # one on the organ, one away
+    organ, tumour = organ * (1 - tumour), tumour
+    probabilities = np.stack([np.clip(1.0 - organ - tumour, 0, 1), organ, tumour]).astype(np.float32)
+    winners = channel_argmax(probabilities)
+    kept = kept_on_stage_grid(winners, card, canonical.GetSpacing(), {})
+    assert (winners[50:55, 40:45, 22:27] == 1).any() and (winners[48:53, 6:11, 4:9] == 2).any()
+    assert not kept[45:, 35:, 18:].any() and not kept[45:, :14, :12].any() and kept[14, 20, 15]
+    results = []
+    for foreground in (None, kept):
+        labels, box, _ = labels_on_input_grid(probabilities, canonical, target, [1, 2], foreground=foreground)
+        postprocess(labels, card, target.GetSpacing()[::-1])
+        results.append((sitk.GetArrayFromImage(label_image(labels, box, target)), labels.size))
+    (everything, whole_size), (cleaned, cleaned_size) = results
+    assert (everything == 1).sum() > 1000 and (everything == 2).sum() > 20
+    assert np.array_equal(everything, cleaned) and cleaned_size < 0.5 * whole_size
 
 
 def test_a_stage_blends_in_the_previous_stage_s_probabilities_for_its_own_classes():
