@@ -230,16 +230,23 @@ def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():
     assert np.allclose(lower, [8, 12, -14]) and np.allclose(upper, [40, 60, 34])
 
 
+def stage_and_input_grids(stage_size, stage_spacing, input_size, input_spacing, input_origin):
+    """A stage's canonical grid (origin 0) and an input CT's grid, empty images of those geometries."""
+    canonical = sitk.Image(stage_size, sitk.sitkUInt8)
+    canonical.SetSpacing(stage_spacing)
+    target = sitk.Image(input_size, sitk.sitkInt16)
+    target.SetSpacing(input_spacing)
+    target.SetOrigin(input_origin)
+    return canonical, target
+
+
 def test_tumour_probability_on_the_input_grid_is_kept_where_the_tumour_won():
     """labels_on_input_grid keeps a tumour's probability (float16) on every voxel it labels, as the whole channel
     resampled onto the input grid has it there, and zero elsewhere: what the lesion statistics read."""
     from MSDSegmentLib.engine import labels_on_input_grid
     from MSDSegmentLib.preprocessing import from_array, resample
-    canonical = sitk.Image([24, 24, 12], sitk.sitkUInt8)
-    canonical.SetSpacing([2.0, 2.0, 3.0])
-    target = sitk.Image([40, 40, 30], sitk.sitkInt16)
-    target.SetSpacing([1.1, 1.3, 1.25])
-    target.SetOrigin([2.0, -1.0, 1.5])
+    canonical, target = stage_and_input_grids([24, 24, 12], [2.0, 2.0, 3.0], [40, 40, 30], [1.1, 1.3, 1.25],
+                                              [2.0, -1.0, 1.5])
     grid = np.indices(canonical.GetSize(), np.float32)
     organ = np.exp(-((grid[0] - 10) ** 2 + (grid[1] - 12) ** 2 + 4 * (grid[2] - 6) ** 2) / 40.0)
     tumour = 0.9 * np.exp(-((grid[0] - 12) ** 2 + (grid[1] - 11) ** 2 + 4 * (grid[2] - 6) ** 2) / 6.0)
@@ -265,11 +272,8 @@ def test_the_input_grid_box_leaves_out_pieces_post_processing_removes():
     from MSDSegmentLib.engine import channel_argmax, kept_on_stage_grid, label_image, labels_on_input_grid
     from MSDSegmentLib.postprocess import postprocess
     card = bundled("liver")
-    canonical = sitk.Image([60, 50, 30], sitk.sitkUInt8)
-    canonical.SetSpacing([1.5, 1.5, 3.0])
-    target = sitk.Image([100, 90, 40], sitk.sitkInt16)
-    target.SetSpacing([0.9, 0.8, 2.5])
-    target.SetOrigin([1.0, -2.0, 1.5])
+    canonical, target = stage_and_input_grids([60, 50, 30], [1.5, 1.5, 3.0], [100, 90, 40], [0.9, 0.8, 2.5],
+                                              [1.0, -2.0, 1.5])
     grid = np.indices(canonical.GetSize(), np.float32)
 
     def blob(centre, size):
