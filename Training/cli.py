@@ -19,6 +19,16 @@ def fold_argument(text):
         raise argparse.ArgumentTypeError(f"a fold is 0-4 or 'all', not {text!r}") from None
 
 
+def worker_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a number of worker processes is 0 or more, not {text!r}")
+    return value
+
+
 def spacing_argument(text):
     try:
         values = [float(v) for v in text.split(",")]
@@ -55,6 +65,9 @@ def build_parser():
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--init-from", help="start from exported weights (.pt), e.g. on a new machine")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--workers", type=worker_count, default=0,
+                       help="processes that draw and augment batches ahead (for a GPU; 0: in the training process, "
+                            "which a resumed run replays exactly)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                        help="patch size in voxels instead of the model's (a new plan records it)")

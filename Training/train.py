@@ -17,7 +17,7 @@ from MSDSegmentLib.network import build_network
 
 from .cache import label_count, load_case
 from .lesions import TrainingLesions
-from .sampling import PatchSampler
+from .sampling import PatchSampler, batch_stream
 
 
 class PresentClassesDiceLoss(GeneralizedDiceLoss):
@@ -93,6 +93,7 @@ class Distributed:
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # one patch size throughout: cuDNN picks its fastest kernels once
         if self.world > 1:
             torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
@@ -317,11 +318,17 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=step, unit="step", mininterval=10)
     model.train()
+    workers = getattr(args, "workers", 0)
+    if workers and step and dist.main:
+        log(f"sampling in {workers} worker processes: from step {step} the batches are new draws, not the ones an "
+            "uninterrupted run would have taken")
+    batches = batch_stream(sampler, args.batch_size, workers, args.seed, dist.rank, step,
+                           pin_memory=dist.device.type == "cuda")
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.lr, step, args.steps)
-        images, labels = sampler.sample(args.batch_size)
-        images, labels = images.to(dist.device), labels.to(dist.device)
+        images, labels = next(batches)
+        images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
         with torch.autocast(dist.device.type, dtype=AUTOCAST_TYPES.get(precision), enabled=precision != "fp32"):
             logits = model(images)
         loss = loss_function(logits.float(), labels)  # the loss in fp32 whatever the forward pass's arithmetic
@@ -371,6 +378,7 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
         if stopping:
             log(f"{'time limit reached' if out_of_time else 'stopped'} at step {step}; resume with --resume")
             break
+    batches.close()  # ends the worker processes now, not when the generator is collected
     if progress:
         progress.close()
     if dist.world > 1:

@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from Training.evaluate import label_metrics, reference_mapping, run_evaluation, 
 from Training.models import MODELS, LabelMappingError, label_mapping, parse_label_map
 from Training.dataset import read_dataset
 from Training.plan import choose_ct_window, choose_spacing, fingerprint
-from Training.sampling import PatchSampler
+from Training.sampling import PatchSampler, batch_stream
 from Training.tasks import TASKS
 from Training.train import DiceCELoss
 
@@ -310,6 +311,35 @@ def test_patch_sampler_state_gives_the_same_next_batches():
         assert torch.equal(images, again_images)
         assert torch.equal(labels, again_labels)
     assert images.shape == (2, 1, 16, 16, 16) and labels.shape == (2, 1, 16, 16, 16)
+
+
+def test_batches_drawn_in_worker_processes_come_in_the_same_order_every_time():
+    cases = sampler_cases()
+
+    def first_batches(step, count=4):
+        stream = batch_stream(PatchSampler(cases, [16, 16, 16], 3, [0]), 2, workers=2, seed=7, step=step)
+        batches = [next(stream) for _ in range(count)]
+        stream.close()
+        return batches
+
+    first, again, resumed = first_batches(0), first_batches(0), first_batches(10)
+    for (images, labels), (images_again, labels_again) in zip(first, again):
+        assert torch.equal(images, images_again) and torch.equal(labels, labels_again)
+    # The workers' streams differ from each other, and a run resumed at another step draws new batches.
+    assert not torch.equal(first[0][0], first[1][0])
+    assert not any(torch.equal(images, other) for (images, _), (other, _) in zip(first, resumed))
+    assert first[0][1].dtype == torch.long and first[0][0].shape == (2, 1, 16, 16, 16)
+    assert set(torch.unique(torch.cat([labels for _, labels in first])).tolist()) <= {0, 1, 2}
+
+
+def test_training_with_worker_processes_runs_and_ends_them(trained, tmp_path, capsys):
+    train(trained["data"], str(tmp_path), "--steps", "3", "--workers", "2")
+    state = torch.load(os.path.join(str(tmp_path), "abdomen", "fold0", "last.ckpt"), weights_only=False)
+    assert state["step"] == 3 and state["args"]["workers"] == 2
+    assert not multiprocessing.active_children()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", "abdomen", "--workers", "-1"])
+    assert "a number of worker processes is 0 or more" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------- loss
