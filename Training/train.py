@@ -320,15 +320,13 @@ def train(plan, cache_dir, training_ids, validation_ids, run_dir, args, log=prin
     model.train()
     workers = getattr(args, "workers", 0)
     if workers and step and dist.main:
-        log(f"sampling in {workers} worker processes: from step {step} the batches are new draws, not the ones an "
+        log(f"sampling in {workers} worker processes: from step {step} the crops are new draws, not the ones an "
             "uninterrupted run would have taken")
-    batches = batch_stream(sampler, args.batch_size, workers, args.seed, dist.rank, step,
-                           pin_memory=dist.device.type == "cuda")
+    batches = batch_stream(sampler, args.batch_size, workers, args.seed, dist.rank, step, dist.device)
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.lr, step, args.steps)
         images, labels = next(batches)
-        images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
         with torch.autocast(dist.device.type, dtype=AUTOCAST_TYPES.get(precision), enabled=precision != "fp32"):
             logits = model(images)
         loss = loss_function(logits.float(), labels)  # the loss in fp32 whatever the forward pass's arithmetic
