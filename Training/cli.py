@@ -66,8 +66,9 @@ def build_parser():
     train.add_argument("--init-from", help="start from exported weights (.pt), e.g. on a new machine")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     train.add_argument("--workers", type=worker_count, default=0,
-                       help="processes that draw and augment batches ahead (for a GPU; 0: in the training process, "
-                            "which a resumed run replays exactly)")
+                       help="processes that cut crops and paint lesions ahead, for a GPU (the training process "
+                            "augments them on its device); 0: all in the training process, which a resumed run "
+                            "replays exactly")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                        help="patch size in voxels instead of the model's (a new plan records it)")
