@@ -19,14 +19,17 @@ def fold_argument(text):
         raise argparse.ArgumentTypeError(f"a fold is 0-4 or 'all', not {text!r}") from None
 
 
-def worker_count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a number of worker processes is 0 or more, not {text!r}")
-    return value
+def count_argument(what, least):
+    """An argparse type for a whole number of at least `least`, refused in one line naming `what` otherwise."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{what} is {least} or more, not {text!r}")
+        return value
+    return parse
 
 
 def spacing_argument(text):
@@ -58,17 +61,16 @@ def build_parser():
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=2)
     train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--val-every", type=int, default=250)
+    train.add_argument("--val-every", type=count_argument("a number of steps between validations", 1), default=250)
     train.add_argument("--time-limit", type=float, default=0, help="minutes; stop cleanly (resumable) after that")
     train.add_argument("--stop-at", type=int, default=0, metavar="STEP",
                        help="stop cleanly (resumable) at this step; the learning rate still follows --steps")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--init-from", help="start from exported weights (.pt), e.g. on a new machine")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--workers", type=worker_count, default=0,
-                       help="processes that cut crops and paint lesions ahead, for a GPU (the training process "
-                            "augments them on its device); 0: all in the training process, which a resumed run "
-                            "replays exactly")
+    train.add_argument("--workers", type=count_argument("a number of worker processes", 0), default=0,
+                       help="processes that draw and augment the batches ahead, on the CPU, for a GPU; 0: all in "
+                            "the training process, augmented on its device, which a resumed run replays exactly")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                        help="patch size in voxels instead of the model's (a new plan records it)")

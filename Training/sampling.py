@@ -148,12 +148,11 @@ class PatchSampler:
 
     def augment_batch(self, images, labels, device=None):
         """Each crop augmented (its own affine, elastic and intensity draws) and cut to the patch, on `device`:
-        MONAI's transforms run where their input is. On one CPU core the elastic deformation's smoothing took
-        0.65 s a crop, over half the fine stage's sampling time. The augmentations draw from their own random
-        states, not from the crops' generator, so drawing and augmenting may happen in different processes."""
+        MONAI's transforms run where their input is. The augmentations draw from their own random states, not from
+        the crops' generator."""
         out_images, out_labels = [], []
         if device is not None:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = images.to(device), labels.to(device)
         for image, label in zip(images, labels):
             item = self.augment({"image": image, "label": label})
             out_images.append(torch.as_tensor(item["image"]))
@@ -171,9 +170,9 @@ def stream_seed(seed, rank, worker, step):
 
 
 class WorkerBatches(torch.utils.data.IterableDataset):
-    """Endless batches of crops, not yet augmented, from one copy of the sampler in each DataLoader worker, each
-    copy reseeded with its own stream_seed. The DataLoader takes them from its workers in turn, so for a given seed
-    and worker count the batches come in the same order every time."""
+    """Endless augmented batches from one copy of the sampler in each DataLoader worker, each copy reseeded with its
+    own stream_seed. The DataLoader takes them from its workers in turn, so for a given seed and worker count the
+    batches come in the same order every time."""
 
     def __init__(self, sampler, batch_size, seed, rank, step):
         super().__init__()
@@ -184,20 +183,23 @@ class WorkerBatches(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         self.sampler.reseed(stream_seed(self.seed, self.rank, worker.id if worker else 0, self.step))
         while True:
-            yield self.sampler.draw(self.batch_size)
+            yield self.sampler.sample(self.batch_size)
 
 
 def batch_stream(sampler, batch_size, workers, seed=0, rank=0, step=0, device=None):
-    """Augmented batches on `device`, endlessly. workers=0: drawn in this process from the sampler, whose saved
-    state resumes them exactly. workers>0: the crops are drawn ahead by that many processes, seeded by stream_seed
-    (a resumed run draws other crops than an uninterrupted one would), and augmented here, on `device`: on a GPU
-    the workers only cut crops and paint lesions: measured on one core, a third of a sample's time for the fine
-    stage, an eighth for the pancreas stage."""
+    """Augmented batches on `device`, endlessly.
+
+    workers=0: drawn in this process from the sampler, whose saved state resumes them exactly, and augmented on
+    `device`. workers>0: drawn and augmented on the CPU by that many processes, seeded by stream_seed (a resumed run
+    draws other batches than an uninterrupted one would); this process only moves them to `device`. Measured on an
+    H200 with 16 cores (wide fine stage, batches of 4): the network step takes 23 ms; augmenting on the GPU takes
+    120 ms a batch in the training process alone and 260 ms with workers drawing beside it, so augmenting there
+    bounded two runs side by side to 0.36 s a step; 14 workers draw a batch every 29 ms, and augmenting in them
+    costs each about 1.5 times its drawing."""
     if not workers:
         while True:
             yield sampler.sample(batch_size, device)
-    pin_memory = torch.device(device or "cpu").type == "cuda"
     loader = torch.utils.data.DataLoader(WorkerBatches(sampler, batch_size, seed, rank, step), batch_size=None,
-                                         num_workers=workers, prefetch_factor=4, pin_memory=pin_memory)
+                                         num_workers=workers, prefetch_factor=4)
     for images, labels in loader:
-        yield sampler.augment_batch(images, labels, device)
+        yield images.to(device or "cpu"), labels.to(device or "cpu")

@@ -332,14 +332,20 @@ def test_batches_drawn_in_worker_processes_come_in_the_same_order_every_time():
     assert set(torch.unique(torch.cat([labels for _, labels in first])).tolist()) <= {0, 1, 2}
 
 
-def test_training_with_worker_processes_runs_and_ends_them(trained, tmp_path, capsys):
+def test_training_with_worker_processes_runs_and_ends_them(trained, tmp_path):
     train(trained["data"], str(tmp_path), "--steps", "3", "--workers", "2")
     state = torch.load(os.path.join(str(tmp_path), "abdomen", "fold0", "last.ckpt"), weights_only=False)
     assert state["step"] == 3 and state["args"]["workers"] == 2
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("option, value, message", [("--workers", "-1", "a number of worker processes is 0 or more"),
+                                                     ("--val-every", "0", "steps between validations is 1 or more")])
+def test_train_refuses_a_count_out_of_range_in_one_line(option, value, message, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["train", "--model", "abdomen", "--workers", "-1"])
-    assert "a number of worker processes is 0 or more" in capsys.readouterr().err
+        cli.main(["train", "--model", "abdomen", option, value])
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
 
 
 # -------------------------------------------------------------------------------------------------- loss
