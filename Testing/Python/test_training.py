@@ -3,6 +3,7 @@ the extension's engine and evaluated (train -> export -> segment), plus unit tes
 mapping, plan, sampler and metrics."""
 
 import copy
+import io
 import csv
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1071,3 +1073,55 @@ def test_bf16_trains_on_the_cpu_and_fp16_is_refused_there(synthetic_data, tmp_pa
             "--precision", "fp16", "--device", "cpu", "--quiet"]
     assert cli.main(argv) == 2
     assert "--precision fp16 trains only on a CUDA GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ training on a lent GPU
+
+
+def test_a_cache_packed_for_a_gpu_machine_trains_there_side_by_side_by_a_budget(synthetic_data, tmp_path):
+    """scripts/device_training.py: pack a plan and cache, unpack it, train two stages side by side so that both end
+    their schedules by a budget, and collect the weights in pieces that join to what export keeps."""
+    sys.path.insert(0, os.path.join(REPOSITORY, "scripts"))
+    import device_training
+    built, moved = str(tmp_path / "built"), str(tmp_path / "moved")
+    runs = []
+    for model in ("abdomen", "abdomen-fine"):
+        train_flags = ["--data", synthetic_data, *TINY, "--device", "cpu", "--quiet"]
+        assert cli.main(["train", "--model", model, "--out", built, "--steps", "0", *train_flags]) == 0
+        packed = str(tmp_path / f"{model}.xz")
+        device_training.main(["pack", os.path.join(built, model), packed])
+        device_training.main(["unpack", packed, os.path.join(moved, model)])
+        runs.append(f"{model}:{moved}")
+        # The GPU machine has no SimpleITK: unpacking there again, with SimpleITK made unimportable, gives the same.
+        blocker = tmp_path / "blocker"
+        blocker.mkdir(exist_ok=True)
+        (blocker / "SimpleITK.py").write_text("raise ImportError('no SimpleITK here')\n")
+        subprocess.run([sys.executable, os.path.join(REPOSITORY, "scripts", "device_training.py"), "unpack", packed,
+                        str(tmp_path / "without" / model)], env={**os.environ, "PYTHONPATH": str(blocker)}, check=True)
+        for case in sorted(os.listdir(os.path.join(moved, model, "cache"))):
+            with np.load(os.path.join(moved, model, "cache", case)) as first, \
+                    np.load(os.path.join(tmp_path, "without", model, "cache", case)) as second:
+                assert all(np.array_equal(first[key], second[key]) for key in first.files)
+        for case in sorted(os.listdir(os.path.join(built, model, "cache"))):
+            with np.load(os.path.join(built, model, "cache", case)) as before, \
+                    np.load(os.path.join(moved, model, "cache", case)) as after:
+                assert sorted(before.files) == sorted(after.files)
+                assert all(np.array_equal(before[key], after[key]) for key in before.files if key != "image")
+                # Half a 7-bit step of the 400 HU window, in the normalised units (plus fp16's rounding).
+                step = 400 / 127 / 2 / json.load(open(os.path.join(built, model, "plan.json")))["normalisation"]["std"]
+                assert np.abs(before["image"].astype(np.float32) - after["image"]).max() <= step * 1.01 + 1e-2
+
+    started = time.time()
+    device_training.main(["pair", *runs, "--budget", "60", "--reserve", "30", "--calibration-steps", "20",
+                          "--logs", str(tmp_path / "logs"), "--", "--data", synthetic_data, "--device", "cpu",
+                          "--quiet", "--batch-size", "1"])
+    assert time.time() - started < 60 + 15 + 10  # stopped by then at the latest
+    for model in ("abdomen", "abdomen-fine"):
+        state = torch.load(os.path.join(moved, model, "fold0", "last.ckpt"), weights_only=False)
+        assert state["step"] == state["args"]["steps"] >= 10  # the whole schedule, not stopped part-way
+        device_training.main(["collect", os.path.join(moved, model, "fold0"), model, str(tmp_path / "back")])
+        pieces = sorted(name for name in os.listdir(tmp_path / "back") if name.startswith(f"{model}_best.pt."))
+        joined = b"".join(open(tmp_path / "back" / name, "rb").read() for name in pieces)
+        weights = torch.load(io.BytesIO(joined), weights_only=True)
+        best = torch.load(os.path.join(moved, model, "fold0", "best_model.pt"), weights_only=True)
+        assert all(torch.equal(weights[key], best[key].half()) for key in best)
