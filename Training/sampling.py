@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from monai.data import set_track_meta
-from monai.transforms import (CenterSpatialCropd, Compose, Rand3DElasticd, RandAdjustContrastd, RandAffined,
-                              RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensityd,
+from monai.transforms import (CenterSpatialCropd, Compose, Identityd, OneOf, Rand3DElasticd, RandAdjustContrastd,
+                              RandAffined, RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensityd,
                               RandShiftIntensityd)
 
 set_track_meta(False)  # plain tensors: faster, and nothing downstream needs MONAI's metadata
@@ -14,14 +14,24 @@ set_track_meta(False)  # plain tensors: faster, and nothing downstream needs MON
 CONTEXT = 1.25  # crop this much more than the patch so rotations do not pull in padding
 
 
+def sometimes(transform, probability, otherwise):
+    """`transform` (made with prob=1) with `probability`, else `otherwise`. MONAI's RandAffined and Rand3DElasticd
+    resample through an identity grid when their draw says no, and the elastic one draws its whole offset field
+    first: at prob 0.1 it cost 62 ms a fine-stage crop, against 28 ms for drawing the crop (one core)."""
+    return OneOf([transform, otherwise], weights=[probability, 1.0 - probability])
+
+
 def build_augmentation(patch_size, mirror_axes):
     keys = ["image", "label"]
     transforms = [
-        RandAffined(keys, prob=0.25, rotate_range=[0.26] * 3, scale_range=[0.15] * 3, spatial_size=patch_size,
-                    mode=["bilinear", "nearest"], padding_mode="border"),
-        Rand3DElasticd(keys, prob=0.1, sigma_range=(5, 7), magnitude_range=(10, 40), spatial_size=patch_size,
-                       mode=["bilinear", "nearest"], padding_mode="border"),
-        CenterSpatialCropd(keys, roi_size=patch_size),
+        # Either path cuts the context crop to the patch: the identity grid RandAffined used when not rotating
+        # took the centre, as the crop does (the context adds an even number of voxels on every axis).
+        sometimes(RandAffined(keys, prob=1.0, rotate_range=[0.26] * 3, scale_range=[0.15] * 3,
+                              spatial_size=patch_size, mode=["bilinear", "nearest"], padding_mode="border"),
+                  0.25, CenterSpatialCropd(keys, roi_size=patch_size)),
+        sometimes(Rand3DElasticd(keys, prob=1.0, sigma_range=(5, 7), magnitude_range=(10, 40),
+                                 spatial_size=patch_size, mode=["bilinear", "nearest"], padding_mode="border"),
+                  0.1, Identityd(keys)),
         RandGaussianNoised("image", prob=0.15, std=0.1),
         RandScaleIntensityd("image", factors=0.25, prob=0.15),
         RandShiftIntensityd("image", offsets=0.1, prob=0.15),
@@ -192,10 +202,9 @@ def batch_stream(sampler, batch_size, workers, seed=0, rank=0, step=0, device=No
     workers=0: drawn in this process from the sampler, whose saved state resumes them exactly, and augmented on
     `device`. workers>0: drawn and augmented on the CPU by that many processes, seeded by stream_seed (a resumed run
     draws other batches than an uninterrupted one would); this process only moves them to `device`. Measured on an
-    H200 with 16 cores (wide fine stage, batches of 4): the network step takes 23 ms; augmenting on the GPU takes
-    120 ms a batch in the training process alone and 260 ms with workers drawing beside it, so augmenting there
-    bounded two runs side by side to 0.36 s a step; 14 workers draw a batch every 29 ms, and augmenting in them
-    costs each about 1.5 times its drawing."""
+    H200 with 16 cores (wide fine stage, batches of 4): the network step takes 23 ms; augmenting on the GPU took
+    120 ms a batch in the training process alone and 260 ms with workers drawing beside it, which bounded two runs
+    side by side to 0.36 s a step, while 14 workers drew a batch every 29 ms (Training/README.md, "On GPUs")."""
     if not workers:
         while True:
             yield sampler.sample(batch_size, device)

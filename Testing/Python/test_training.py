@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from monai.transforms import CenterSpatialCropd, Lambdad, RandAffined
 
 from conftest import REPOSITORY
 from MSDSegmentLib import modelcard
@@ -29,7 +30,7 @@ from Training.evaluate import label_metrics, reference_mapping, run_evaluation, 
 from Training.models import MODELS, LabelMappingError, label_mapping, parse_label_map
 from Training.dataset import read_dataset
 from Training.plan import choose_ct_window, choose_spacing, fingerprint
-from Training.sampling import PatchSampler, batch_stream
+from Training.sampling import PatchSampler, batch_stream, sometimes
 from Training.tasks import TASKS
 from Training.train import DiceCELoss
 
@@ -313,6 +314,32 @@ def test_patch_sampler_state_gives_the_same_next_batches():
         assert torch.equal(images, again_images)
         assert torch.equal(labels, again_labels)
     assert images.shape == (2, 1, 16, 16, 16) and labels.shape == (2, 1, 16, 16, 16)
+
+
+def test_a_random_transform_wrapped_by_sometimes_runs_at_its_probability_and_the_other_path_otherwise():
+    taken = []
+    marker = lambda name: Lambdad("image", lambda image: taken.append(name) or image)  # noqa: E731
+    augment = sometimes(marker("transform"), 0.3, marker("otherwise"))
+    augment.set_random_state(seed=0)
+    for _ in range(1000):
+        augment({"image": torch.zeros(1, 2, 2, 2)})
+    assert len(taken) == 1000 and 0.25 < taken.count("transform") / 1000 < 0.35
+
+
+def test_the_crop_taken_when_not_rotating_is_the_centre_that_an_identity_rotation_took():
+    """The sampler cuts a context crop; without a rotation it cuts the patch from its centre, where MONAI's
+    RandAffined resampled through an identity grid: the same voxels for every shipped stage's patch size."""
+    patches = {tuple(stage.patch_size) for card in modelcard.catalogue(modelcard.MODELS_DIR).values()
+               for stage in card.stages}
+    assert len(patches) >= 4
+    keys = ["image", "label"]
+    for patch in patches:
+        context = PatchSampler([], list(patch), 2, [])._context_size()
+        item = {"image": torch.rand(1, *context), "label": torch.randint(0, 3, (1, *context)).float()}
+        identity = RandAffined(keys, prob=0.0, rotate_range=[0.26] * 3, spatial_size=list(patch),
+                               mode=["bilinear", "nearest"], padding_mode="border")(dict(item))
+        centre = CenterSpatialCropd(keys, roi_size=list(patch))(dict(item))
+        assert all(torch.equal(torch.as_tensor(identity[key]), torch.as_tensor(centre[key])) for key in keys), patch
 
 
 def test_batches_drawn_in_worker_processes_come_in_the_same_order_every_time():
