@@ -103,8 +103,11 @@ def unpack(source, folder):
                  label=label, **{f"locations_{k}": v for k, v in locations.items()})
 
 
-def launch(model, out, flags, log_path):
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(IMPORT_PATH), "PYTHONUNBUFFERED": "1"}
+def launch(model, out, flags, log_path, runs):
+    # The runs share the cores: each with all of them as its threads, two on 2 cores stalled for seconds at a time.
+    threads = str(max(1, (os.cpu_count() or 1) // runs))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(IMPORT_PATH), "PYTHONUNBUFFERED": "1",
+                   "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "Training", "train", "--model", model, "--out", out, *flags],
                                 stdout=log, stderr=subprocess.STDOUT, env=environment)
@@ -128,7 +131,7 @@ def calibrate(runs, flags, steps, logs):
             if not os.path.lexists(link):
                 os.symlink(os.path.abspath(os.path.join(out, model, name)), link)
         processes[model] = launch(model, out + "-calibration", flags + ["--steps", "100000", "--stop-at", str(steps)],
-                                  os.path.join(logs, f"{model}-calibration.log"))
+                                  os.path.join(logs, f"{model}-calibration.log"), len(runs))
     if any(process.wait() for process in processes.values()):
         sys.exit(f"a calibration run failed: see {logs}")
     return {model: seconds_a_step(os.path.join(out + "-calibration", model, "fold0"), steps // 3, steps)
@@ -146,7 +149,7 @@ def pair(arguments):
         steps = max(10, int(left / pace[model] * 0.93) // 10 * 10)
         print(f"{model}: {pace[model]:.3f} s a step side by side, {steps} steps", flush=True)
         flags = arguments.train_flags + ["--steps", str(steps), "--val-every", str(max(10, steps // 80 * 10))]
-        processes[model] = launch(model, out, flags, os.path.join(arguments.logs, f"{model}.log"))
+        processes[model] = launch(model, out, flags, os.path.join(arguments.logs, f"{model}.log"), len(runs))
     while any(process.poll() is None for process in processes.values()):
         time.sleep(2)
         if time.time() - started > arguments.budget + arguments.reserve / 2:
