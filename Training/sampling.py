@@ -14,6 +14,11 @@ set_track_meta(False)  # plain tensors: faster, and nothing downstream needs MON
 CONTEXT = 1.25  # crop this much more than the patch so rotations do not pull in padding
 
 
+def context_size(patch_size):
+    """The crop drawn for a patch, before augmentation cuts the patch from it."""
+    return [int(round(p * CONTEXT)) for p in patch_size]
+
+
 def sometimes(transform, probability, otherwise):
     """`transform` (made with prob=1) with `probability`, else `otherwise`. MONAI's RandAffined and Rand3DElasticd
     resample through an identity grid when their draw says no, and the elastic one draws its whole offset field
@@ -132,17 +137,14 @@ class PatchSampler:
         if not count:
             return None
         lesion = np.argwhere(components == self.rng.integers(1, count + 1))
-        return crop(image, label, lesion[self.rng.integers(len(lesion))], self._context_size())
-
-    def _context_size(self):
-        return [int(round(p * CONTEXT)) for p in self.patch_size]
+        return crop(image, label, lesion[self.rng.integers(len(lesion))], context_size(self.patch_size))
 
     def _draw(self, case):
         if self.lesions and self.rng.random() < self.lesions.centred_fraction:
             drawn = self._lesion_centred(case)
             if drawn is not None:
                 return drawn
-        image, label = crop(case["image"], case["label"], self._centre(case), self._context_size())
+        image, label = crop(case["image"], case["label"], self._centre(case), context_size(self.patch_size))
         if self.lesions:
             self.lesions.vary_enhancement(image, label[0], self.rng)
             self.lesions.paint_masses(image, label[0], self.rng)

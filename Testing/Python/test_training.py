@@ -3,8 +3,8 @@ the extension's engine and evaluated (train -> export -> segment), plus unit tes
 mapping, plan, sampler and metrics."""
 
 import copy
-import io
 import csv
+import io
 import json
 import math
 import multiprocessing
@@ -30,7 +30,7 @@ from Training.evaluate import label_metrics, reference_mapping, run_evaluation, 
 from Training.models import MODELS, LabelMappingError, label_mapping, parse_label_map
 from Training.dataset import read_dataset
 from Training.plan import choose_ct_window, choose_spacing, fingerprint
-from Training.sampling import PatchSampler, batch_stream, sometimes
+from Training.sampling import PatchSampler, batch_stream, context_size, sometimes
 from Training.tasks import TASKS
 from Training.train import DiceCELoss
 
@@ -334,7 +334,7 @@ def test_the_crop_taken_when_not_rotating_is_the_centre_that_an_identity_rotatio
     assert len(patches) >= 4
     keys = ["image", "label"]
     for patch in patches:
-        context = PatchSampler([], list(patch), 2, [])._context_size()
+        context = context_size(patch)
         item = {"image": torch.rand(1, *context), "label": torch.randint(0, 3, (1, *context)).float()}
         identity = RandAffined(keys, prob=0.0, rotate_range=[0.26] * 3, spatial_size=list(patch),
                                mode=["bilinear", "nearest"], padding_mode="border")(dict(item))
