@@ -99,8 +99,9 @@ def unpack(source, folder):
         intensity = data[case + "/image"].astype(np.float32) / LEVELS * (high - low) + low
         label = data[case + "/label"]
         locations = foreground_locations(label, label_count(plan), rng)
-        np.savez(os.path.join(folder, "cache", case + ".npz"), image=((intensity - mean) / std).astype(np.float16)[None],
-                 label=label, **{f"locations_{k}": v for k, v in locations.items()})
+        image = ((intensity - mean) / std).astype(np.float16)[None]
+        np.savez(os.path.join(folder, "cache", case + ".npz"), image=image, label=label,
+                 **{f"locations_{k}": v for k, v in locations.items()})
 
 
 def launch(model, out, flags, log_path, runs):
@@ -146,6 +147,7 @@ def pair(arguments):
     left = arguments.budget - (time.time() - started) - arguments.reserve
     processes = {}
     for model, out in runs:
+        # 7 % under the calibrated pace (validations, a slower patch of steps); validated 8 times on the way.
         steps = max(10, int(left / pace[model] * 0.93) // 10 * 10)
         print(f"{model}: {pace[model]:.3f} s a step side by side, {steps} steps", flush=True)
         flags = arguments.train_flags + ["--steps", str(steps), "--val-every", str(max(10, steps // 80 * 10))]
