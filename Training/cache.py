@@ -78,11 +78,14 @@ def build_cache(cases, plan, mapping, folder, log=print):
             continue
         case_mapping = merged_mapping(mapping, plan) if case.get("merged") else mapping
         image, label = preprocess_case(case["image"], case["label"], plan, case_mapping)
-        locations = foreground_locations(label, label_count(plan), rng)
-        with atomic_output(path, ".npz") as temporary:
-            np.savez_compressed(temporary, image=image, label=label,
-                                **{f"locations_{k}": v for k, v in locations.items()})
+        save_case(path, image, label, foreground_locations(label, label_count(plan), rng))
         log(f"cached {case['id']}: {image.shape[1:]}")
+
+
+def save_case(path, image, label, locations):
+    """One case of the cache, as load_case reads it."""
+    with atomic_output(path, ".npz") as temporary:
+        np.savez_compressed(temporary, image=image, label=label, **{f"locations_{k}": v for k, v in locations.items()})
 
 
 def load_case(folder, case_id, classes):

@@ -52,7 +52,8 @@ def import_path():
 
 IMPORT_PATH = import_path()
 sys.path[:0] = IMPORT_PATH
-from Training.cache import foreground_locations, label_count  # noqa: E402
+from Training.cache import foreground_locations, label_count, save_case  # noqa: E402
+from Training.export import save_weights  # noqa: E402
 
 LEVELS = 127
 
@@ -100,8 +101,7 @@ def unpack(source, folder):
         label = data[case + "/label"]
         locations = foreground_locations(label, label_count(plan), rng)
         image = ((intensity - mean) / std).astype(np.float16)[None]
-        np.savez(os.path.join(folder, "cache", case + ".npz"), image=image, label=label,
-                 **{f"locations_{k}": v for k, v in locations.items()})
+        save_case(os.path.join(folder, "cache", case + ".npz"), image, label, locations)
 
 
 def launch(model, out, flags, log_path, runs):
@@ -164,15 +164,14 @@ def pair(arguments):
 
 
 def collect(run_dir, name, destination, last=False, piece_bytes=11_500_000):
-    import torch
     os.makedirs(destination, exist_ok=True)
     sources = [("best", "best_model.pt")] + ([("last", "last.ckpt")] if last else [])
     for kind, source in sources:
-        state = torch.load(os.path.join(run_dir, source), map_location="cpu", weights_only=source.endswith(".pt"))
-        state = state["model"] if source.endswith(".ckpt") else state
-        buffer = io.BytesIO()
-        torch.save({key: value.half() if value.is_floating_point() else value for key, value in state.items()}, buffer)
-        data = buffer.getvalue()
+        with tempfile.TemporaryDirectory() as folder:
+            whole = os.path.join(folder, "weights.pt")
+            save_weights(os.path.join(run_dir, source), whole)  # fp16, as export keeps them
+            with open(whole, "rb") as stream:
+                data = stream.read()
         for index, offset in enumerate(range(0, len(data), piece_bytes)):
             with open(os.path.join(destination, f"{name}_{kind}.pt.{index:02d}"), "wb") as stream:
                 stream.write(data[offset:offset + piece_bytes])
