@@ -85,7 +85,8 @@ def build_cache(cases, plan, mapping, folder, log=print):
 def save_case(path, image, label, locations):
     """One case of the cache, as load_case reads it."""
     with atomic_output(path, ".npz") as temporary:
-        np.savez_compressed(temporary, image=image, label=label, **{f"locations_{k}": v for k, v in locations.items()})
+        np.savez_compressed(temporary, image=image, label=label,
+                            **{f"locations_{k}": v for k, v in locations.items()})
 
 
 def load_case(folder, case_id, classes):
