@@ -7,6 +7,7 @@ file's axis order, flips or oblique direction cosines. Arrays are kept in ITK in
 """
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
@@ -85,12 +86,41 @@ def antialias(image, target_spacing):
     sigma = np.sqrt(variance)
     if np.all(sigma > 0):
         return sitk.SmoothingRecursiveGaussian(image, sigma=[float(s) for s in sigma])
-    # A fine stage's thick-slice axis needs no smoothing: one recursive pass per axis that does, where the 3-axis
-    # filter would also pass over that one (a third of the time; the same voxels, measured on the bench CT).
-    for axis in np.flatnonzero(sigma > 0):
-        image = sitk.RecursiveGaussian(image, float(sigma[axis]), False,
-                                       sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
-    return image
+    # A fine stage's thick-slice axis needs no smoothing: one pass per axis that does.
+    return sampled_gaussian(image, sigma)
+
+
+def sampled_gaussian(image, sigma_mm):
+    """`image` smoothed along each index axis whose sigma (mm) is positive by the sampled Gaussian (scipy's
+    gaussian_filter1d, truncated at 4 sigma, edges extended); at least one axis is left as it is.
+
+    Why not ITK's recursive Gaussian, as for the whole-CT stage: at the fine stages' sigma of about one voxel the two
+    kernels differ by at most 0.0012 of a weight, but the recursive one has negative lobes and a spread 3 % narrower
+    than asked, and on two cores it took three times as long. scipy releases the GIL, so slabs along an axis left
+    sharp (independent lines: the same voxels however many slabs) are smoothed in as many threads as ITK's filters
+    use."""
+    from scipy import ndimage
+
+    array = sitk.GetArrayFromImage(image)  # (z, y, x): index axis a is array axis 2 - a
+    spacing = np.array(image.GetSpacing())
+    passes = [(2 - int(axis), float(sigma_mm[axis] / spacing[axis])) for axis in np.flatnonzero(sigma_mm > 0)]
+    smoothed_axes = {axis for axis, _ in passes}
+    across = next(axis for axis in range(3) if axis not in smoothed_axes)
+    threads = max(1, min(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), array.shape[across]))
+    bounds = np.linspace(0, array.shape[across], threads + 1).astype(int)
+
+    def smooth(part):
+        slab = tuple(slice(bounds[part], bounds[part + 1]) if axis == across else slice(None) for axis in range(3))
+        values = array[slab]
+        for axis, sigma in passes:
+            values = ndimage.gaussian_filter1d(values, sigma, axis=axis, mode="nearest", truncate=4.0)
+        array[slab] = values
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(smooth, range(threads)))
+    smoothed = sitk.GetImageFromArray(array)
+    smoothed.CopyInformation(image)
+    return smoothed
 
 
 def resample(image, reference, interpolator=sitk.sitkLinear, default=0.0, output_type=None):
