@@ -54,6 +54,7 @@ IMPORT_PATH = import_path()
 sys.path[:0] = IMPORT_PATH
 from Training.cache import foreground_locations, label_count, save_case  # noqa: E402
 from Training.export import save_weights  # noqa: E402
+from Training.plan import load_plan, save_json  # noqa: E402
 
 LEVELS = 127
 
@@ -67,8 +68,7 @@ def intensity_scale(plan):
 
 
 def pack(folder, target):
-    with open(os.path.join(folder, "plan.json")) as stream:
-        plan = json.load(stream)
+    plan = load_plan(os.path.join(folder, "plan.json"))
     low, high, mean, std = intensity_scale(plan)
     cache = os.path.join(folder, "cache")
     ids = sorted(name[:-4] for name in os.listdir(cache) if name.endswith(".npz"))
@@ -93,8 +93,7 @@ def unpack(source, folder):
     plan = header["plan"]
     low, high, mean, std = intensity_scale(plan)
     os.makedirs(os.path.join(folder, "cache"), exist_ok=True)
-    with open(os.path.join(folder, "plan.json"), "w") as stream:
-        json.dump(plan, stream, indent=1)
+    save_json(plan, os.path.join(folder, "plan.json"))  # atomically, as train writes it: a resumed run trusts it
     rng = np.random.default_rng(0)  # as build_cache draws them
     for case in header["ids"]:
         intensity = data[case + "/image"].astype(np.float32) / LEVELS * (high - low) + low
