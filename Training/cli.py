@@ -120,6 +120,9 @@ def build_parser():
     precision.add_argument("--cases", help="comma-separated case ids (default: all)")
     precision.add_argument("--label-map", help="dataset value:task label pairs (default: by label name)")
     precision.add_argument("--models-dir", help="folder of model cards (default: the extension's)")
+    precision.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
+                           help="those to measure (default: all three; fp32, the reference, always); one left "
+                                "out is never used by auto")
     precision.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     locations = commands.add_parser("locations", help="where each organ of a task lies relative to the liver, "

@@ -217,7 +217,7 @@ def recipe_summary(model, recipes_dir=RECIPES_DIR):
         folder = run_folder("", recipe, run)
         earlier = [r["name"] for r in recipe["runs"][:index] if run_folder("", recipe, r) == folder]
         source = f"from {start.get('recipe', model)} / {start['run']} ({start['weights']})" if start else "from scratch"
-        origin = f"continues {earlier[-1]} (a longer schedule)" if earlier else source
+        origin = f"continues {earlier[-1]} (resumed on this run's schedule)" if earlier else source
         lines.append(f"{model} / {run['name']}: fold {run.get('fold', 0)}, {' '.join(run['flags'])}, {origin}")
     return lines
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .errors import ModelError
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models")
-TASKS = ("liver", "spleen", "pancreas", "abdomen", "prostate")
+TASKS = ("liver", "spleen", "pancreas", "abdomen", "organs", "prostate")
 
 
 @dataclass(frozen=True)

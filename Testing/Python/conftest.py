@@ -12,6 +12,8 @@ for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY, MODULE_TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from Training.models import ABDOMINAL_ORGANS  # noqa: E402  (the paths above first)
+
 SHARED_DATA = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(REPOSITORY), "shared", "data"))
 BTCV = os.path.join(SHARED_DATA, "BTCV-Abdomen")
 PROSTATE = os.path.join(SHARED_DATA, "Task05_Prostate")
@@ -34,13 +36,23 @@ def prostate_data():
     return require(PROSTATE)
 
 
+FINE_CLASSES = ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"]
+CONTEXT_CLASSES = [name for name in ABDOMINAL_ORGANS if name not in FINE_CLASSES]
+
 TINY_PLANS = {
     "abdomen": {"modality": "CT", "channels": ["CT"], "classes": ["background", "spleen", "liver", "pancreas"],
                 "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "mirror_axes": [],
                 "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}},
     # The fine stage of the abdominal cascade, coarser than the real one to keep tests quick.
-    "abdomen-fine": {"modality": "CT", "channels": ["CT"],
-                     "classes": ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"],
+    "abdomen-fine": {"modality": "CT", "channels": ["CT"], "classes": FINE_CLASSES,
+                     "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                     "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                     "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
+                             "margin_mm": [20, 20, 60]}},
+    # The organs task's fine stage: the fine stage with every other BTCV organ as a context class.
+    "abdomen-wide": {"modality": "CT", "channels": ["CT"],
+                     "classes": FINE_CLASSES + CONTEXT_CLASSES,
+                     "context_classes": CONTEXT_CLASSES,
                      "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
                      "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],

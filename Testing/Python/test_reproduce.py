@@ -22,7 +22,7 @@ from Training.reproduce import dataset_view, load_recipe, replay_order, scaled
 from Training.tasks import TASKS
 from test_training import TINY, write_dataset
 
-SHIPPED = ["abdomen", "abdomen-fine", "pancreas-fine", "liver-fine", "prostate"]
+SHIPPED = ["abdomen", "abdomen-fine", "abdomen-wide", "pancreas-fine", "liver-fine", "prostate"]
 
 
 def shipped_stages():

@@ -718,6 +718,18 @@ def test_evaluate_measures_the_exported_model_and_feeds_export(trained, tmp_path
     assert f"Spleen {entry['dice']['Spleen']:.2f}" in card.summary()
 
 
+def test_precision_measures_the_precisions_asked_and_fp32_always(trained, tmp_path):
+    """fp16 through a CPU's autocast takes minutes per CT for a wide network: `--precisions bf16` measures fp32 (the
+    reference) and bf16 only, and auto then never picks fp16 for that task."""
+    models = str(tmp_path / "models")
+    shutil.copytree(trained["models"], models)
+    assert cli.main(["precision", "--task", "spleen", "--data", trained["data"], "--models-dir", models, "--fold", "0",
+                     "--precisions", "bf16"]) == 0
+    card = modelcard.find_card("spleen", models)
+    assert set(card.precision) & {"fp32", "bf16", "fp16"} == {"fp32", "bf16"}
+    assert "fp16" not in card.auto_precisions()
+
+
 def test_evaluate_command_line_and_its_errors(trained, capsys):
     common = ["--data", trained["data"], "--models-dir", trained["models"], "--device", "cpu"]
     assert cli.main(["evaluate", "--task", "liver", "--cases", "synth_03", *common]) == 0
