@@ -12,7 +12,7 @@ from . import modelcard
 from .errors import Cancelled, MSDSegmentError
 from .imageio import looks_like_ct, validate_channels
 from .boxes import bounding_box, union_box, within
-from .inference import DEFAULT_WINDOWS_PER_BATCH, autocast, out_of_memory, predict_probabilities
+from .inference import autocast, out_of_memory, predict_probabilities, windows_per_batch
 from .postprocess import FULL_CONNECTIVITY, keep_largest_cluster, postprocess, touching
 from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
 
@@ -253,10 +253,11 @@ def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
     cannot hold it (inference.py); what still does not fit on the GPU runs on the CPU, with a message."""
     mirror_axes = stage.mirror_axes if tta else []
     network = network_for(stage, device)
+    batch = windows_per_batch(stage.network["filters"], stage.patch_size)
     try:
         return predict_probabilities(network, image, stage.patch_size, device, mirror_axes, stage.overlap,
                                      progress=lambda f: progress(f, "Running network"), cancel=cancel,
-                                     precision=precision), device
+                                     sw_batch_size=batch, precision=precision), device
     except Exception as error:
         if device != "cuda" or not out_of_memory(error):
             raise
@@ -266,7 +267,7 @@ def run_network(stage, image, device, tta, progress, cancel, precision="fp32"):
         network = network_for(stage, "cpu")
         return predict_probabilities(network, image, stage.patch_size, "cpu", mirror_axes, stage.overlap,
                                      progress=lambda f: progress(f, "Running network (CPU)"), cancel=cancel,
-                                     precision="fp32"), "cpu"
+                                     sw_batch_size=batch, precision="fp32"), "cpu"
 
 
 def region_of_interest(winners, stage, canonical, roi):
@@ -390,7 +391,8 @@ def warm_up(task, device="auto", precision="auto", models_dir=None):
     card = modelcard.find_card(task, models_dir or modelcard.MODELS_DIR)
     device, precision = NetworkLoader(card, device, precision).result()
     for stage in card.stages:
-        windows = torch.zeros(DEFAULT_WINDOWS_PER_BATCH, len(card.channels), *stage.patch_size, device=device)
+        windows = torch.zeros(windows_per_batch(stage.network["filters"], stage.patch_size), len(card.channels),
+                              *stage.patch_size, device=device)
         with torch.inference_mode(), autocast(device, precision):
             network_for(stage, device)(windows.contiguous(memory_format=torch.channels_last_3d))
 

@@ -57,7 +57,7 @@ def test_a_card_written_by_export_loads_in_the_engine_with_the_same_settings(tmp
         model.update(roi={"classes": ["liver"], "margin_mm": [1, 2, 3]}, overlap=0.3, blend_previous=0.2,
                      tumour_blend_previous=0.1)
     written, cards = exported_cards("abdomen", model, str(tmp_path))
-    assert sorted(written) == ["liver", "pancreas", "spleen"]
+    assert sorted(written) == ["liver", "organs", "pancreas", "spleen"]
     stage_fields = {f.name for f in dataclasses.fields(modelcard.Stage)}
     for task, data in written.items():
         stage = data["stages"][0]

@@ -158,7 +158,7 @@ def test_a_contradicting_plan_option_is_refused(trained, capsys):
 
 def test_export_writes_cards_for_every_task_of_the_model(trained):
     cards = modelcard.catalogue(trained["models"])
-    assert sorted(cards) == ["liver", "pancreas", "spleen"]
+    assert sorted(cards) == ["liver", "organs", "pancreas", "spleen"]
     liver = cards["liver"]
     assert [(label.name, label.trained) for label in liver.labels] == [("Liver", True), ("Liver tumour", False)]
     assert liver.stages[0].patch_size == [16, 16, 16]
