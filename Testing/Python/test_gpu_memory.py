@@ -60,7 +60,7 @@ def test_a_network_that_does_not_fit_on_the_gpu_runs_on_the_cpu(monkeypatch, tmp
     """The inferer's own fallbacks exhausted, the out-of-memory error reaches the engine, which reruns the stage
     on the CPU and says so; any other error is not mistaken for it, whatever its text."""
     network, image = small_case()
-    stage = type("Stage", (), {"mirror_axes": [], "patch_size": [16, 16, 16], "overlap": 0.5})()
+    stage = type("Stage", (), {"mirror_axes": [], "patch_size": [16, 16, 16], "overlap": 0.5, "network": NETWORK})()
     devices, messages = [], []
 
     def predict(net, array, patch_size, device, *args, **kwargs):
