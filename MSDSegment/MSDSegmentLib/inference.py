@@ -43,7 +43,7 @@ def out_of_memory(error):
 DEFAULT_WINDOWS_PER_BATCH = 4  # windows through the network at once
 # One batch's activations at most as large as 4 windows of the fine stage (8 feature maps at full resolution on
 # 80 x 80 x 48 voxels): a wider network or a larger patch takes fewer windows at once. The wide fine stage (16 maps)
-# in fp32 peaked at 1.68 GB of process memory with 4 windows a batch and at 1.38 GB with 2, in the same time.
+# in fp32 peaked at 1.68 GB of process memory with 4 windows a batch and at 1.38 GB with 2, in about the same time.
 WINDOW_FEATURE_BUDGET = DEFAULT_WINDOWS_PER_BATCH * 8 * 80 * 80 * 48
 
 
@@ -51,6 +51,7 @@ def windows_per_batch(filters, patch_size):
     """How many windows go through a network with these feature maps per level and this patch at once."""
     per_window = int(filters[0]) * int(np.prod(patch_size))
     return max(1, min(DEFAULT_WINDOWS_PER_BATCH, WINDOW_FEATURE_BUDGET // per_window))
+
 
 _inferers = {}  # (patch size, overlap, windows per batch) -> the adaptive inferer, which learns which sizes fit
 
