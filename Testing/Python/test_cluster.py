@@ -321,7 +321,9 @@ def test_a_worker_killed_mid_case_has_its_cases_redone_elsewhere(real_cts, refer
     rows = summary_rows(folder).values()
     assert all(row["status"] == "done" for row in rows)
     assert any(row["attempts"] > 1 for row in rows)
-    assert not any(row["worker"].endswith(f":{killed[0]}") for row in rows)
+    # The case it was running is redone by another worker. A case it finished before the kill keeps its row: the
+    # worker may end one case and start the next in the second between being seen busy and being killed.
+    assert not any(row["worker"].endswith(f":{killed[0]}") for row in rows if row["attempts"] > 1)
     assert not leftovers(folder)
 
 
