@@ -12,7 +12,7 @@ for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY, MODULE_TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from Training.models import ABDOMINAL_ORGANS  # noqa: E402  (the paths above first)
+from Training.models import ABDOMINAL_ORGANS, MODELS  # noqa: E402  (the paths above first)
 
 SHARED_DATA = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(REPOSITORY), "shared", "data"))
 BTCV = os.path.join(SHARED_DATA, "BTCV-Abdomen")
@@ -36,7 +36,7 @@ def prostate_data():
     return require(PROSTATE)
 
 
-FINE_CLASSES = ["background", "spleen", "liver", "liver tumour", "pancreas", "pancreatic tumour"]
+FINE_CLASSES = MODELS["abdomen-fine"]["classes"]
 CONTEXT_CLASSES = [name for name in ABDOMINAL_ORGANS if name not in FINE_CLASSES]
 
 TINY_PLANS = {

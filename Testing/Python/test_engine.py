@@ -1,7 +1,6 @@
 """The engine on real CT: geometry in world space, quality on held-back cases, progress, cancel, models."""
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -14,6 +13,8 @@ from MSDSegmentLib import modelcard
 from MSDSegmentLib.engine import segment
 from MSDSegmentLib.errors import Cancelled, InputError, ModelError
 from MSDSegmentLib.imageio import read_channels, split_channels
+from Training.dataset import read_dataset
+from Training.models import find_label
 
 # Fold 0 of Training's fixed split (sorted ids, every 5th): never seen in training of the shipped model.
 VALIDATION_CASE = "btcv_00"
@@ -85,8 +86,7 @@ def test_bundled_model_reproduces_its_card_s_validation_dice(task):
     folder = require(BTCV)
     card = bundled(task)
     organs = [label for label in card.trained_labels if label.kind == "organ"]
-    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as stream:
-        btcv_values = {name.lower(): int(value) for value, name in json.load(stream)["labels"].items()}
+    btcv_labels = read_dataset(folder)[0]["labels"]
     scores = {label.name: [] for label in organs}
     for case in card.validation["cases"]:
         image = read_channels([os.path.join(folder, "imagesTr", case + ".nii.gz")])[0]
@@ -98,7 +98,7 @@ def test_bundled_model_reproduces_its_card_s_validation_dice(task):
         reference = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", case + ".nii.gz")))
         for label in organs:
             assert result.volumes_ml[label.value] == pytest.approx((labels == label.value).sum() * voxel_ml)
-            scores[label.name].append(dice(labels == label.value, reference == btcv_values[label.source_class]))
+            scores[label.name].append(dice(labels == label.value, reference == find_label([label.source_class], btcv_labels)))
     for label in organs:
         reported = card.validation["dice"][label.name]
         if card.training["validation_cases"]:
