@@ -11,7 +11,7 @@ from monai.losses import GeneralizedDiceLoss
 
 from MSDSegmentLib.atomic import atomic_open, atomic_output
 from MSDSegmentLib.errors import MSDSegmentError
-from MSDSegmentLib.inference import predict_probabilities
+from MSDSegmentLib.inference import predict_probabilities, windows_per_batch
 from MSDSegmentLib.modelcard import STAGE_SETTINGS, settings_from
 from MSDSegmentLib.network import build_network
 
@@ -230,8 +230,11 @@ def validate(network, cases, plan, device):
     network.eval()
     scores = []
     for case in cases:
+        # As many windows at once as the engine takes for this network: a wide stage's fewer keep memory down.
         probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device,
-                                              overlap=settings_from(plan, STAGE_SETTINGS)["overlap"])
+                                              overlap=settings_from(plan, STAGE_SETTINGS)["overlap"],
+                                              sw_batch_size=windows_per_batch(plan["network"]["filters"],
+                                                                              plan["patch_size"]))
         scores.append(dice_per_class(probabilities.argmax(0), case["label"], len(plan["classes"])))
     network.train()
     return np.nanmean(np.array(scores), axis=0).tolist()
