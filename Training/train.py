@@ -229,12 +229,12 @@ def with_validation_lesions(cases, plan):
 def validate(network, cases, plan, device):
     network.eval()
     scores = []
+    overlap = settings_from(plan, STAGE_SETTINGS)["overlap"]
+    # As many windows at once as the engine takes for this network: a wide stage's fewer keep memory down.
+    batch = windows_per_batch(plan["network"]["filters"], plan["patch_size"])
     for case in cases:
-        # As many windows at once as the engine takes for this network: a wide stage's fewer keep memory down.
-        probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device,
-                                              overlap=settings_from(plan, STAGE_SETTINGS)["overlap"],
-                                              sw_batch_size=windows_per_batch(plan["network"]["filters"],
-                                                                              plan["patch_size"]))
+        probabilities = predict_probabilities(network, case["image"], plan["patch_size"], device, overlap=overlap,
+                                              sw_batch_size=batch)
         scores.append(dice_per_class(probabilities.argmax(0), case["label"], len(plan["classes"])))
     network.train()
     return np.nanmean(np.array(scores), axis=0).tolist()
