@@ -4,7 +4,7 @@ Classes are matched by name against a dataset's `dataset.json` labels, so the sa
 the MSD's own tasks and on BTCV (spleen = 1, liver = 6, pancreas = 11) without code changes.
 """
 
-from .tasks import FRAGMENT_GAP_MM
+from .tasks import FRAGMENT_GAP_MM, PANCREAS_GAP_MM
 
 # Every organ BTCV labels, by its dataset.json name. Trained with `--neighbours`, those a model does not segment
 # become its context classes: learnt so that its own organs end where they begin (the pancreas against the
@@ -98,28 +98,30 @@ MODELS["abdomen-wide"] = dict(
 )
 
 
-# A third stage for the pancreas task only: the pancreas and its tumour at 1.5 mm in-plane on a crop around
-# the pancreas the fine stage found. At 2 mm the all-organ fine stage plateaued at pancreas Dice 0.48-0.53
-# (training validation from step 4800 to 9000) and its 8 last-level features never separated pancreatic
-# tumour from pancreas; here every one of them serves only these two classes, and lesions fill more of a patch.
+# The pancreas task's last stage: the pancreas and its tumour at 1.5 mm in-plane on a crop around the pancreas
+# the stage before it found. At 2 mm the all-organ fine stage plateaued at pancreas Dice 0.48-0.53 (training
+# validation from step 4800 to 9000) and its 8 last-level features never separated pancreatic tumour from
+# pancreas; here every one of them serves only these two classes, and lesions fill more of a patch.
 # Same topology as the fine stage, so `--init-from` its weights starts every layer but the output one.
 MODELS["pancreas-fine"] = dict(
     MODELS["abdomen-fine"],
     description="Pancreas and pancreatic tumour (learnt from synthetic lesions) on a crop around the pancreas "
-                "the fine stage found.",
+                "the wide pancreas stage found.",
     classes=["background", "pancreas", "pancreatic tumour"],
     synthetic_lesions={"pancreatic tumour": {"organ": "pancreas", "preset": "pancreas", "centred_weight": 1}},
     neighbour_masses={},
     min_spacing_mm=1.5,
     patch_size=[96, 96, 32],
-    # cluster_gap_mm: the box is drawn around the fine stage's largest cluster of pancreas pieces (the
+    # cluster_gap_mm: the box is drawn around the previous stage's largest cluster of pancreas pieces (the
     # post-processing rule), not around false blobs in the bowel or pelvis it also labelled.
-    roi={"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"], "margin_mm": [30, 30, 24],
+    roi={"after": "pancreas-wide", "classes": ["pancreas", "pancreatic tumour"], "margin_mm": [30, 30, 24],
          "cluster_gap_mm": FRAGMENT_GAP_MM},
     overlap=0.5,
-    # Its probabilities are averaged with the fine stage's (equal weights, not tuned): on BTCV fold 0 the
-    # average scored higher than either stage alone, and it calls less healthy pancreas tumour.
-    blend_previous=0.5,
+    # It decides only how the wide pancreas stage's outline splits into pancreas and tumour (at 3 to 1, as the
+    # liver stage does): it finds the most synthetic lesions, but its own outline, averaged in even at half, brings
+    # back the run into the duodenum on CT from elsewhere (docs/models.md).
+    blend_previous=1.0,
+    tumour_blend_previous=0.25,
 )
 
 
@@ -146,6 +148,39 @@ MODELS["liver-fine"] = dict(
     # stage is sure of sits at 0.5 and loses to the liver. So within the liver this stage's split decides the
     # tumour at 3 to 1. On BTCV fold 0 with synthetic lesions: 10 of 26 found against 9, false lesions unchanged
     # (0.60 per CT, healthy livers 0.60); at 0 11 of 26, but 0.93 and 1.00 (docs/models.md).
+    tumour_blend_previous=0.25,
+)
+
+
+# The pancreas task's cascade learns the pancreas against its neighbours (docs/models.md, "The pancreas learnt
+# against its neighbours"). Stages that knew only the spleen, liver and pancreas let the pancreas run into the
+# duodenum and the vessels beside it on CT from elsewhere (agreement with TotalSegmentator's 0.21); with every BTCV
+# organ a class it stops at them (0.59).
+#
+# The fine stage at its own width, every BTCV organ a class (trained with `--neighbours`, from random weights: taught
+# from the fine stage's weights the context classes never learnt). Its spleen is worse than the fine stage's, so it
+# serves only the pancreas task.
+MODELS["abdomen-neighbours"] = dict(
+    MODELS["abdomen-fine"],
+    description="Every BTCV organ (and the liver's and pancreas's synthetic tumours) in abdominal CT, on a crop "
+                "around the organs the coarse stage found, at the fine stage's width.",
+)
+
+# The pancreas stage with every BTCV organ a class and twice the feature maps, on a crop around the pancreas the
+# stage above found. It trained on with lesions in more patches (0.8 of them, 0.7 centred on one), without which
+# its tumour class did not learn.
+MODELS["pancreas-wide"] = dict(
+    MODELS["pancreas-fine"],
+    description="Pancreas and pancreatic tumour (learnt from synthetic lesions), every other BTCV organ a class, on "
+                "a crop around the pancreas the all-organ fine stage found.",
+    filters=[16, 32, 64, 128, 256],
+    lesion_probability=0.8,
+    lesion_centred_fraction=0.7,
+    # The box holds the pieces post-processing keeps together: with 10 mm it held one of btcv_06's two (22.5 of its
+    # 40.6 mL of pancreas).
+    roi={"after": "abdomen-neighbours", "classes": ["pancreas", "pancreatic tumour"], "margin_mm": [30, 30, 24],
+         "cluster_gap_mm": PANCREAS_GAP_MM},
+    blend_previous=0.5,
     tumour_blend_previous=0.25,
 )
 

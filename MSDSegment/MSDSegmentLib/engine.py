@@ -434,6 +434,15 @@ class Cascade:
             probabilities, canonical, region = self.done[key]
         return probabilities, canonical
 
+    def keep_only(self, cards):
+        """Forget every stage run so far that is not one of `cards`' stages: a combined task's later parts no
+        longer need it, and its probabilities (one array per class) are the largest thing held."""
+        needed = {stage_key(card, number) for card in cards for number in range(len(card.stages))}
+        for key in [key for key in self.done if key not in needed]:
+            del self.done[key]
+            self.argmaxes.pop(key, None)
+        self.centroids = {entry: point for entry, point in self.centroids.items() if entry[0] in needed}
+
     def winners(self, key):
         """channel_argmax of the probabilities of the stage run as `key` (stage_key)."""
         if key not in self.argmaxes:
@@ -442,11 +451,12 @@ class Cascade:
 
     def organ_centroid(self, card, organ):
         """The physical centroid (mm, LPS) of the largest piece of `organ` as the finest of the card's stages
-        that segments it found it, or None (no such stage, or nothing found)."""
+        that segments it found it, or None (no such stage, or nothing found). A stage that has the organ as a
+        context class only does not count: its region may hold only the part of the organ beside its own."""
         for number in reversed(range(len(card.stages))):
             stage = card.stages[number]
             key = stage_key(card, number)
-            if organ not in stage.classes or key not in self.done:
+            if organ not in stage.classes or organ in stage.context_classes or key not in self.done:
                 continue
             if (key, organ) not in self.centroids:
                 self.centroids[key, organ] = self.largest_piece_centroid(key, stage.classes.index(organ))
@@ -645,6 +655,7 @@ def combined_labels(cascade, card, target, keep_largest, report):
             report((index + fraction) / len(card.parts), f"{part.card.title.split(':')[0]}: {text}")
 
         label_array, box, part_quality = task_labels(cascade, part.card, target, keep_largest, part_report)
+        cascade.keep_only([later.card for later in card.parts[index + 1:]])
         quality.update({part.values[value]: entry for value, entry in part_quality.items()})
         if box is not None:
             parts.append((part, label_array, box))

@@ -49,6 +49,7 @@ POSTPROCESSING_SETTINGS = {
     # stage's 2 x 2 x 3 mm grid; smaller components are one or two of its voxels thick.
     "min_tumour_ml": Setting(0.5, "tumour components smaller than this become organ"),
     "min_tumour_confidence": Setting(0.0, "tumour components whose mean probability is below this become organ"),
+    "min_tumour_peak": Setting(0.0, "tumour components whose largest probability is below this become organ"),
     "max_tumour_elongation": Setting(None, "tumour components more elongated than this become organ; None: any"),
 }
 

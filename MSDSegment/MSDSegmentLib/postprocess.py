@@ -174,10 +174,10 @@ def add_contrast(lesions, labels, tumour, organ, image, spacing, found=None):
 
 
 def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_confidence=0.0, spacing=None,
-                   max_elongation=None, found=None):
+                   max_elongation=None, found=None, min_peak=0.0):
     """Drop tumour components that do not touch the organ, are smaller than `min_voxels`, or (given the tumour
-    `probability` on the same grid) whose mean probability is below `min_confidence`, or (given the voxel
-    `spacing`) more elongated than `max_elongation` (in place).
+    `probability` on the same grid) whose mean probability is below `min_confidence` or largest below `min_peak`,
+    or (given the voxel `spacing`) more elongated than `max_elongation` (in place).
 
     A component dropped for its size, confidence or shape becomes organ (no hole in it); one away from the organ
     becomes background. Returns the kept components: [{"voxels", "index": one voxel of it (its first in raster
@@ -212,7 +212,7 @@ def filter_tumours(labels, tumour, organ, min_voxels, probability=None, min_conf
     kept = []
     for number, lesion in enumerate(lesions, start=1):
         touches = touches_organ[number]
-        confident = lesion.get("confidence", 1.0) >= min_confidence
+        confident = lesion.get("confidence", 1.0) >= min_confidence and lesion.get("peak", 1.0) >= min_peak
         compact = max_elongation is None or lesion.get("elongation", 1.0) <= max_elongation
         if touches and lesion["voxels"] >= min_voxels and confident and compact:
             becomes[number] = -1
@@ -236,7 +236,7 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
     engine's are in SimpleITK's array order, z, y, x, with the spacing reversed to match).
     `plausibility`: {label value: index centroid -> bool} for the organs whose place is known;
     `tumour_probabilities`: {tumour label value: its probability on this grid}, for the confidence rule (the
-    card's `min_tumour_confidence`; `max_tumour_elongation` is the shape rule);
+    card's `min_tumour_confidence` and `min_tumour_peak`; `max_tumour_elongation` is the shape rule);
     `image`: the first channel on this grid, for each lesion's contrast.
     Returns {tumour label value: the lesions kept (filter_tumours), with their volume in mL, elongation and,
     with the image, contrast}."""
@@ -253,7 +253,8 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
             lesions[label.value] = filter_tumours(labels, label.value, organ, min_tumour_voxels(card, voxel_ml),
                                                   (tumour_probabilities or {}).get(label.value),
                                                   card.postprocessing_setting("min_tumour_confidence"), spacing_mm,
-                                                  card.postprocessing_setting("max_tumour_elongation"), found)
+                                                  card.postprocessing_setting("max_tumour_elongation"), found,
+                                                  card.postprocessing_setting("min_tumour_peak"))
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
             if image is not None:

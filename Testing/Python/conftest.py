@@ -12,7 +12,8 @@ for path in (os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY, MODULE_TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from Training.models import ABDOMINAL_ORGANS, MODELS  # noqa: E402  (the paths above first)
+from MSDSegmentLib.modelcard import STAGE_SETTINGS, settings_from  # noqa: E402  (the paths above first)
+from Training.models import ABDOMINAL_ORGANS, MODELS  # noqa: E402
 
 SHARED_DATA = os.environ.get("MSDSEGMENT_DATA", os.path.join(os.path.dirname(REPOSITORY), "shared", "data"))
 BTCV = os.path.join(SHARED_DATA, "BTCV-Abdomen")
@@ -38,6 +39,8 @@ def prostate_data():
 
 FINE_CLASSES = MODELS["abdomen-fine"]["classes"]
 CONTEXT_CLASSES = [name for name in ABDOMINAL_ORGANS if name not in FINE_CLASSES]
+PANCREAS_CLASSES = MODELS["pancreas-fine"]["classes"]
+PANCREAS_CONTEXT = [name for name in ABDOMINAL_ORGANS if name not in PANCREAS_CLASSES]
 
 TINY_PLANS = {
     "abdomen": {"modality": "CT", "channels": ["CT"], "classes": ["background", "spleen", "liver", "pancreas"],
@@ -57,13 +60,24 @@ TINY_PLANS = {
                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
                      "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
                              "margin_mm": [20, 20, 60]}},
-    # The pancreas task's third stage: its region is the fine stage's largest cluster of pancreas.
-    "pancreas-fine": {"modality": "CT", "channels": ["CT"], "classes": ["background", "pancreas", "pancreatic tumour"],
+    # The pancreas task's all-organ fine stage, and its wide pancreas stage on that one's largest cluster of pancreas
+    # (every other organ a context class), then the pancreas stage deciding the tumour. Their stage settings are
+    # the models'.
+    "abdomen-neighbours": {"modality": "CT", "channels": ["CT"],
+                           "classes": FINE_CLASSES + CONTEXT_CLASSES,
+                           "context_classes": CONTEXT_CLASSES,
+                           "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                           "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                           **settings_from(MODELS["abdomen-neighbours"], STAGE_SETTINGS)},
+    "pancreas-wide": {"modality": "CT", "channels": ["CT"],
+                      "classes": PANCREAS_CLASSES + PANCREAS_CONTEXT, "context_classes": PANCREAS_CONTEXT,
                       "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
                       "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                      "roi": {"after": "abdomen-fine", "classes": ["pancreas", "pancreatic tumour"],
-                              "margin_mm": [30, 30, 24], "cluster_gap_mm": 10},
-                      "blend_previous": 0.5},
+                      **settings_from(MODELS["pancreas-wide"], STAGE_SETTINGS)},
+    "pancreas-fine": {"modality": "CT", "channels": ["CT"], "classes": PANCREAS_CLASSES,
+                      "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
+                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
+                      **settings_from(MODELS["pancreas-fine"], STAGE_SETTINGS)},
     # The liver task's third stage, the same on the fine stage's liver.
     "liver-fine": {"modality": "CT", "channels": ["CT"], "classes": ["background", "liver", "liver tumour"],
                    "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],

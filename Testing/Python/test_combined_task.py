@@ -94,7 +94,22 @@ def test_shared_stages_run_once(tiny_models_dir, monkeypatch):
 
     monkeypatch.setattr(engine, "run_network", counting)
     segment([synthetic_ct()], "abdomen", models_dir=tiny_models_dir, device="cpu")
-    assert sorted(calls) == ["abdomen-fine.pt", "abdomen.pt", "liver-fine.pt", "pancreas-fine.pt"]
+    assert sorted(calls) == ["abdomen-fine.pt", "abdomen-neighbours.pt", "abdomen.pt", "liver-fine.pt",
+                             "pancreas-fine.pt", "pancreas-wide.pt"]
+
+
+def test_each_part_finds_only_the_stages_it_shares_with_the_parts_still_to_run(tiny_models_dir, monkeypatch):
+    """The pancreas part runs first (it keeps a voxel two parts claim) and its four stages are forgotten once it is
+    done, all but the coarse stage the spleen and liver share; the spleen's fine stage is kept for the liver."""
+    held, original = [], engine.task_labels
+
+    def recording(cascade, card, *args):
+        held.append((card.task, len(cascade.done)))
+        return original(cascade, card, *args)
+
+    monkeypatch.setattr(engine, "task_labels", recording)
+    segment([synthetic_ct()], "abdomen", models_dir=tiny_models_dir, device="cpu")
+    assert held == [("pancreas", 0), ("spleen", 1), ("liver", 2)]
 
 
 def test_abdomen_is_the_union_of_the_single_tasks_voxel_for_voxel_on_a_real_ct():

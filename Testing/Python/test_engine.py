@@ -191,11 +191,11 @@ def test_unknown_task_lists_the_catalogue(tiny_models_dir):
 
 
 def test_a_stage_whose_previous_one_found_nothing_sees_that_stage_s_region(tiny_models_dir, monkeypatch):
-    """The pancreas task's three stages: when the fine stage finds no pancreas, the pancreas stage segments
+    """The pancreas task's stages: when the all-organ fine stage finds no pancreas, the pancreas stages segment
     the fine stage's region (the organs), not the whole CT."""
     import MSDSegmentLib.engine as engine
     organs = (np.array([-50.0, -40.0, 50.0]), np.array([50.0, 40.0, 120.0]))
-    found = iter([organs, None])
+    found = iter([organs, None, None])
     monkeypatch.setattr(engine, "region_of_interest", lambda *args: next(found))
     regions, network_input = [], engine.network_input
 
@@ -205,8 +205,38 @@ def test_a_stage_whose_previous_one_found_nothing_sees_that_stage_s_region(tiny_
 
     monkeypatch.setattr(engine, "network_input", recording_input)
     result = segment([synthetic_ct()], "pancreas", device="cpu", models_dir=tiny_models_dir)
-    assert regions == [None, organs, organs]
+    assert regions == [None, organs, organs, organs]
     assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
+
+
+def test_an_organ_is_located_by_the_finest_stage_that_segments_it_not_one_that_knows_it_as_context():
+    """The pancreas task places its pancreas relative to the liver. Its wide pancreas stage has the liver as a
+    context class, but sees only the part beside the pancreas: the liver's centroid is the fine stage's."""
+    import types
+
+    from MSDSegmentLib.engine import Cascade, stage_key
+    from MSDSegmentLib.modelcard import Stage
+    grid = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    grid.SetSpacing([2.0] * 3)
+
+    def stage(classes, context=()):
+        return Stage(weights="", sha256="", network={}, spacing=[2.0] * 3, patch_size=[], normalisation={},
+                     classes=classes, context_classes=list(context))
+
+    def probabilities_with(classes, organ, box):
+        values = np.zeros((len(classes), 20, 20, 10), np.float32)
+        values[0] = 1
+        values[(slice(None),) + box] = np.eye(len(classes))[classes.index(organ)][:, None, None, None]
+        return values
+
+    fine = stage(["background", "liver", "pancreas"])
+    wide = stage(["background", "pancreas", "liver"], context=["liver"])
+    card = types.SimpleNamespace(stages=[fine, wide])
+    cascade = Cascade([], None, False, None)
+    cascade.done[stage_key(card, 0)] = (probabilities_with(fine.classes, "liver", np.s_[0:10, 0:10, 0:10]), grid, None)
+    cascade.done[stage_key(card, 1)] = (probabilities_with(wide.classes, "liver", np.s_[8:10, 8:10, 0:10]), grid, None)
+    np.testing.assert_allclose(cascade.organ_centroid(card, "liver"), [9.0, 9.0, 9.0])  # voxels 0-9 at 2 mm
+    assert cascade.organ_centroid(card, "pancreas") is None  # neither stage found one
 
 
 def test_region_of_interest_is_the_previous_stage_s_organs_plus_the_margin():

@@ -46,7 +46,7 @@ def test_only_the_neighbours_a_dataset_labels_are_learnt_and_none_is_an_error():
 
 @pytest.fixture(scope="module")
 def neighbour_cascade(tmp_path_factory):
-    """The pancreas task's three stages trained two steps each with --neighbours on a synthetic dataset that labels
+    """The pancreas task's stages trained two steps each with --neighbours on a synthetic dataset that labels
     a left kidney beside its spleen, liver and pancreas, exported in cascade order."""
     data = write_dataset(str(tmp_path_factory.mktemp("data")))
     out, models = str(tmp_path_factory.mktemp("runs")), str(tmp_path_factory.mktemp("models"))
@@ -80,6 +80,7 @@ def test_cards_name_the_context_classes_and_tasks_output_only_their_labels(neigh
     pancreas = cards["pancreas"]
     assert [stage.model for stage in pancreas.stages] == TASKS["pancreas"]["models"]
     assert [stage.context_classes for stage in pancreas.stages] == [["left kidney"], ["left kidney"],
+                                                                    ["spleen", "left kidney", "liver"],
                                                                     ["spleen", "left kidney", "liver"]]
     assert all(stage.classes[-len(stage.context_classes):] == stage.context_classes for stage in pancreas.stages)
     assert [label.name for label in pancreas.labels] == ["Pancreas", "Pancreatic tumour"]
@@ -101,18 +102,19 @@ def test_a_stage_with_context_classes_follows_one_without(neighbour_cascade, tmp
     assert cli.main(argv) == 0
     models = str(tmp_path / "models")
     assert cli.main(["export", "--model", "abdomen", "--out", plain, "--models-dir", models]) == 0
-    assert cli.main(["export", "--model", "abdomen-fine", "--out", out, "--models-dir", models]) == 0
-    card_path = os.path.join(models, "spleen.json")
+    for model in TASKS["pancreas"]["models"][1:]:
+        assert cli.main(["export", "--model", model, "--out", out, "--models-dir", models]) == 0
+    card_path = os.path.join(models, "pancreas.json")
     with open(card_path, encoding="utf-8") as stream:
         card = json.load(stream)
     del card["stages"][0]["context_classes"]
     with open(card_path, "w", encoding="utf-8") as stream:
         json.dump(card, stream)
-    spleen = modelcard.find_card("spleen", models)
-    assert [stage.context_classes for stage in spleen.stages] == [[], ["left kidney"]]
+    pancreas = modelcard.find_card("pancreas", models)
+    assert [stage.context_classes for stage in pancreas.stages][:2] == [[], ["left kidney"]]
     channels = read_channels([os.path.join(neighbour_cascade["data"], "imagesTr", "synth_00.nii.gz")])
-    result = segment(channels, "spleen", device="cpu", models_dir=models)
-    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1}
+    result = segment(channels, "pancreas", device="cpu", models_dir=models)
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
 
 
 def test_neighbours_on_a_plan_made_without_them_is_refused(neighbour_cascade, tmp_path, capsys):

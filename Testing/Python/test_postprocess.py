@@ -111,6 +111,22 @@ def test_postprocess_applies_the_card_s_minimum_lesion_confidence_and_lists_the_
     assert len(postprocess(labels, strict, (10.0, 10.0, 10.0))[2]) == 2
 
 
+def test_postprocess_drops_lesions_whose_peak_probability_is_below_the_card_s_minimum():
+    """Two lesions of the same mean probability (0.6): the one with a confident core (0.9) is kept, the diffuse one
+    (0.65 at most) becomes organ."""
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 1
+    labels[7:9, 7:9, 7:9] = labels[15:17, 15:17, 15:17] = 2
+    probability = np.zeros(labels.shape, np.float32)
+    probability[7:9, 7:9, 7:9], probability[15:17, 15:17, 15:17] = 0.5571, 0.5929
+    probability[7, 7, 7], probability[15, 15, 15] = 0.9, 0.65
+    strict = card()
+    strict.postprocessing["min_tumour_peak"] = 0.7
+    lesions = postprocess(labels, strict, (10.0, 10.0, 10.0), tumour_probabilities={2: probability})
+    assert (labels[15:17, 15:17, 15:17] == 1).all() and (labels[7:9, 7:9, 7:9] == 2).all()
+    assert [(lesion["confidence"], lesion["peak"]) for lesion in lesions[2]] == [(0.6, 0.9)]
+
+
 def test_each_lesion_s_contrast_is_measured_against_the_organ_around_it():
     """A liver at 100 HU, darker (80 HU) at its edge as in a poorly enhanced scan, holding a lesion of 60 HU
     deep inside and one of 85 HU at the dark edge: against the organ around each, -40 and +5 HU (2 mm voxels)."""

@@ -22,7 +22,8 @@ from Training.reproduce import dataset_view, load_recipe, replay_order, scaled
 from Training.tasks import TASKS
 from test_training import TINY, write_dataset
 
-SHIPPED = ["abdomen", "abdomen-fine", "abdomen-wide", "pancreas-fine", "liver-fine", "prostate"]
+SHIPPED = ["abdomen", "abdomen-fine", "abdomen-wide", "abdomen-neighbours", "pancreas-wide", "pancreas-fine",
+           "liver-fine", "prostate"]
 
 
 def shipped_stages():
@@ -69,9 +70,9 @@ def sha256(path):
 
 
 def test_the_pancreas_recipe_replays_shortened_end_to_end_and_exports(tmp_path, capsys):
-    """The pancreas stage's recipe with the coarse and fine stages' it starts from: 8 runs, each 1/1000 of its
-    steps on a tiny network, into one folder; then the pancreas task segments with what it exported. A second
-    replay finds every run done and trains nothing."""
+    """The pancreas stage's recipe with the recipes of the stages before it and of the fine stage it starts from:
+    14 runs, each 1/1000 of its steps on a tiny network, into one folder; then the pancreas task segments with what
+    it exported. A second replay finds every run done and trains nothing."""
     data = write_dataset(str(tmp_path / "data"))
     out = str(tmp_path / "replay")
     argv = ["reproduce", "pancreas-fine", "--out", out, "--data", data, "--shorten", "1000", "--device", "cpu",
@@ -80,20 +81,28 @@ def test_the_pancreas_recipe_replays_shortened_end_to_end_and_exports(tmp_path, 
     log = capsys.readouterr().out
     assert "abdomen-fine / fold0-9000: Resumed with --steps 9000" in log
     runs = os.path.join(out, "runs")
-    steps = {f"{model}/{fold}": torch.load(os.path.join(runs, model, fold, "last.ckpt"), weights_only=False)["step"]
-             for model, fold in [("abdomen", "fold0"), ("abdomen", "foldall"), ("abdomen-fine", "fold0"),
-                                 ("abdomen-fine", "foldall"), ("pancreas-fine", "fold0"), ("pancreas-fine", "foldall")]}
-    assert steps == {"abdomen/fold0": 2, "abdomen/foldall": 1, "abdomen-fine/fold0": 9, "abdomen-fine/foldall": 1,
-                     "pancreas-fine/fold0": 3, "pancreas-fine/foldall": 1}
-    with open(os.path.join(runs, "abdomen-fine", "plan.json"), encoding="utf-8") as stream:
-        plan = json.load(stream)
-    assert plan["lesion_centred_fraction"] == 0.45 and plan["neighbour_masses"] == {}  # the runs' own settings
+    folders = ["runs/abdomen/fold0", "runs/abdomen/foldall", "runs/abdomen-fine/fold0", "runs/abdomen-fine/foldall",
+               "runs/abdomen-neighbours/fold0", "runs/abdomen-neighbours/foldall", "runs/pancreas-wide/fold0",
+               "runs/tumour/pancreas-wide/fold0", "runs/tumour/pancreas-wide/foldall", "runs/pancreas-fine/fold0",
+               "runs/pancreas-fine/foldall"]
+    steps = [torch.load(os.path.join(out, folder, "last.ckpt"), weights_only=False)["step"] for folder in folders]
+    assert steps == [2, 1, 9, 1, 8, 1, 9, 4, 1, 3, 1]
+
+    def plan(folder):
+        with open(os.path.join(out, folder, "plan.json"), encoding="utf-8") as stream:
+            return json.load(stream)
+
+    fine, wide, wide_tumour = plan("runs/abdomen-fine"), plan("runs/pancreas-wide"), plan("runs/tumour/pancreas-wide")
+    assert fine["lesion_centred_fraction"] == 0.45 and fine["neighbour_masses"] == {}  # the runs' own settings
+    assert (wide["lesion_probability"], wide_tumour["lesion_probability"]) == (0.5, 0.8)
+    assert wide_tumour["context_classes"] == ["spleen", "left kidney", "liver"]
     assert sorted(os.listdir(os.path.join(out, "weights"))) == [
-        "abdomen-fine-fold0-9000-last.pt", "abdomen-fold0-best.pt", "pancreas-fine-fold0-best.pt"]
+        "abdomen-fine-fold0-9000-last.pt", "abdomen-fold0-best.pt", "abdomen-neighbours-fold0-best.pt",
+        "pancreas-fine-fold0-best.pt", "pancreas-wide-fold0-9000-best.pt", "pancreas-wide-fold0-tumour-best.pt"]
     models = os.path.join(out, "models")
     card = modelcard.find_card("pancreas", models)
     assert [stage.model for stage in card.stages] == TASKS["pancreas"]["models"]
-    assert [stage.steps for stage in card.stages] == [1, 1, 1]
+    assert [stage.steps for stage in card.stages] == [1, 1, 1, 1]
     assert card.training["recipes"]["pancreas-fine"] == "Training/recipes/pancreas-fine.json"
     result = segment(read_channels([os.path.join(data, "imagesTr", "synth_00.nii.gz")]), "pancreas", device="cpu",
                      models_dir=models)
@@ -102,7 +111,7 @@ def test_the_pancreas_recipe_replays_shortened_end_to_end_and_exports(tmp_path, 
     exported = sha256(os.path.join(models, "pancreas-fine.pt"))
     assert cli.main(argv) == 0
     log = capsys.readouterr().out
-    assert log.count(": done (step") == 8 and "initialised from" not in log
+    assert log.count(": done (step") == 14 and "initialised from" not in log
     assert sha256(os.path.join(models, "pancreas-fine.pt")) == exported
 
 

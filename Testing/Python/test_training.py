@@ -120,12 +120,14 @@ def trained(synthetic_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cascade(trained, tmp_path_factory):
-    """The fine stage and the pancreas and liver stages trained for two steps each on the same data, exported
-    after the coarse one in cascade order."""
+    """The fine stage, the pancreas task's stages (those with every organ a class learning the data's left kidney)
+    and the liver stage trained for two steps each on the same data, exported after the coarse one in cascade
+    order."""
     models = str(tmp_path_factory.mktemp("cascade-models"))
     shutil.copytree(trained["models"], models, dirs_exist_ok=True)
-    for model in ("abdomen-fine", "pancreas-fine", "liver-fine"):
-        argv = ["train", "--model", model, "--data", trained["data"], "--out", trained["out"], *TINY,
+    for model in ("abdomen-fine", "abdomen-neighbours", "pancreas-wide", "pancreas-fine", "liver-fine"):
+        neighbours = ["--neighbours"] if model in ("abdomen-neighbours", "pancreas-wide") else []
+        argv = ["train", "--model", model, "--data", trained["data"], "--out", trained["out"], *TINY, *neighbours,
                 "--steps", "2", "--val-every", "1000", "--device", "cpu", "--quiet"]
         assert cli.main(argv) == 0
         assert cli.main(["export", "--model", model, "--out", trained["out"], "--models-dir", models]) == 0
@@ -206,7 +208,7 @@ def test_fine_stage_export_needs_its_coarse_stage_and_writes_nothing_without_it(
     assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 0
     before = sorted(os.listdir(tmp_path))
     assert cli.main(["export", "--model", "pancreas-fine", "--out", cascade["out"], "--models-dir", str(tmp_path)]) == 2
-    assert "export --model abdomen-fine first" in capsys.readouterr().err
+    assert "export --model pancreas-wide first" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -228,12 +230,16 @@ def test_cascade_cards_have_their_stages_and_the_trained_tumours(cascade):
     # Exporting the coarse stage again keeps the later ones after it ...
     assert cli.main(["export", "--model", "abdomen", "--out", cascade["out"], "--models-dir", cascade["models"]]) == 0
     pancreas = modelcard.find_card("pancreas", cascade["models"])
-    assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-fine", "pancreas-fine"]
-    assert pancreas.stages[2].roi["after"] == "abdomen-fine" and pancreas.stages[2].roi["cluster_gap_mm"] == 10
-    assert pancreas.stages[2].blend_previous == MODELS["pancreas-fine"]["blend_previous"]
+    assert [stage.model for stage in pancreas.stages] == ["abdomen", "abdomen-neighbours", "pancreas-wide",
+                                                          "pancreas-fine"]
+    assert pancreas.stages[2].roi["after"] == "abdomen-neighbours" and pancreas.stages[2].roi["cluster_gap_mm"] == 20
+    assert pancreas.stages[3].roi["after"] == "pancreas-wide" and pancreas.stages[3].roi["cluster_gap_mm"] == 10
+    assert pancreas.stages[2].context_classes == ["spleen", "left kidney", "liver"]
+    for number, model in ((2, "pancreas-wide"), (3, "pancreas-fine")):
+        assert pancreas.stages[number].blend_previous == MODELS[model]["blend_previous"]
+        assert pancreas.stages[number].tumour_blend_previous == MODELS[model]["tumour_blend_previous"]
     assert liver.stages[2].blend_previous == MODELS["liver-fine"]["blend_previous"]
     assert liver.stages[2].tumour_blend_previous == MODELS["liver-fine"]["tumour_blend_previous"]
-    assert pancreas.stages[2].tumour_blend_previous is None
     # ... and the labels and training record of the last stage.
     assert pancreas.labels[1].trained and pancreas.labels[1].note.startswith("learnt from synthetic lesions only")
     assert pancreas.training["model"] == "pancreas-fine"
@@ -246,7 +252,7 @@ def test_cascade_segments_onto_the_input_grid(cascade):
     channels = read_channels([os.path.join(cascade["data"], "imagesTr", "synth_02.nii.gz")])
     for task in ("pancreas", "liver"):
         result = segment(channels, task, device="cpu", models_dir=cascade["models"])
-        assert len(result.card.stages) == 3
+        assert len(result.card.stages) == len(TASKS[task]["models"])
         assert result.labels.GetSize() == channels[0].GetSize()
         assert np.allclose(result.labels.GetDirection(), channels[0].GetDirection())
         assert set(np.unique(sitk.GetArrayViewFromImage(result.labels)).tolist()) <= {0, 1, 2}
