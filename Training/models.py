@@ -119,7 +119,7 @@ MODELS["pancreas-fine"] = dict(
     overlap=0.5,
     # It decides only how the wide pancreas stage's outline splits into pancreas and tumour (at 3 to 1, as the
     # liver stage does): it finds the most synthetic lesions, but its own outline, averaged in even at half, brings
-    # back the run into the duodenum on CT from elsewhere (docs/models.md).
+    # back the run into the veins on CT from elsewhere (docs/models.md).
     blend_previous=1.0,
     tumour_blend_previous=0.25,
 )
@@ -154,8 +154,8 @@ MODELS["liver-fine"] = dict(
 
 # The pancreas task's cascade learns the pancreas against its neighbours (docs/models.md, "The pancreas learnt
 # against its neighbours"). Stages that knew only the spleen, liver and pancreas let the pancreas run into the
-# duodenum and the vessels beside it on CT from elsewhere (agreement with TotalSegmentator's 0.21); with every BTCV
-# organ a class it stops at them (0.59).
+# veins beside it on CT from elsewhere (agreement with TotalSegmentator's 0.21); with every BTCV organ a class it
+# stops at them (0.59).
 #
 # The fine stage at its own width, every BTCV organ a class (trained with `--neighbours`, from random weights: taught
 # from the fine stage's weights the context classes never learnt). Its spleen is worse than the fine stage's, so it
