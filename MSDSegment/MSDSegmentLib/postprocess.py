@@ -254,7 +254,7 @@ def postprocess(labels, card, spacing_mm, keep_largest=True, plausibility=None, 
                                                   (tumour_probabilities or {}).get(label.value),
                                                   card.postprocessing_setting("min_tumour_confidence"), spacing_mm,
                                                   card.postprocessing_setting("max_tumour_elongation"), found,
-                                                  card.postprocessing_setting("min_tumour_peak"))
+                                                  min_peak=card.postprocessing_setting("min_tumour_peak"))
             for lesion in lesions[label.value]:
                 lesion["volume_ml"] = round(lesion.pop("voxels") * voxel_ml, 3)
             if image is not None:
