@@ -42,49 +42,39 @@ CONTEXT_CLASSES = [name for name in ABDOMINAL_ORGANS if name not in FINE_CLASSES
 PANCREAS_CLASSES = MODELS["pancreas-fine"]["classes"]
 PANCREAS_CONTEXT = [name for name in ABDOMINAL_ORGANS if name not in PANCREAS_CLASSES]
 
+
+def tiny_ct_plan(classes, spacing, patch_size, context_classes=(), **settings):
+    """A tiny stage of the abdominal cascade: CT, its normalisation, no mirroring, and the given stage settings."""
+    plan = {"modality": "CT", "channels": ["CT"], "classes": list(classes) + list(context_classes),
+            "spacing": spacing, "patch_size": patch_size, "mirror_axes": [],
+            "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}, **settings}
+    if context_classes:
+        plan["context_classes"] = list(context_classes)
+    return plan
+
+
+FINE_REGION = {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"], "margin_mm": [20, 20, 60]}
+
 TINY_PLANS = {
-    "abdomen": {"modality": "CT", "channels": ["CT"], "classes": ["background", "spleen", "liver", "pancreas"],
-                "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "mirror_axes": [],
-                "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0}},
+    "abdomen": tiny_ct_plan(["background", "spleen", "liver", "pancreas"], [4.0, 4.0, 4.0], [32, 32, 32]),
     # The fine stage of the abdominal cascade, coarser than the real one to keep tests quick.
-    "abdomen-fine": {"modality": "CT", "channels": ["CT"], "classes": FINE_CLASSES,
-                     "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                     "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                     "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
-                             "margin_mm": [20, 20, 60]}},
+    "abdomen-fine": tiny_ct_plan(FINE_CLASSES, [3.0, 3.0, 4.0], [32, 32, 16], roi=FINE_REGION),
     # The organs task's fine stage: the fine stage with every other BTCV organ as a context class.
-    "abdomen-wide": {"modality": "CT", "channels": ["CT"],
-                     "classes": FINE_CLASSES + CONTEXT_CLASSES,
-                     "context_classes": CONTEXT_CLASSES,
-                     "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                     "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                     "roi": {"after": "abdomen", "classes": ["spleen", "liver", "pancreas"],
-                             "margin_mm": [20, 20, 60]}},
+    "abdomen-wide": tiny_ct_plan(FINE_CLASSES, [3.0, 3.0, 4.0], [32, 32, 16], CONTEXT_CLASSES, roi=FINE_REGION),
     # The pancreas task's all-organ fine stage, and its wide pancreas stage on that one's largest cluster of pancreas
     # (every other organ a context class), then the pancreas stage deciding the tumour. Their stage settings are
     # the models'.
-    "abdomen-neighbours": {"modality": "CT", "channels": ["CT"],
-                           "classes": FINE_CLASSES + CONTEXT_CLASSES,
-                           "context_classes": CONTEXT_CLASSES,
-                           "spacing": [3.0, 3.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                           "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                           **settings_from(MODELS["abdomen-neighbours"], STAGE_SETTINGS)},
-    "pancreas-wide": {"modality": "CT", "channels": ["CT"],
-                      "classes": PANCREAS_CLASSES + PANCREAS_CONTEXT, "context_classes": PANCREAS_CONTEXT,
-                      "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                      **settings_from(MODELS["pancreas-wide"], STAGE_SETTINGS)},
-    "pancreas-fine": {"modality": "CT", "channels": ["CT"], "classes": PANCREAS_CLASSES,
-                      "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                      "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                      **settings_from(MODELS["pancreas-fine"], STAGE_SETTINGS)},
+    "abdomen-neighbours": tiny_ct_plan(FINE_CLASSES, [3.0, 3.0, 4.0], [32, 32, 16], CONTEXT_CLASSES,
+                                       **settings_from(MODELS["abdomen-neighbours"], STAGE_SETTINGS)),
+    "pancreas-wide": tiny_ct_plan(PANCREAS_CLASSES, [2.0, 2.0, 4.0], [32, 32, 16], PANCREAS_CONTEXT,
+                                  **settings_from(MODELS["pancreas-wide"], STAGE_SETTINGS)),
+    "pancreas-fine": tiny_ct_plan(PANCREAS_CLASSES, [2.0, 2.0, 4.0], [32, 32, 16],
+                                  **settings_from(MODELS["pancreas-fine"], STAGE_SETTINGS)),
     # The liver task's third stage, the same on the fine stage's liver.
-    "liver-fine": {"modality": "CT", "channels": ["CT"], "classes": ["background", "liver", "liver tumour"],
-                   "spacing": [2.0, 2.0, 4.0], "patch_size": [32, 32, 16], "mirror_axes": [],
-                   "normalisation": {"type": "ct", "window": [-125.0, 275.0], "mean": 90.0, "std": 60.0},
-                   "roi": {"after": "abdomen-fine", "classes": ["liver", "liver tumour"],
-                           "margin_mm": [15, 15, 12], "cluster_gap_mm": 10},
-                   "blend_previous": 0.7, "tumour_blend_previous": 0.25},
+    "liver-fine": tiny_ct_plan(["background", "liver", "liver tumour"], [2.0, 2.0, 4.0], [32, 32, 16],
+                               roi={"after": "abdomen-fine", "classes": ["liver", "liver tumour"],
+                                    "margin_mm": [15, 15, 12], "cluster_gap_mm": 10},
+                               blend_previous=0.7, tumour_blend_previous=0.25),
     "prostate": {"modality": "MR", "channels": ["T2", "ADC"], "classes": ["background", "PZ", "TZ"],
                  "spacing": [1.0, 1.0, 3.0], "patch_size": [32, 32, 8], "mirror_axes": [0],
                  "normalisation": {"type": "zscore"}},
