@@ -60,34 +60,41 @@ def shrink_factors(image, target_spacing):
     return np.maximum(np.floor(ratio), 1).astype(int)
 
 
-def antialias(image, target_spacing):
-    """Gaussian smoothing before downsampling, so the result does not depend on the input's resolution.
+def antialiasing(image, target_spacing):
+    """How `antialias` filters `image` for `target_spacing`, per index axis: the blocks of voxels averaged first, the
+    Gaussian's sigma (mm) that remains, and whether ITK's recursive Gaussian (every axis smoothed) applies it rather
+    than scipy's sampled one.
 
-    Each image axis is smoothed for the target spacing along the physical axis it points to
-    (FWHM of the kernel = target spacing); axes not downsampled by more than 1.5x are left sharp.
-    Where the target is at least 4x coarser, blocks of f voxels (f up to half the target spacing) are first
-    averaged, and the smaller image gets what remains of the Gaussian's variance: nearly the same low-pass
-    filter on a quarter of the voxels (the whole-CT first stage, 0.8 -> 4 mm: 3.0 -> 0.8 s; on a real CT the
-    network's input moves by 0.2 % of the intensity range on average, 1.4 % at the 99th percentile).
-    """
+    Each image axis is smoothed for the target spacing along the physical axis it points to (FWHM of the kernel =
+    target spacing); axes not downsampled by more than 1.5x are left sharp. Where the target is at least 4x coarser,
+    blocks of f voxels (f up to half the target spacing) are first averaged, and the smaller image gets what remains
+    of the Gaussian's variance: nearly the same low-pass filter on a quarter of the voxels (on a real CT the network's
+    input moves by 0.2 % of the intensity range on average, 1.4 % at the 99th percentile)."""
     source, target = np.array(image.GetSpacing()), spacing_along_axes(image, target_spacing)
     variance = np.maximum(target ** 2 - source ** 2, 0.0) / 2.355 ** 2
     variance = np.where(target > 1.5 * source, variance, 0.0)
     if not np.any(variance > 0):
-        return image
+        return np.ones(3, dtype=int), np.zeros(3), False
     factors = shrink_factors(image, target_spacing)
+    sigma = np.sqrt(np.maximum(variance - (factors ** 2 - 1) / 12.0 * source ** 2, 0.0))  # a box of f voxels
+    return factors, sigma, bool(np.all(sigma > 0))
+
+
+def antialias(image, target_spacing):
+    """Gaussian smoothing before downsampling, so the result does not depend on the input's resolution (see
+    `antialiasing`)."""
+    factors, sigma, recursive = antialiasing(image, target_spacing)
     if np.any(factors > 1):
         # Whole blocks only: the last block repeats the edge voxels rather than losing them.
         remainder = (-np.array(image.GetSize())) % factors
         if np.any(remainder):
             image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [int(r) for r in remainder])
         image = sitk.BinShrink(image, [int(f) for f in factors])
-        variance = np.maximum(variance - (factors ** 2 - 1) / 12.0 * source ** 2, 0.0)  # a box of f voxels
-    sigma = np.sqrt(variance)
-    if np.all(sigma > 0):
+    if recursive:
         return sitk.SmoothingRecursiveGaussian(image, sigma=[float(s) for s in sigma])
-    # A fine stage's thick-slice axis needs no smoothing: one pass per axis that does.
-    return sampled_gaussian(image, sigma)
+    if np.any(sigma > 0):  # a fine stage's thick-slice axis needs no smoothing: one pass per axis that does
+        return sampled_gaussian(image, sigma)
+    return image
 
 
 def sampled_gaussian(image, sigma_mm):
@@ -146,9 +153,9 @@ def background_value(normalisation):
     return normalisation["window"][0] if normalisation["type"] == "ct" else 0.0
 
 
-def covering(image, reference, spacing):
-    """The part of `image` that resampling onto `reference` reads, with a margin of twice the coarsest target
-    spacing (over 4 sigma of the anti-aliasing kernel): a later stage's small region then costs the
+def covering_bounds(image, reference, spacing):
+    """The index range [start, stop) of `image` that resampling onto `reference` reads, with a margin of twice the
+    coarsest target spacing (over 4 sigma of the anti-aliasing kernel): a later stage's small region then costs the
     smoothing of that region, not of the whole CT."""
     lower, upper = physical_bounds(reference)
     margin = 2.0 * max(spacing)
@@ -158,17 +165,130 @@ def covering(image, reference, spacing):
     factors = shrink_factors(image, spacing)
     start -= start % factors  # anti-aliasing averages blocks of voxels: keep the whole image's blocks
     stop = np.clip(np.ceil(last).astype(int) + 2, start + 1, size)
-    if np.all(start == 0) and np.all(stop == size):
+    return start, stop
+
+
+def covering(image, reference, spacing):
+    """The part of `image` in `covering_bounds`."""
+    start, stop = covering_bounds(image, reference, spacing)
+    if np.all(start == 0) and np.all(stop == image.GetSize()):
         return image
     return image[int(start[0]):int(stop[0]), int(start[1]):int(stop[1]), int(start[2]):int(stop[2])]
+
+
+def physical_axes(image):
+    """For an image whose index axes run along the physical axes, in any order and either sense: the physical axis
+    and the sign of each index axis. None for an oblique image."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    rounded = np.rint(direction)
+    if not np.allclose(direction, rounded, atol=1e-6) or not np.all(np.abs(rounded).sum(axis=0) == 1) \
+            or not np.all(np.abs(rounded).sum(axis=1) == 1):
+        return None
+    axes = np.abs(rounded).argmax(axis=0)
+    return axes, rounded[axes, np.arange(3)]
+
+
+def block_average_matrix(size, factor):
+    """BinShrink along a line of `size` voxels as a matrix: blocks of `factor` voxels averaged, the last block
+    repeating the edge voxel (ZeroFluxNeumannPad)."""
+    blocks = -(-size // factor)
+    padded = np.arange(blocks * factor)
+    matrix = np.zeros((blocks, size))
+    np.add.at(matrix, (padded // factor, np.minimum(padded, size - 1)), 1.0 / factor)
+    return matrix
+
+
+def smoothing_matrix(size, sigma_mm, spacing_mm, recursive):
+    """The anti-aliasing Gaussian along a line of `size` voxels as a matrix: its response to each voxel's impulse,
+    through the same filter `antialias` runs (ITK's recursive Gaussian or scipy's sampled one)."""
+    impulses = np.eye(size)
+    if sigma_mm <= 0:
+        return impulses
+    if recursive:
+        image = sitk.GetImageFromArray(impulses)  # row r: an impulse at x = r
+        image.SetSpacing([float(spacing_mm), 1.0])
+        responses = sitk.RecursiveGaussian(image, float(sigma_mm), False,
+                                           sitk.RecursiveGaussianImageFilter.ZeroOrder, 0)
+        return sitk.GetArrayFromImage(responses).T
+    from scipy import ndimage
+    return ndimage.gaussian_filter1d(impulses, sigma_mm / spacing_mm, axis=0, mode="nearest", truncate=4.0)
+
+
+def linear_interpolation_matrix(positions, size):
+    """ITK's linear interpolation at continuous indices `positions` of a line of `size` voxels as a matrix (within
+    half a voxel outside the line, the edge voxel), and which positions lie inside (the rest take the default)."""
+    inside = (positions >= -0.5) & (positions < size - 0.5)
+    clamped = np.clip(positions, 0, size - 1)
+    below = np.floor(clamped).astype(int)
+    weight = clamped - below
+    rows = np.arange(len(positions))
+    matrix = np.zeros((len(positions), size))
+    np.add.at(matrix, (rows, below), 1.0 - weight)
+    np.add.at(matrix, (rows, np.minimum(below + 1, size - 1)), weight)
+    matrix[~inside] = 0.0
+    return matrix, inside
+
+
+def axis_operators(image, reference, spacing, start, stop, axes, signs):
+    """Per index axis of `image`'s part [start, stop): the matrix that anti-aliases that axis and interpolates it at
+    `reference`'s points along the physical axis it runs along (float32), and which of those points lie inside."""
+    factors, sigma, recursive = antialiasing(image, spacing)
+    source = np.array(image.GetSpacing())
+    points = [np.array(reference.GetOrigin())[axis] + reference.GetSpacing()[axis] * np.arange(reference.GetSize()[axis])
+              for axis in range(3)]
+    # Positions are measured from the first block's centre: the origin of the image BinShrink returns.
+    first_block = np.array(image.TransformContinuousIndexToPhysicalPoint(
+        [float(a + (f - 1) / 2.0) for a, f in zip(start, factors)]))
+    operators = []
+    for index_axis in range(3):
+        axis, factor, size = axes[index_axis], int(factors[index_axis]), int(stop[index_axis] - start[index_axis])
+        blocks = block_average_matrix(size, factor)
+        smoothing = smoothing_matrix(len(blocks), sigma[index_axis], source[index_axis] * factor, recursive)
+        positions = (points[axis] - first_block[axis]) * (signs[index_axis] / (source[index_axis] * factor))
+        interpolation, inside = linear_interpolation_matrix(positions, len(blocks))
+        operators.append(((interpolation @ smoothing @ blocks).astype(np.float32), inside))
+    return operators
+
+
+def separable_resample(image, reference, spacing, default, slab=16):
+    """What `antialias` then `resample` (linear) give for an image whose axes run along the physical axes, one
+    axis at a time: each line's smoothing and interpolation is one small matrix (`axis_operators`). The slices go
+    through the two in-plane matrices a slab at a time, so the CT is never copied whole (on a 512 x 512 x 200 CT
+    to 4 mm: 0.16 s against 0.47 s for the filters). Returns the (x, y, z) array on `reference`, or None where
+    `to_canonical` runs the filters instead: oblique axes, an image too small for ITK's recursive Gaussian (4 voxels
+    an axis), or nothing to smooth (plain interpolation, which ITK does as fast as a matrix would)."""
+    physical = physical_axes(image)
+    start, stop = covering_bounds(image, reference, spacing)
+    factors, sigma, _ = antialiasing(image, spacing)
+    if physical is None or np.any(-(-(stop - start) // factors) < 4) or not np.any(sigma > 0):
+        return None
+    axes, signs = physical
+    (along_x, inside_x), (along_y, inside_y), (along_z, inside_z) = axis_operators(
+        image, reference, spacing, start, stop, axes, signs)
+    voxels = sitk.GetArrayViewFromImage(image)[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]  # (z, y, x)
+    in_plane = np.empty((len(voxels), len(along_y), len(along_x)), dtype=np.float32)
+    across_x = np.ascontiguousarray(along_x.T)
+    for first in range(0, len(voxels), slab):
+        part = voxels[first:first + slab].astype(np.float32) @ across_x
+        np.matmul(along_y, part, out=in_plane[first:first + slab])
+    resampled = np.tensordot(along_z, in_plane, axes=(1, 0))  # its axes: the physical axes of z, y, x
+    resampled = np.ascontiguousarray(resampled.transpose(np.argsort([axes[2], axes[1], axes[0]])))
+    for index_axis, inside in enumerate((inside_x, inside_y, inside_z)):
+        outside = [slice(None)] * 3
+        outside[axes[index_axis]] = ~inside
+        resampled[tuple(outside)] = default
+    return resampled
 
 
 def to_canonical(image, spacing, normalisation, reference=None):
     """Resample one channel onto the canonical grid; returns (float32 array, reference image)."""
     reference = canonical_reference(image, spacing) if reference is None else reference
-    image = antialias(sitk.Cast(covering(image, reference, spacing), sitk.sitkFloat32), spacing)
-    resampled = resample(image, reference, sitk.sitkLinear, background_value(normalisation), sitk.sitkFloat32)
-    return to_array(resampled), reference
+    default = background_value(normalisation)
+    resampled = separable_resample(image, reference, spacing, default)
+    if resampled is None:
+        image = antialias(sitk.Cast(covering(image, reference, spacing), sitk.sitkFloat32), spacing)
+        resampled = to_array(resample(image, reference, sitk.sitkLinear, default, sitk.sitkFloat32))
+    return resampled, reference
 
 
 def network_input(channels, spacing, normalisation, region=None):

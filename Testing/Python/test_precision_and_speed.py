@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from images import synthetic_ct
-from MSDSegmentLib import engine, modelcard
+from MSDSegmentLib import engine, modelcard, preprocessing
 from MSDSegmentLib.cli import main
 from MSDSegmentLib.engine import channel_argmax, pick_precision, segment
 from MSDSegmentLib.errors import MSDSegmentError
@@ -222,6 +222,50 @@ def test_in_plane_anti_aliasing_is_the_sampled_gaussian_over_the_axes_it_smooths
     recursive = sitk.GetArrayFromImage(gaussian_only(image, target))
     difference = np.abs(smoothed - recursive).mean() / np.ptp(recursive)
     assert difference < 0.001, difference
+
+
+def reoriented(image, axes, signs):
+    """`image`'s voxels with index axis a running along physical axis axes[a], in the sense signs[a]."""
+    direction = np.zeros((3, 3))
+    direction[list(axes), [0, 1, 2]] = signs
+    image = sitk.Image(image)
+    image.SetDirection(direction.ravel().tolist())
+    return image
+
+
+@pytest.mark.parametrize("spacing", [(4.0, 4.0, 4.0), (2.0, 2.0, 3.0)], ids=["whole-CT stage", "fine stage"])
+@pytest.mark.parametrize("axes, signs", [((0, 1, 2), (1, 1, 1)), ((0, 1, 2), (-1, -1, 1)), ((2, 0, 1), (1, -1, -1))],
+                         ids=["LPS", "RAS", "permuted"])
+def test_one_matrix_per_axis_resamples_as_the_filters_do(spacing, axes, signs):
+    """The canonical grid from one small matrix per axis (block averaging, the Gaussian, linear interpolation) is
+    what ITK's filters give, whatever the axis order and flips: over the whole image, over a region, and on a grid
+    partly outside the image (the default value there)."""
+    image = reoriented(synthetic_ct(size=(120, 110, 40), spacing=(0.8, 0.8, 2.5)), axes, signs)
+    lower, upper = preprocessing.physical_bounds(image)
+    beyond = canonical_reference(image, spacing)
+    # 15.3 mm: no point on the image's edge, where rounding alone decides between the edge voxel and the default.
+    beyond.SetOrigin([float(o) + 15.3 for o in beyond.GetOrigin()])
+    for grid in (canonical_reference(image, spacing), beyond,
+                 canonical_reference(image, spacing, (lower + 0.3 * (upper - lower), lower + 0.8 * (upper - lower)))):
+        filtered = preprocessing.antialias(sitk.Cast(preprocessing.covering(image, grid, spacing), sitk.sitkFloat32),
+                                           spacing)
+        expected = to_array(resample(filtered, grid, sitk.sitkLinear, -1000.0, sitk.sitkFloat32))
+        separable = preprocessing.separable_resample(image, grid, spacing, -1000.0)
+        assert separable.shape == expected.shape and np.any(expected > 0)
+        assert grid is not beyond or np.count_nonzero(expected == -1000.0) > 0.1 * expected.size  # the default
+        np.testing.assert_allclose(separable, expected, atol=1e-3)  # HU, of a range over 1000
+
+
+def test_oblique_or_unsmoothed_images_are_left_to_the_filters():
+    image = synthetic_ct(size=(120, 110, 40), spacing=(0.8, 0.8, 2.5))
+    oblique = sitk.Image(image)
+    oblique.SetDirection(sitk.VersorTransform((0, 0, 1), 0.3).GetMatrix())
+    assert preprocessing.separable_resample(oblique, canonical_reference(oblique, (2.0, 2.0, 3.0)), (2.0, 2.0, 3.0),
+                                            -1000.0) is None
+    finer = (0.5, 0.5, 2.0)  # upsampling: nothing to smooth
+    assert preprocessing.separable_resample(image, canonical_reference(image, finer), finer, -1000.0) is None
+    array, grid = preprocessing.to_canonical(oblique, (2.0, 2.0, 3.0), {"type": "ct", "window": [-1000, 1000]})
+    assert array.shape == tuple(grid.GetSize()) and np.any(array > 0)
 
 
 def test_networks_preloaded_while_the_input_is_read_serve_one_run(tiny_models_dir):
