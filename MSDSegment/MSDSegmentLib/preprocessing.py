@@ -234,8 +234,8 @@ def axis_operators(image, reference, spacing, start, stop, axes, signs):
     `reference`'s points along the physical axis it runs along (float32), and which of those points lie inside."""
     factors, sigma, recursive = antialiasing(image, spacing)
     source = np.array(image.GetSpacing())
-    points = [np.array(reference.GetOrigin())[axis] + reference.GetSpacing()[axis] * np.arange(reference.GetSize()[axis])
-              for axis in range(3)]
+    origin, step, count = reference.GetOrigin(), reference.GetSpacing(), reference.GetSize()
+    points = [origin[axis] + step[axis] * np.arange(count[axis]) for axis in range(3)]
     # Positions are measured from the first block's centre: the origin of the image BinShrink returns.
     first_block = np.array(image.TransformContinuousIndexToPhysicalPoint(
         [float(a + (f - 1) / 2.0) for a, f in zip(start, factors)]))
