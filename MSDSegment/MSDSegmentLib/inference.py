@@ -40,10 +40,12 @@ def out_of_memory(error):
     return isinstance(error, kinds)
 
 
-DEFAULT_WINDOWS_PER_BATCH = 4  # windows through the network at once
-# One batch's activations at most as large as 4 windows of the fine stage (8 feature maps at full resolution on
-# 80 x 80 x 48 voxels): a wider network or a larger patch takes fewer windows at once. The wide fine stage (16 maps)
-# in fp32 peaked at 1.68 GB of process memory with 4 windows a batch and at 1.38 GB with 2, in about the same time.
+DEFAULT_WINDOWS_PER_BATCH = 2  # windows through the network at once
+# One batch's activations at most as large as 2 windows of the fine stage (8 feature maps at full resolution on
+# 80 x 80 x 48 voxels): a wider network or a larger patch takes fewer windows at once. On two CPU cores (bf16) 2
+# windows took no longer than 4, and the pancreas task, whose peak is its all-organ fine stage's network, peaked at
+# 1.30-1.35 GB of process memory against 1.48-1.50 GB with 4 (the wide fine stage, 16 maps, in fp32: 1.68 GB with 4
+# windows, 1.38 GB with 2).
 WINDOW_FEATURE_BUDGET = DEFAULT_WINDOWS_PER_BATCH * 8 * 80 * 80 * 48
 
 

@@ -282,10 +282,10 @@ def test_networks_preloaded_while_the_input_is_read_serve_one_run(tiny_models_di
 
 
 def test_a_wider_network_takes_fewer_windows_at_once():
-    """One batch's activations stay the size of the fine stage's 4 windows: the wide stages, with twice the
-    feature maps, take 2 (peak memory; see docs/speed.md), every other shipped stage 4."""
+    """One batch's activations stay the size of the fine stage's 2 windows: the wide stages, with twice the
+    feature maps, take 1 (peak memory; see docs/speed.md), every other shipped stage 2."""
     stages = {stage.model: stage for card in modelcard.catalogue().values() for stage in card.stages}
     batches = {model: windows_per_batch(stage.network["filters"], stage.patch_size) for model, stage in stages.items()}
-    assert batches == {"abdomen": 4, "abdomen-fine": 4, "abdomen-wide": 2, "abdomen-neighbours": 4,
-                       "pancreas-wide": 2, "pancreas-fine": 4, "liver-fine": 4, "prostate": 4}
+    assert batches == {"abdomen": 2, "abdomen-fine": 2, "abdomen-wide": 1, "abdomen-neighbours": 2,
+                       "pancreas-wide": 1, "pancreas-fine": 2, "liver-fine": 2, "prostate": 2}
     assert windows_per_batch([64, 128], [128, 128, 128]) == 1
