@@ -27,16 +27,36 @@ def ball_offsets(spacing_mm, radius_mm):
     return offsets[lengths <= radius_mm]
 
 
+def or_shifted(into, mask, offset):
+    """`into |= mask` shifted by `offset` voxels, in place (what is shifted beyond the array is dropped)."""
+    target = tuple(slice(max(o, 0), n + min(o, 0)) for o, n in zip(offset, mask.shape))
+    source = tuple(slice(max(-o, 0), n + min(-o, 0)) for o, n in zip(offset, mask.shape))
+    into[target] |= mask[source]
+
+
 def within_distance(mask, spacing_mm, radius_mm):
     """The voxels at most `radius_mm` from a true voxel of `mask` (centre to centre, voxels beyond the array
     never counted): `distance_transform_edt(~mask) <= radius_mm`, as one OR of the mask shifted by each offset
-    of that ball. The distance map's float64 passes over the whole box cost 0.5-1 s on an organ's box; the
-    shifts, tens of milliseconds."""
-    grown = np.zeros_like(mask)
-    for offset in ball_offsets(spacing_mm, radius_mm):
-        target = tuple(slice(max(o, 0), n + min(o, 0)) for o, n in zip(offset, mask.shape))
-        source = tuple(slice(max(-o, 0), n + min(-o, 0)) for o, n in zip(offset, mask.shape))
-        grown[target] |= mask[source]
+    of that ball. The distance map's float64 passes over the whole box cost 0.5-1 s on an organ's box.
+
+    Across the axis it reaches furthest along, the ball is a set of segments [-h, h] along that axis: the mask is
+    grown along it once per h, and each segment shifted across it, about a tenth of the shifts of the ball's
+    offsets one by one (the same voxels: the axes are shifted independently)."""
+    offsets = ball_offsets(spacing_mm, radius_mm)
+    along = int(np.argmax(np.abs(offsets).max(axis=0)))
+    across = offsets.copy()
+    across[:, along] = 0
+    shifts, segment_of = np.unique(across, axis=0, return_inverse=True)
+    half_lengths = np.zeros(len(shifts), dtype=int)
+    np.maximum.at(half_lengths, segment_of.ravel(), np.abs(offsets[:, along]))
+    grown, segment, step = np.zeros_like(mask), mask.copy(), np.zeros(len(mask.shape), dtype=int)
+    for half_length in range(int(half_lengths.max()) + 1):
+        if half_length:
+            step[along] = half_length
+            or_shifted(segment, mask, step)
+            or_shifted(segment, mask, -step)
+        for shift in shifts[half_lengths == half_length]:
+            or_shifted(grown, segment, shift)
     return grown
 
 

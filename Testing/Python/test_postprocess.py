@@ -49,7 +49,7 @@ def test_keep_largest_cluster_measures_the_gap_in_millimetres():
 
 
 @pytest.mark.parametrize("spacing, radius", [((2.0, 2.0, 3.0), 5.0), ((2.5, 0.8, 0.8), 5.0), ((1.0, 1.0, 1.0), 3.0),
-                                             ((1.5, 1.5, 3.0), 4.5)])
+                                             ((1.5, 1.5, 3.0), 4.5), ((2.5, 0.8, 0.8), 10.0)])
 def test_within_distance_holds_exactly_the_voxels_the_distance_map_puts_within_the_radius(spacing, radius):
     from scipy import ndimage
 
