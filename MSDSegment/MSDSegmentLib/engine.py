@@ -14,7 +14,8 @@ from .imageio import looks_like_ct, validate_channels
 from .boxes import bounding_box, union_box, within
 from .inference import autocast, out_of_memory, predict_probabilities, windows_per_batch
 from .postprocess import FULL_CONNECTIVITY, keep_largest_cluster, postprocess, touching
-from .preprocessing import from_array, index_bounds, network_input, physical_corners, resample
+from .preprocessing import (from_array, index_bounds, interpolate, interpolation_operators, network_input,
+                            physical_corners, resample)
 
 CHUNK_BYTES = 256 * 2**20  # probabilities are brought back to the input grid a slab at a time
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -297,11 +298,10 @@ def blend_previous(probabilities, stage, canonical, previous, previous_stage, pr
     small lesions best can decide the tumour without also deciding the organ's outline.
     """
     matched = np.zeros(probabilities.shape, np.float32)  # filled in place: one array, not one per step
+    operators = interpolation_operators(previous_canonical, canonical)
     for index, name in enumerate(stage.classes[1:], start=1):
         if name in previous_stage.classes:
-            image = from_array(previous[previous_stage.classes.index(name)], previous_canonical, np.float32)
-            resampled = resample(image, canonical)  # kept alive while its view below is read
-            matched[index] = sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0)
+            matched[index] = interpolate(previous[previous_stage.classes.index(name)], operators)
     np.sum(matched[1:], axis=0, out=matched[0])
     np.subtract(1.0, matched[0], out=matched[0])
     split = {}  # the average with weight t, of the channels it splits only

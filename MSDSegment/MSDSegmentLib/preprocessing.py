@@ -280,6 +280,29 @@ def separable_resample(image, reference, spacing, default, slab=16):
     return resampled
 
 
+def interpolation_operators(source, target):
+    """ITK's linear interpolation from the canonical grid `source` onto the canonical grid `target` (both with the
+    identity direction, as `canonical_reference` makes them), per axis: a matrix over the source voxels it reads,
+    and their range. Outside the source grid the result is 0."""
+    operators = []
+    for axis in range(3):
+        points = target.GetOrigin()[axis] + target.GetSpacing()[axis] * np.arange(target.GetSize()[axis])
+        positions = (points - source.GetOrigin()[axis]) / source.GetSpacing()[axis]
+        matrix = linear_interpolation_matrix(positions, source.GetSize()[axis])[0]
+        read = np.flatnonzero(matrix.any(axis=0))
+        first, last = (int(read[0]), int(read[-1]) + 1) if len(read) else (0, 0)
+        operators.append((matrix[:, first:last].astype(np.float32), slice(first, last)))
+    return operators
+
+
+def interpolate(array, operators):
+    """An (x, y, z) array on the source grid of `interpolation_operators` on its target grid, one axis at a time."""
+    (along_x, read_x), (along_y, read_y), (along_z, read_z) = operators
+    result = np.tensordot(along_x, array[read_x, read_y, read_z], axes=(1, 0))
+    result = np.matmul(along_y, result)
+    return result @ along_z.T
+
+
 def to_canonical(image, spacing, normalisation, reference=None):
     """Resample one channel onto the canonical grid; returns (float32 array, reference image)."""
     reference = canonical_reference(image, spacing) if reference is None else reference

@@ -268,6 +268,24 @@ def test_oblique_or_unsmoothed_images_are_left_to_the_filters():
     assert array.shape == tuple(grid.GetSize()) and np.any(array > 0)
 
 
+def test_a_stage_is_brought_onto_the_next_stages_grid_as_itk_resamples_it():
+    """Blending: a stage's probabilities on the next stage's (finer, smaller) grid, one matrix per axis, are what ITK's
+    linear resampling gives, and 0 where that grid reaches beyond the stage's."""
+    image = synthetic_ct(size=(60, 50, 30), spacing=(2.0, 2.0, 3.0))
+    source = canonical_reference(image, (2.0, 2.0, 3.0))
+    probabilities = np.random.default_rng(3).random(tuple(source.GetSize())).astype(np.float32)
+    lower, upper = preprocessing.physical_bounds(source)
+    inside = canonical_reference(image, (1.5, 1.5, 3.0), (lower + 0.2 * (upper - lower), lower + 0.7 * (upper - lower)))
+    beyond = canonical_reference(image, (1.5, 1.5, 3.0))
+    beyond.SetOrigin([float(o) + 7.3 for o in beyond.GetOrigin()])
+    for target in (inside, beyond):
+        expected = to_array(resample(preprocessing.from_array(probabilities, source, np.float32), target))
+        interpolated = preprocessing.interpolate(probabilities, preprocessing.interpolation_operators(source, target))
+        assert interpolated.shape == expected.shape
+        np.testing.assert_allclose(interpolated, expected, atol=1e-6)
+    assert np.count_nonzero(expected == 0) > 0.1 * expected.size  # beyond the stage's grid
+
+
 def test_networks_preloaded_while_the_input_is_read_serve_one_run(tiny_models_dir):
     key = ("spleen", "cpu", "fp32", tiny_models_dir)
     engine.preload(*key)
