@@ -229,13 +229,19 @@ def linear_interpolation_matrix(positions, size):
     return matrix, inside
 
 
-def axis_operators(image, reference, spacing, start, stop, axes, signs):
-    """Per index axis of `image`'s part [start, stop): the matrix that anti-aliases that axis and interpolates it at
-    `reference`'s points along the physical axis it runs along (float32), and which of those points lie inside."""
-    factors, sigma, recursive = antialiasing(image, spacing)
-    source = np.array(image.GetSpacing())
+def grid_points(reference):
+    """Per axis, the physical coordinates (mm) of the voxel centres of an identity-direction grid."""
     origin, step, count = reference.GetOrigin(), reference.GetSpacing(), reference.GetSize()
-    points = [origin[axis] + step[axis] * np.arange(count[axis]) for axis in range(3)]
+    return [origin[axis] + step[axis] * np.arange(count[axis]) for axis in range(3)]
+
+
+def axis_operators(image, reference, filtering, start, stop, axes, signs):
+    """Per index axis of `image`'s part [start, stop): the matrix that anti-aliases that axis as `filtering` says
+    (`antialiasing`'s result) and interpolates it at `reference`'s points along the physical axis it runs along
+    (float32), and which of those points lie inside."""
+    factors, sigma, recursive = filtering
+    source = np.array(image.GetSpacing())
+    points = grid_points(reference)
     # Positions are measured from the first block's centre: the origin of the image BinShrink returns.
     first_block = np.array(image.TransformContinuousIndexToPhysicalPoint(
         [float(a + (f - 1) / 2.0) for a, f in zip(start, factors)]))
@@ -259,12 +265,13 @@ def separable_resample(image, reference, spacing, default, slab=16):
     an axis), or nothing to smooth (plain interpolation, which ITK does as fast as a matrix would)."""
     physical = physical_axes(image)
     start, stop = covering_bounds(image, reference, spacing)
-    factors, sigma, _ = antialiasing(image, spacing)
+    filtering = antialiasing(image, spacing)
+    factors, sigma, _ = filtering
     if physical is None or np.any(-(-(stop - start) // factors) < 4) or not np.any(sigma > 0):
         return None
     axes, signs = physical
     (along_x, inside_x), (along_y, inside_y), (along_z, inside_z) = axis_operators(
-        image, reference, spacing, start, stop, axes, signs)
+        image, reference, filtering, start, stop, axes, signs)
     voxels = sitk.GetArrayViewFromImage(image)[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]  # (z, y, x)
     in_plane = np.empty((len(voxels), len(along_y), len(along_x)), dtype=np.float32)
     across_x = np.ascontiguousarray(along_x.T)
@@ -285,8 +292,7 @@ def interpolation_operators(source, target):
     identity direction, as `canonical_reference` makes them), per axis: a matrix over the source voxels it reads,
     and their range. Outside the source grid the result is 0."""
     operators = []
-    for axis in range(3):
-        points = target.GetOrigin()[axis] + target.GetSpacing()[axis] * np.arange(target.GetSize()[axis])
+    for axis, points in enumerate(grid_points(target)):
         positions = (points - source.GetOrigin()[axis]) / source.GetSpacing()[axis]
         matrix = linear_interpolation_matrix(positions, source.GetSize()[axis])[0]
         read = np.flatnonzero(matrix.any(axis=0))
