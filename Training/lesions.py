@@ -29,6 +29,7 @@ Per lesion:
 Each lesion is computed on a crop around it, never on the whole volume.
 """
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -55,6 +56,15 @@ PANCREAS = LesionConfig(
     hypo_contrast_hu=(20.0, 60.0), hyper_contrast_hu=(20.0, 50.0), rim_probability=0.1,
     edge_margin_mm=2.0, depth_fraction=0.3, vessel_margin_mm=3.0, vessel_clearance_fraction=0.3)
 PRESETS = {"liver": LIVER, "pancreas": PANCREAS}
+
+
+def preset_for(entry):
+    """The lesion settings of one `synthetic_lesions` entry of a plan: its preset, with the organ's enhancement
+    share (`enhancement_probability`) taken from the entry where the entry gives one."""
+    config = PRESETS[entry["preset"]]
+    if "enhancement_probability" in entry:
+        config = dataclasses.replace(config, enhancement_probability=float(entry["enhancement_probability"]))
+    return config
 
 
 def synthesise_lesions(image_hu, organ_mask, spacing_mm, rng, config=LIVER, analysis=None):
@@ -305,7 +315,7 @@ class TrainingLesions:
         self.spacing = plan["spacing"]
         self.probability = plan.get("lesion_probability", 0.0)
         self.centred_fraction = plan.get("lesion_centred_fraction", 0.0)  # see PatchSampler._lesion_centred
-        self.entries = [(classes.index(entry["organ"]), classes.index(tumour), PRESETS[entry["preset"]])
+        self.entries = [(classes.index(entry["organ"]), classes.index(tumour), preset_for(entry))
                         for tumour, entry in plan.get("synthetic_lesions", {}).items()]
         # How often each organ is chosen for a lesion-centred patch, relative to the others (default 1).
         self.centred_weights = [float(entry.get("centred_weight", 1.0))

@@ -550,3 +550,24 @@ def test_training_patches_vary_the_liver_enhancement_but_validation_cases_do_not
     unchanged = normalised.copy()  # painting lesions alone (what validation cases get) keeps the parenchyma
     lesions(unchanged, label.copy(), np.random.default_rng(0), probability=0.0)
     assert np.array_equal(unchanged, normalised)
+
+
+def test_a_plan_entry_sets_its_organs_enhancement_share():
+    from Training.lesions import TrainingLesions
+    image, organ, _ = phantom(seed=3)
+    normalised, label = ((image - 100.0) / 50.0)[None], organ.astype(np.uint8)
+
+    def patches_varied(entry):
+        plan = {"classes": ["background", "pancreas", "pancreatic tumour"], "spacing": list(SPACING),
+                "synthetic_lesions": {"pancreatic tumour": entry}, "lesion_probability": 0.0,
+                "normalisation": {"mean": 100.0, "std": 50.0}}
+        lesions, changed = TrainingLesions(plan), 0
+        for seed in range(20):
+            varied = normalised.copy()
+            lesions.vary_enhancement(varied, label, np.random.default_rng(seed))
+            changed += not np.array_equal(varied, normalised)
+        return changed
+
+    assert PANCREAS.enhancement_probability == 0.0
+    assert patches_varied({"organ": "pancreas", "preset": "pancreas"}) == 0          # the preset's share
+    assert patches_varied({"organ": "pancreas", "preset": "pancreas", "enhancement_probability": 1.0}) == 20
