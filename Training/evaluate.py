@@ -30,7 +30,7 @@ from MSDSegmentLib.postprocess import FULL_CONNECTIVITY, min_tumour_voxels
 from MSDSegmentLib.preprocessing import from_array, resample, to_array
 
 from .dataset import fold_split, map_labels, read_dataset
-from .lesions import PRESETS, synthesise_lesions
+from .lesions import preset_for, synthesise_lesions
 from .masses import free_tissue, synthesise_neighbour_mass
 from .models import MODELS, label_mapping, parse_label_map
 from .tasks import TASKS
@@ -295,7 +295,7 @@ def synthetic_tumour(card, model):
     for label in card.trained_labels:
         entry = model.get("synthetic_lesions", {}).get(label.source_class)
         if label.kind == "tumour" and entry:
-            return label, card.organ_of(label), PRESETS[entry["preset"]]
+            return label, card.organ_of(label), preset_for(entry)
     return None
 
 
