@@ -9,6 +9,7 @@ import time
 from .errors import MSDSegmentError
 from .atomic import write_json
 from .imageio import LABEL_SUFFIXES, label_suffix
+from .network import leave_out_monai_extras
 
 PROG = "msdsegment"
 EXIT_CANCELLED = 130  # as a shell reports a process stopped by Ctrl+C
@@ -211,6 +212,7 @@ def segment_batch(args, say):
 def run():
     """The command line's entry point: main(), then an immediate exit. Every output is written and closed by
     then, and tearing down PyTorch and the interpreter's objects would add about 0.7 s to each run."""
+    leave_out_monai_extras()  # this process is the engine's own
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

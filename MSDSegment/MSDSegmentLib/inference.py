@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from .errors import Cancelled
+from .network import import_monai
 
 
 def window_count(shape, patch_size, overlap):
@@ -59,6 +60,7 @@ _inferers = {}  # (patch size, overlap, windows per batch) -> the adaptive infer
 
 
 def inferer_for(patch_size, overlap, sw_batch_size):
+    import_monai()
     from monai.inferers import SlidingWindowInfererAdapt
 
     key = (tuple(patch_size), float(overlap), int(sw_batch_size))

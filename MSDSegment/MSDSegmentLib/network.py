@@ -4,6 +4,49 @@ A U-Net with instance norm and leaky ReLU (MONAI's DynUNet, the nnU-Net design),
 `network` section of a model card so that the architecture is data (the plan), not code.
 """
 
+import sys
+
+# What MONAI imports only through its optional imports, for parts the engine does not use: plots, signal
+# statistics, image readers (DICOM, NIfTI, 2-D), bundle schemas and downloads. MONAI's __init__ imports every one
+# of its submodules, and with them whichever of these are installed: 0.8 s of the 1.5 s MONAI took to import in a
+# fresh process on the project's machine.
+MONAI_EXTRAS = ("matplotlib", "scipy.signal", "scipy.stats", "pydicom", "skimage", "nibabel", "PIL", "jsonschema",
+                "requests")
+_monai_extras_wanted = True
+
+
+def leave_out_monai_extras():
+    """In this process, import MONAI (when it is first needed) with MONAI_EXTRAS marked absent, as its optional
+    imports allow: for the engine's own processes (the command line, the panel's engine process), whose only use of
+    MONAI is the network and the sliding window. Not for a shared interpreter (Slicer's, a notebook's), where MONAI's
+    readers and plots may be wanted later. The packages stay importable by everything else."""
+    global _monai_extras_wanted
+    _monai_extras_wanted = False
+
+
+def import_monai():
+    """Import MONAI as this process asked (leave_out_monai_extras)."""
+    if not _monai_extras_wanted and "monai" not in sys.modules:
+        import_monai_without_extras()
+    import monai  # noqa: F401
+
+
+def import_monai_without_extras():
+    """Import MONAI with MONAI_EXTRAS marked absent. A MONAI release that needs one of them to import is left
+    unimported, for import_monai to import whole, with none of the modules it imported of itself: those would keep
+    believing the extras absent."""
+    absent = [name for name in MONAI_EXTRAS if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(absent))  # None: the import system's "not installed"
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        for name in [name for name in sys.modules if name.split(".")[0] == "monai"]:
+            del sys.modules[name]
+    finally:
+        for name in absent:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
 
 def build_network(config):
     """Build the network described by a model card's `network` section.
@@ -11,6 +54,7 @@ def build_network(config):
     config keys: in_channels, out_channels, kernel_sizes (list of [k, k, k]), strides (list of
     [s, s, s], the first one [1, 1, 1]) and filters (one per level).
     """
+    import_monai()
     from monai.networks.nets import DynUNet
 
     return DynUNet(

@@ -24,6 +24,7 @@ import threading
 import traceback
 
 from .errors import describe_error
+from .network import leave_out_monai_extras
 
 EVENT_PREFIX = "MSDSEGMENT "
 EXIT_CANCELLED = 130  # as the command line: stopped on request
@@ -104,6 +105,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    leave_out_monai_extras()  # this process is the engine's own
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

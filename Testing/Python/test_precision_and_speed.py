@@ -3,6 +3,9 @@ what the slower code it replaced gave."""
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -307,3 +310,50 @@ def test_a_wider_network_takes_fewer_windows_at_once():
     assert batches == {"abdomen": 2, "abdomen-fine": 2, "abdomen-wide": 1, "abdomen-neighbours": 2,
                        "pancreas-wide": 1, "pancreas-fine": 2, "liver-fine": 2, "prostate": 2}
     assert windows_per_batch([64, 128], [128, 128, 128]) == 1
+
+
+def run_fresh_python(code):
+    """`code` run by a fresh interpreter with the engine on its path (MONAI's imports happen once per process)."""
+    engine_dir = os.path.dirname(os.path.dirname(modelcard.__file__))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([engine_dir, os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+TINY_NETWORK = "{'in_channels': 1, 'out_channels': 2, 'kernel_sizes': [[3, 3, 3]] * 3, " \
+               "'strides': [[1, 1, 1], [2, 2, 2], [2, 2, 2]], 'filters': [4, 8, 8]}"
+
+
+def test_the_engine_s_processes_import_monai_without_the_extras_it_does_not_use():
+    """The network and the sliding window work; the plotting, signal and reader packages MONAI would have imported
+    are not imported, and stay importable."""
+    output = run_fresh_python(f"""
+        import sys
+        import torch
+        from MSDSegmentLib import network
+        from MSDSegmentLib.inference import inferer_for
+        network.leave_out_monai_extras()
+        model = network.build_network({TINY_NETWORK}).eval()
+        with torch.inference_mode():
+            result = inferer_for([8, 8, 8], 0.5, 2)(torch.zeros(1, 1, 12, 10, 8), model)
+        print(tuple(result.shape))
+        print(sorted(name for name in network.MONAI_EXTRAS if name in sys.modules))
+        import matplotlib.pyplot, nibabel, scipy.signal  # noqa: F401
+        print("importable")
+    """)
+    assert output.splitlines() == ["(1, 2, 12, 10, 8)", "[]", "importable"]
+
+
+def test_a_monai_that_needs_one_of_the_extras_is_imported_whole():
+    """Simulated with PyTorch marked an extra: MONAI cannot import without it, and is imported again with it."""
+    output = run_fresh_python(f"""
+        import sys
+        from MSDSegmentLib import network
+        network.MONAI_EXTRAS = ("torch",)
+        network.leave_out_monai_extras()
+        model = network.build_network({TINY_NETWORK})
+        print(type(model).__name__, sys.modules["torch"] is not None, "matplotlib.pyplot" in sys.modules)
+    """)
+    assert output.split() == ["DynUNet", "True", "True"]
