@@ -161,7 +161,29 @@ def test_benchmark_report_gives_each_stage_share_and_the_overhead_ratio():
     assert bench_cli.overhead_ratio(rows[0]) == pytest.approx(1.0)  # (8 - 4) / 4
     lines = bench_cli.share_table(rows).splitlines()
     assert lines[2].split(" | ")[2:10] == ["6 %", "12 %", "19 %", "50 %", "12 %", "0 %", "0 %", "1.00"]
-    assert lines[2].endswith("<= 0.6: **no** |") and lines[3].endswith("0.50 |  |")
+    assert lines[2].endswith("<= 0.6: **no** |") and lines[3].endswith("0.50 |  |  |")
+
+
+def test_fresh_auto_processes_are_measured_again_and_reported_by_their_median_ratio(monkeypatch):
+    """The median run's stages and wall time, every run's ratio, and the highest peak memory of them; a forced
+    precision runs once."""
+    stages = {"read": 0.5, "load": 1.0, "preprocess": 0.5, "network": 5.0, "postprocess": 0.5, "write": 0.0}
+    walls, calls = iter([9.0, 7.5, 8.0]), []
+
+    def measure_task(task, ct_path, work_dir, device, cores, models_dir=None, precision="auto"):
+        calls.append(precision)
+        wall = next(walls)
+        return {"task": task, "asked": precision, "precision": "bf16", "wall_s": wall, "timings_s": stages,
+                "peak_rss_bytes": int(wall * 1e8)}
+
+    monkeypatch.setattr(bench_cli, "measure_task", measure_task)
+    row = bench_cli.measure_fresh("liver", "ct.nii.gz", "work", "cpu", [0, 1], repeats=3)
+    assert row["wall_s"] == 8.0 and row["ratios"] == pytest.approx([0.5, 0.6, 0.8])
+    assert row["peak_rss_bytes"] == int(9.0e8) and calls == ["auto"] * 3
+    assert bench_cli.share_table([row]).splitlines()[2].endswith("| 0.60 | 0.50-0.80 | <= 0.6: yes |")
+    walls = iter([12.0])
+    single = bench_cli.measure_fresh("liver", "ct.nii.gz", "work", "cpu", [0, 1], precision="fp32", repeats=3)
+    assert single["wall_s"] == 12.0 and calls[3:] == ["fp32"] and bench_cli.repeats_of([row, single]) == 3
 
 
 def test_benchmark_report_gives_the_warm_ratio_and_the_imports_against_each_network():
