@@ -345,7 +345,9 @@ class NetworkLoader:
 
     def load(self, card, device, precision):
         try:
-            import scipy.ndimage  # noqa: F401  (post-processing's, imported here while the input is prepared)
+            # Post-processing's, imported while the input is prepared, and before MONAI: an engine process then
+            # imports MONAI without the rest of SciPy (network.absent_during_monai_import).
+            import scipy.ndimage  # noqa: F401
 
             self.device = pick_device(device)
             self.precision, warning = usable_precision(pick_precision(precision, self.device, card), self.device)

@@ -327,10 +327,13 @@ TINY_NETWORK = "{'in_channels': 1, 'out_channels': 2, 'kernel_sizes': [[3, 3, 3]
 
 
 def test_the_engine_s_processes_import_monai_without_the_extras_it_does_not_use():
-    """The network and the sliding window work; the plotting, signal and reader packages MONAI would have imported
-    are not imported, and stay importable."""
+    """The network and the sliding window work; the plotting, reader and configuration packages MONAI would have
+    imported are not imported, nor any part of SciPy beyond the ndimage the engine imports first; all of them stay
+    importable."""
     output = run_fresh_python(f"""
         import sys
+        import scipy.ndimage
+        scipy_before = {{name for name in sys.modules if name.startswith("scipy.")}}
         import torch
         from MSDSegmentLib import network
         from MSDSegmentLib.inference import inferer_for
@@ -339,11 +342,12 @@ def test_the_engine_s_processes_import_monai_without_the_extras_it_does_not_use(
         with torch.inference_mode():
             result = inferer_for([8, 8, 8], 0.5, 2)(torch.zeros(1, 1, 12, 10, 8), model)
         print(tuple(result.shape))
-        print(sorted(name for name in network.MONAI_EXTRAS if name in sys.modules))
-        import matplotlib.pyplot, nibabel, scipy.signal  # noqa: F401
+        print(sorted(name for name in network.MONAI_EXTRAS if name in sys.modules and name != "scipy"))
+        print(sorted({{name for name in sys.modules if name.startswith("scipy.")}} - scipy_before))
+        import matplotlib.pyplot, nibabel, scipy.signal, scipy.sparse, yaml  # noqa: F401
         print("importable")
     """)
-    assert output.splitlines() == ["(1, 2, 12, 10, 8)", "[]", "importable"]
+    assert output.splitlines() == ["(1, 2, 12, 10, 8)", "[]", "[]", "importable"]
 
 
 def test_a_monai_that_needs_one_of_the_extras_is_imported_whole():
