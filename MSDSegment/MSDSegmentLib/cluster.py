@@ -18,10 +18,12 @@ Locally, Ray talks only over the loopback (127.0.0.1), without a dashboard or us
 
 import argparse
 import csv
+import glob
 import io
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -40,6 +42,7 @@ CASES_QUEUED_PER_WORKER = 2             # one running, one waiting: a worker nev
 MAX_ATTEMPTS = 3                        # a case whose worker died this often may be what kills them
 CPUS_PER_CPU_WORKER = 4                 # on a running cluster without GPUs, when --workers is not given
 SUMMARY_JSON, SUMMARY_CSV = "summary.json", "summary.csv"
+CASE_FOLDER_PREFIX = "msdsegment-case-"  # then the machine's name, the worker's process id and "-"
 
 
 @dataclass
@@ -109,6 +112,40 @@ def worker_resources(ray, spec, device):
     return workers, max(1, int(cpus) // workers), per_gpu
 
 
+def case_folder_prefix(process=None):
+    """The start of the names of the case folders of a process (this one by default) of this machine: machines (or
+    containers) that share a temporary folder can then tell their own processes' folders."""
+    return f"{CASE_FOLDER_PREFIX}{platform.node()}-{process or os.getpid()}-"
+
+
+def case_folder():
+    """A scratch folder for one case, named after this process (remove_orphaned_case_folders)."""
+    return tempfile.mkdtemp(prefix=case_folder_prefix())
+
+
+def process_exists(process):
+    try:
+        os.kill(process, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_orphaned_case_folders():
+    """Remove this machine's case folders whose worker process is gone: a worker killed mid-case (out of memory, a
+    kill by hand) leaves its folder behind, with what it had written of the output. Only on POSIX systems, where
+    signal 0 asks after a process (on Windows, os.kill ends it)."""
+    if os.name != "posix":
+        return
+    machine = f"{CASE_FOLDER_PREFIX}{platform.node()}-"
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(machine) + "*-*")):
+        process = os.path.basename(folder)[len(machine):].split("-")[0]
+        if process.isdigit() and not process_exists(int(process)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class CaseWorker:
     """A Ray actor: loads the task's networks once, then segments one case per call with `segment_case` (the
     command line's own function, so the output is exactly the single-process one)."""
@@ -119,6 +156,7 @@ class CaseWorker:
         from .engine import network_for, pick_device
 
         torch.set_num_threads(cpus)
+        remove_orphaned_case_folders()  # of workers that died on this machine before
         self.settings, self.segment_case = settings, segment_case
         card = modelcard.find_card(settings["task"], settings["models_dir"] or modelcard.MODELS_DIR)
         device = pick_device(settings["device"])
@@ -129,7 +167,7 @@ class CaseWorker:
         """{"status", "reason", "seconds", "output" (the file's bytes), "summary", "worker", "peak_rss_mb"}."""
         started = time.perf_counter()
         row = {"worker": f"{os.uname().nodename}:{os.getpid()}"}
-        folder = tempfile.mkdtemp(prefix="msdsegment-case-")
+        folder = case_folder()
         try:
             output = os.path.join(folder, name + suffix)
             args = argparse.Namespace(**self.settings, quiet=True, progress_lines=False)
@@ -435,6 +473,8 @@ def segment_on_ray(args, outputs, suffix, segment_case, say):
             failed = run_cases(ray, spec, args, pending, suffix, segment_case, summary, order, say)
         finally:
             ray.shutdown()
+            if spec.address == "local":  # its workers ran on this machine
+                remove_orphaned_case_folders()
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(args.inputs)} inputs failed: {', '.join(failed)}",
               file=sys.stderr)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -18,6 +19,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPOSITORY, require, BTCV
+from MSDSegmentLib.cluster import case_folder, case_folder_prefix, remove_orphaned_case_folders
 from MSDSegmentLib.errors import MSDSegmentError
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install '.[cluster]')")
@@ -325,6 +327,30 @@ def test_a_worker_killed_mid_case_has_its_cases_redone_elsewhere(real_cts, refer
     # worker may end one case and start the next in the second between being seen busy and being killed.
     assert not any(row["worker"].endswith(f":{killed[0]}") for row in rows if row["attempts"] > 1)
     assert not leftovers(folder)
+    assert not case_folders_of(killed[0])  # the killed worker's scratch folder was removed after it
+
+
+def case_folders_of(process):
+    return [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(case_folder_prefix(process))]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="orphaned case folders are told by signal 0, on POSIX systems")
+def test_only_the_case_folders_of_dead_workers_are_removed():
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its process id is free now: the folder of a worker killed mid-case
+    orphan = tempfile.mkdtemp(prefix=case_folder_prefix(ended.pid))
+    with open(os.path.join(orphan, "case.nii.gz"), "wb") as stream:
+        stream.write(b"the half-written output of the case it was running")
+    own = case_folder()
+    elsewhere = tempfile.mkdtemp(prefix=f"msdsegment-case-another-machine-{ended.pid}-")  # a shared temporary folder
+    try:
+        remove_orphaned_case_folders()
+        assert not os.path.exists(orphan)
+        assert os.path.isdir(own) and case_folders_of(os.getpid()) == [os.path.basename(own)]
+        assert os.path.isdir(elsewhere)
+    finally:
+        os.rmdir(own)
+        os.rmdir(elsewhere)
 
 
 def test_dicom_seg_from_a_dicom_series_round_trips_with_the_cards_codes(real_cts, dicom_series, cluster_run, tmp_path):
