@@ -128,8 +128,9 @@ def test_a_recipe_replays_under_torchrun(tmp_path):
               "ships": {"run": "all", "weights": "last"}}
     (recipes / "abdomen.json").write_text(json.dumps(recipe))
     out = str(tmp_path / "replay")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "Training",
-               "reproduce", "abdomen", "--out", out, "--data", data, "--recipes", str(recipes), "--device", "cpu",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(tmp_path / "torchrun-logs"), "-m", "Training", "reproduce", "abdomen", "--out", out,
+               "--data", data, "--recipes", str(recipes), "--device", "cpu",
                "--train-flags", " ".join(TINY + ["--batch-size", "1"]), "--quiet"]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPOSITORY, os.path.join(REPOSITORY, "MSDSegment")]),
                        OMP_NUM_THREADS="1")

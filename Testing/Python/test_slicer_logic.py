@@ -71,6 +71,7 @@ assert len(outcome.done) == 2, outcome.report()
 heavy = sorted(name for name in ("torch", "monai", "scipy") if name in sys.modules)
 assert not heavy, heavy
 print("segmented in the background without torch here:", outcome.report())
+session.close()
 """
 
 

@@ -922,9 +922,9 @@ def test_a_briefly_trained_cascade_outputs_organ_and_tumour(tmp_path):
 
 def torchrun(data, out, *extra):
     """Two ranks on the CPU (gloo over the loopback interface), as `torchrun --nproc_per_node=2` on GPUs."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "Training",
-               "train", "--model", "abdomen", "--data", data, "--out", out, *TINY, "--batch-size", "1",
-               "--val-every", "1000", "--device", "cpu", "--quiet", *extra]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", out + "-torchrun-logs", "-m", "Training", "train", "--model", "abdomen", "--data", data,
+               "--out", out, *TINY, "--batch-size", "1", "--val-every", "1000", "--device", "cpu", "--quiet", *extra]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPOSITORY, os.path.join(REPOSITORY, "MSDSegment")]),
                        OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment, timeout=900)
