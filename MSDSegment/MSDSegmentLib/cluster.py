@@ -112,10 +112,15 @@ def worker_resources(ray, spec, device):
     return workers, max(1, int(cpus) // workers), per_gpu
 
 
+def machine_case_folder_prefix():
+    """The start of the names of this machine's case folders: machines (or containers) that share a temporary folder
+    can then tell their own processes' folders."""
+    return f"{CASE_FOLDER_PREFIX}{platform.node()}-"
+
+
 def case_folder_prefix(process=None):
-    """The start of the names of the case folders of a process (this one by default) of this machine: machines (or
-    containers) that share a temporary folder can then tell their own processes' folders."""
-    return f"{CASE_FOLDER_PREFIX}{platform.node()}-{process or os.getpid()}-"
+    """The start of the names of the case folders of a process of this machine (this one by default)."""
+    return f"{machine_case_folder_prefix()}{process or os.getpid()}-"
 
 
 def case_folder():
@@ -139,7 +144,7 @@ def remove_orphaned_case_folders():
     signal 0 asks after a process (on Windows, os.kill ends it)."""
     if os.name != "posix":
         return
-    machine = f"{CASE_FOLDER_PREFIX}{platform.node()}-"
+    machine = machine_case_folder_prefix()
     for folder in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(machine) + "*-*")):
         process = os.path.basename(folder)[len(machine):].split("-")[0]
         if process.isdigit() and not process_exists(int(process)):
@@ -166,7 +171,7 @@ class CaseWorker:
     def segment(self, inputs, name, suffix):
         """{"status", "reason", "seconds", "output" (the file's bytes), "summary", "worker", "peak_rss_mb"}."""
         started = time.perf_counter()
-        row = {"worker": f"{os.uname().nodename}:{os.getpid()}"}
+        row = {"worker": f"{platform.node()}:{os.getpid()}"}
         folder = case_folder()
         try:
             output = os.path.join(folder, name + suffix)

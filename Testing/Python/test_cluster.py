@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPOSITORY, require, BTCV
-from MSDSegmentLib.cluster import case_folder, case_folder_prefix, remove_orphaned_case_folders
+from MSDSegmentLib.cluster import CASE_FOLDER_PREFIX, case_folder, case_folder_prefix, remove_orphaned_case_folders
 from MSDSegmentLib.errors import MSDSegmentError
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install '.[cluster]')")
@@ -342,7 +342,7 @@ def test_only_the_case_folders_of_dead_workers_are_removed():
     with open(os.path.join(orphan, "case.nii.gz"), "wb") as stream:
         stream.write(b"the half-written output of the case it was running")
     own = case_folder()
-    elsewhere = tempfile.mkdtemp(prefix=f"msdsegment-case-another-machine-{ended.pid}-")  # a shared temporary folder
+    elsewhere = tempfile.mkdtemp(prefix=f"{CASE_FOLDER_PREFIX}another-machine-{ended.pid}-")  # a shared /tmp
     try:
         remove_orphaned_case_folders()
         assert not os.path.exists(orphan)
