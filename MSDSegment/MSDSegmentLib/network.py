@@ -4,24 +4,25 @@ A U-Net with instance norm and leaky ReLU (MONAI's DynUNet, the nnU-Net design),
 `network` section of a model card so that the architecture is data (the plan), not code.
 """
 
-import pkgutil
+import importlib.abc
 import sys
+import threading
 
 # What MONAI imports only through its optional imports, for parts the engine does not use: plots, scientific
-# routines (the engine's own post-processing needs only scipy.ndimage), image readers (DICOM, NIfTI, TIFF, 2-D),
-# bundle schemas and configs, downloads and cache locks. MONAI's __init__ imports every one of its submodules, and
-# with them whichever of these are installed: on the project's machine 0.8 s of the 1.5 s MONAI took to import in a
-# fresh process, and another 0.17 s for the parts of SciPy beyond ndimage.
+# routines (the engine's own post-processing imports scipy.ndimage itself, once the networks are loaded), image
+# readers (DICOM, NIfTI, TIFF, 2-D), bundle schemas and configs, downloads and cache locks. MONAI's __init__ imports
+# every one of its submodules, and with them whichever of these are installed: on the project's machine 0.8 s of the
+# 1.5 s MONAI took to import in a fresh process, and 0.2-0.4 s for SciPy's ndimage before the first network could start.
 MONAI_EXTRAS = ("matplotlib", "scipy", "pydicom", "skimage", "nibabel", "PIL", "tifffile", "jsonschema", "yaml",
                 "requests", "filelock")
 _monai_extras_wanted = True
 
 
 def leave_out_monai_extras():
-    """In this process, import MONAI (when it is first needed) with MONAI_EXTRAS marked absent, as its optional
-    imports allow: for the engine's own processes (the command line, the panel's engine process), whose only use of
-    MONAI is the network and the sliding window. Not for a shared interpreter (Slicer's, a notebook's), where MONAI's
-    readers and plots may be wanted later. The packages stay importable by everything else."""
+    """In this process, import MONAI (when it is first needed) with MONAI_EXTRAS absent, as its optional imports
+    allow: for the engine's own processes (the command line, the panel's engine process), whose only use of MONAI is
+    the network and the sliding window. Not for a shared interpreter (Slicer's, a notebook's), where MONAI's readers
+    and plots may be wanted later. The packages stay importable by everything else."""
     global _monai_extras_wanted
     _monai_extras_wanted = False
 
@@ -33,36 +34,34 @@ def import_monai():
     import monai  # noqa: F401
 
 
-def absent_during_monai_import():
-    """The module names to mark absent while MONAI imports: each extra not imported yet, and of one already imported
-    (SciPy, whose ndimage the engine imports first), its public subpackages not imported yet. Those are modules no
-    other thread of the engine imports meanwhile."""
-    names = []
-    for name in MONAI_EXTRAS:
-        package = sys.modules.get(name)
-        if package is None:
-            names.append(name)
-        elif hasattr(package, "__path__"):
-            names += [f"{name}.{found.name}" for found in pkgutil.iter_modules(package.__path__)
-                      if found.ispkg and not found.name.startswith("_")]
-    return [name for name in names if name not in sys.modules]
+class AbsentInThisThread(importlib.abc.MetaPathFinder):
+    """Makes packages (and their modules not imported yet) absent to the thread that created it, as an import
+    system finder placed first: every other thread imports them as usual meanwhile. The engine's main thread
+    prepares the input, with SciPy among others, while its loader thread imports MONAI."""
+
+    def __init__(self, packages):
+        self.packages = tuple(packages)
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if threading.get_ident() == self.thread and name.split(".")[0] in self.packages:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None  # the next finder looks for it
 
 
 def import_monai_without_extras():
-    """Import MONAI with MONAI_EXTRAS marked absent. A MONAI release that needs one of them to import is left
-    unimported, for import_monai to import whole, with none of the modules it imported of itself: those would keep
-    believing the extras absent."""
-    absent = absent_during_monai_import()
-    sys.modules.update(dict.fromkeys(absent))  # None: the import system's "not installed"
+    """Import MONAI with MONAI_EXTRAS absent to this thread. A MONAI release that needs one of them to import is
+    left unimported, for import_monai to import whole, with none of the modules it imported of itself: those would
+    keep believing the extras absent."""
+    absent = AbsentInThisThread(MONAI_EXTRAS)
+    sys.meta_path.insert(0, absent)
     try:
         import monai  # noqa: F401
     except ImportError:
         for name in [name for name in sys.modules if name.split(".")[0] == "monai"]:
             del sys.modules[name]
     finally:
-        for name in absent:
-            if sys.modules.get(name, False) is None:
-                del sys.modules[name]
+        sys.meta_path.remove(absent)
 
 
 def build_network(config):

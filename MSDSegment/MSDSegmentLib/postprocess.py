@@ -9,8 +9,8 @@ import numpy as np
 
 from .boxes import bounding_box, intersect, within
 
-# scipy.ndimage is imported where it is used: the engine imports it in its loader thread, beside PyTorch,
-# instead of on the command line's start-up path.
+# scipy.ndimage is imported where it is used: the engine's loader thread imports it once the networks are loaded,
+# while the first network runs, instead of on the command line's start-up path.
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 CONTRAST_SHELL_MM = (5.0, 15.0)  # the organ around a lesion that its contrast is measured against

@@ -4,8 +4,11 @@ can be told from the file (see MSDSegmentLib/integrity.py for what can and canno
 command line, a non-zero exit and no output; the cases stop at the reader, before any network runs. Whole files
 read exactly as ITK reads them, and NaN or infinite voxels are refused in every float format."""
 
+import gzip
+import io
 import os
 import shutil
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +19,7 @@ from images import synthetic_ct, write_dicom_series
 from MSDSegmentLib.cli import main
 from MSDSegmentLib.errors import InputError
 from MSDSegmentLib.imageio import read_image
+from MSDSegmentLib.integrity import inflate
 
 FORMATS = (".nii", ".nii.gz", ".nrrd", ".mha")
 
@@ -160,6 +164,34 @@ def test_a_half_nii_gz_is_refused_not_segmented_with_zeros(tmp_path, tiny_models
     with open(path, "wb") as stream:
         stream.write(data[:len(data) // 2])
     assert_refused(segment_argv(path, tmp_path, tiny_models_dir), str(tmp_path), capsys, "cut short")
+
+
+def inflated(data, inflater):
+    """(verdict, output) of integrity.inflate with `inflater`: "whole", "cut short" or "corrupt"."""
+    target = io.BytesIO()
+    try:
+        whole = inflate(io.BytesIO(data), target, inflater)
+    except inflater.error:
+        return "corrupt", None
+    return ("whole" if whole else "cut short"), target.getvalue()
+
+
+def test_isa_l_and_zlib_inflate_every_stream_alike():
+    """The installed inflater (ISA-L) and Python's zlib, the fallback, give the same bytes for whole gzip and zlib
+    streams (two gzip members and bytes after them, as bgzip writes) and the same verdict on each damaged one."""
+    isal_zlib = pytest.importorskip("isal.isal_zlib", reason="needs ISA-L (pip install isal)")
+    voxels = sitk.GetArrayFromImage(small_ct()).tobytes()
+    streams = {"gzip": (gzip.compress(voxels), b""), "zlib": (zlib.compress(voxels), b""),
+               "two gzip members and a byte after them": (gzip.compress(voxels[:999]) + gzip.compress(voxels[999:]),
+                                                          b"x")}
+    for name, (data, after) in streams.items():
+        assert inflated(data + after, isal_zlib) == inflated(data + after, zlib) == ("whole", voxels), name
+        start, size = (10 if data[:2] == b"\x1f\x8b" else 2), len(data)
+        damaged = {f"cut at {at}": data[:at] for at in (start + 7, size // 2, size - 4, size - 1)}
+        damaged.update({f"byte {at} changed": flipped(data, at) + after for at in (start + 3, size // 2, size - 6)})
+        for case, version in damaged.items():
+            verdict = inflated(version, isal_zlib)[0]
+            assert verdict == inflated(version, zlib)[0] and verdict != "whole", (name, case)
 
 
 def test_what_cannot_be_told_is_read(tmp_path):
