@@ -7,7 +7,6 @@ no process of it is left behind.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -143,16 +142,13 @@ def run_cli(arguments, kill_a_busy_worker=False):
     Watches every process it starts (Ray's included): asserts that none listens beyond the loopback and that none
     outlives it. Ray's session files (logs, sockets), which Ray leaves in the temporary folder, go to a folder of
     their own, removed afterwards (a short path: Ray's socket paths must fit in 107 characters)."""
-    ray_folder = tempfile.mkdtemp(prefix="ray-")
-    try:
-        return watched_cli(arguments, kill_a_busy_worker, dict(os.environ, RAY_TMPDIR=ray_folder))
-    finally:
-        shutil.rmtree(ray_folder, ignore_errors=True)
+    engine = os.pathsep.join([os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY])
+    with tempfile.TemporaryDirectory(prefix="ray-", ignore_cleanup_errors=True) as ray_folder:
+        return watched_cli(arguments, kill_a_busy_worker, dict(os.environ, PYTHONPATH=engine, RAY_TMPDIR=ray_folder))
 
 
 def watched_cli(arguments, kill_a_busy_worker, environment):
     """run_cli's run and checks, in `environment`."""
-    environment["PYTHONPATH"] = os.pathsep.join([os.path.join(REPOSITORY, "MSDSegment"), REPOSITORY])
     process = subprocess.Popen([sys.executable, "-m", "MSDSegmentLib", "segment"] + arguments, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen, killed, listening = set(), [], {}
