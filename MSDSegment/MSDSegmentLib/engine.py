@@ -1,6 +1,7 @@
 """The engine: input channels in, an integer label map on exactly the first channel's grid out."""
 
 import contextlib
+import sys
 import threading
 import time
 import warnings as python_warnings
@@ -333,15 +334,30 @@ def tumour_channels(card, stage):
     return pairs
 
 
+def blas_leaving_a_core():
+    """Limits numpy's BLAS to one thread fewer than it has (at least one); returns what restores it."""
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas")
+    threads = min((library["num_threads"] for library in blas.info()), default=1)
+    return blas.limit(limits=max(1, threads - 1))
+
+
 class NetworkLoader:
     """Imports PyTorch and MONAI, picks the device and precision and loads a card's networks in a background
     thread: those seconds overlap with reading and preparing the input. result() waits until the networks are
     ready (or the loading failed, and raises what it raised there); the thread then imports SciPy's ndimage for
-    post-processing while the first network runs."""
+    post-processing while the first network runs. The thread that creates a loader asks for its result() and
+    close()s it."""
 
     def __init__(self, card, device, precision):
         self.device, self.precision, self.error, self.warnings = None, None, None, []
         self.ready = threading.Event()
+        # Importing PyTorch keeps a core busy for a second or more while the caller prepares the input with numpy's
+        # BLAS, whose threads, one per core, each wait for the slowest: on two cores the first stage's preparing
+        # took 0.6-1.5 s beside the import against 0.3 s with one thread. Until the networks are ready, BLAS leaves
+        # the import its core (restored by the caller's thread: never while BLAS runs there).
+        self.blas_limit = blas_leaving_a_core() if "torch" not in sys.modules else None
         self.thread = threading.Thread(target=self.load, args=(card, device, precision), name="network-loader",
                                        daemon=True)
         self.thread.start()
@@ -365,9 +381,20 @@ class NetworkLoader:
 
     def result(self):
         self.ready.wait()
+        self.restore_blas()
         if self.error is not None:
             raise self.error
         return self.device, self.precision
+
+    def close(self):
+        """Waits for the thread to end (a run that stops early must not leave it importing at exit)."""
+        self.restore_blas()
+        self.thread.join()
+
+    def restore_blas(self):
+        if self.blas_limit is not None:
+            self.blas_limit.restore_original_limits()
+            self.blas_limit = None
 
 
 _preloaded = {}  # (task, device, precision, models folder) -> a NetworkLoader started by preload()
@@ -376,7 +403,7 @@ _preloaded = {}  # (task, device, precision, models folder) -> a NetworkLoader s
 def discard_preloads():
     """Wait for and forget preloaded networks no segment() will use (the input could not be read)."""
     while _preloaded:
-        _preloaded.popitem()[1].thread.join()
+        _preloaded.popitem()[1].close()
 
 
 def preload(task, device="auto", precision="auto", models_dir=None):
@@ -721,7 +748,7 @@ def segment(channels, task, *, device="auto", tta=False, keep_largest=True, prog
         label_array, box, quality = labelling(cascade, card, target, keep_largest, report)
     finally:  # a run that stops early (an error, a cancel) must not leave the loader importing at exit
         if loader is not None:
-            loader.thread.join()
+            loader.close()
     warnings += loader.warnings
     if mismatch:
         flag_every_segment(quality, mismatch)

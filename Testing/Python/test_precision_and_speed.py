@@ -302,6 +302,38 @@ def test_networks_preloaded_while_the_input_is_read_serve_one_run(tiny_models_di
     assert not engine._preloaded
 
 
+def test_blas_leaves_the_network_loader_a_core_until_the_networks_are_ready(tiny_models_dir):
+    """While the loader imports PyTorch, numpy's BLAS runs one thread fewer (2 -> 1 here), and the caller's
+    result() gives it back; a loader with PyTorch imported already leaves BLAS alone."""
+    output = run_fresh_python(f"""
+        import json
+        from threadpoolctl import threadpool_info
+        from MSDSegmentLib import engine, modelcard
+
+        numpy_blas = [library["filepath"] for library in threadpool_info() if library["user_api"] == "blas"]
+
+        def blas_threads():
+            return [library["num_threads"] for library in threadpool_info() if library["filepath"] in numpy_blas]
+
+        card = modelcard.find_card("spleen", {str(tiny_models_dir)!r})
+        threads = [blas_threads()]
+        loader = engine.NetworkLoader(card, "cpu", "fp32")
+        threads.append(blas_threads())
+        loader.result()
+        threads.append(blas_threads())
+        again = engine.NetworkLoader(card, "cpu", "fp32")
+        threads.append(blas_threads())
+        again.result()
+        loader.close(), again.close()
+        print(json.dumps(threads))
+    """, OPENBLAS_NUM_THREADS="2")
+    threads = json.loads(output)
+    if threads[0] != [2]:
+        pytest.skip(f"needs numpy's BLAS on two threads (here {threads[0]}): two cores, and a BLAS threadpoolctl "
+                    "controls (not Accelerate on macOS)")
+    assert threads == [[2], [1], [2], [2]]
+
+
 def test_a_wider_network_takes_fewer_windows_at_once():
     """One batch's activations stay the size of the fine stage's 2 windows: the wide stages, with twice the
     feature maps, take 1 (peak memory; see docs/speed.md), every other shipped stage 2."""
@@ -312,10 +344,12 @@ def test_a_wider_network_takes_fewer_windows_at_once():
     assert windows_per_batch([64, 128], [128, 128, 128]) == 1
 
 
-def run_fresh_python(code):
-    """`code` run by a fresh interpreter with the engine on its path (MONAI's imports happen once per process)."""
+def run_fresh_python(code, **variables):
+    """`code` run by a fresh interpreter with the engine on its path (MONAI's imports happen once per process), and
+    environment `variables` besides this process's."""
     engine_dir = os.path.dirname(os.path.dirname(modelcard.__file__))
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([engine_dir, os.environ.get("PYTHONPATH", "")]))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([engine_dir, os.environ.get("PYTHONPATH", "")]),
+                       **variables)
     completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
                                text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
