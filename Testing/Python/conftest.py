@@ -20,6 +20,17 @@ BTCV = os.path.join(SHARED_DATA, "BTCV-Abdomen")
 PROSTATE = os.path.join(SHARED_DATA, "Task05_Prostate")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_compiler_cache_in_a_temporary_folder(tmp_path_factory):
+    """PyTorch makes its compiler's cache folder (/tmp/torchinductor_<user> unless TORCHINDUCTOR_CACHE_DIR says
+    otherwise) whenever torch._dynamo is imported, as the first optimizer step does: the tests' training runs, and
+    the processes they start, make it in pytest's temporary folder rather than leave it in /tmp."""
+    with pytest.MonkeyPatch.context() as patch:
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+        yield
+
+
 def require(folder):
     """Skip, saying why, where the real data set is not present."""
     if not os.path.isfile(os.path.join(folder, "dataset.json")):
